@@ -1,0 +1,28 @@
+# Two commands do all set-up: `make run` (the quickstart job) and `make test` (the tests).
+# Each creates the virtual environment in .venv first if it is missing or pyproject.toml changed.
+VENV := .venv
+BIN := $(VENV)/bin
+OUT := build/quickstart
+
+.PHONY: run test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/factory make-scenes build/scenes --count 16 --size 64
+	$(BIN)/factory run jobs/quickstart.yaml
+	$(BIN)/factory status $(OUT)
+	$(BIN)/factory preview $(OUT) --out build/quickstart-preview.png
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_pipeline.py
+
+clean:
+	rm -rf build

@@ -1,0 +1,230 @@
+"""The `factory` command: run, submit, validate, status, preview, make-scenes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from factory.spec import SpecError, dump_spec, load_spec
+from factory.store import OutputStore
+
+log = logging.getLogger("factory")
+
+
+def _store_for(url: str, endpoint_url: str | None) -> OutputStore:
+    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+    return OutputStore(url, options)
+
+
+def _overrides(args) -> dict:
+    out = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SpecError(f"--set {item!r}: expected FIELD=VALUE")
+        out[key] = yaml.safe_load(value)
+    if getattr(args, "output", None):
+        out["output.url"] = args.output
+    return out
+
+
+def cmd_validate(args) -> int:
+    spec = load_spec(args.spec, _overrides(args))
+    print(f"{args.spec}: ok (job {spec.name}, {len(spec.stages)} stages, spec hash {spec.content_hash()})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from factory.engine import run_job
+
+    spec = load_spec(args.spec, _overrides(args))
+    index = run_job(spec, address=args.address, overwrite=args.overwrite)
+    print(
+        f"{spec.output.url}: {len(index['shards'])}/{index['num_shards']} shards, {index['samples']} samples, "
+        f"{index['failed']} failed, {index['rejected']} rejected"
+    )
+    return 0 if index["complete"] else 1
+
+
+def submission_id(spec) -> str:
+    """Deterministic: the same spec submitted twice names the same Ray job, so two writers never race."""
+    return f"{spec.name}-{spec.content_hash()}"
+
+
+def cmd_submit(args) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec = load_spec(args.spec, _overrides(args))
+    client = JobSubmissionClient(args.address)
+    base_id = submission_id(spec)
+    attempt, sid = 0, base_id
+    while True:
+        try:
+            info = client.get_job_info(sid)
+        except RuntimeError:
+            break  # no job with this id yet
+        if not info.status.is_terminal():
+            print(f"job {sid} is already {info.status.value}; not submitting it twice")
+            return 0
+        if info.status == JobStatus.SUCCEEDED and not args.again:
+            print(f"job {sid} already succeeded; pass --again to run it once more (it resumes and skips done shards)")
+            return 0
+        attempt += 1
+        sid = f"{base_id}-retry{attempt}"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.yaml").write_text(yaml.safe_dump(dump_spec(spec), sort_keys=False))
+        client.submit_job(
+            entrypoint="factory run spec.yaml",
+            submission_id=sid,
+            runtime_env={"working_dir": tmp},
+        )
+    print(f"submitted {sid} to {args.address}; follow it with: factory logs {sid} --address {args.address}")
+    if args.wait:
+        while not client.get_job_status(sid).is_terminal():
+            time.sleep(5)
+        status = client.get_job_status(sid)
+        print(f"job {sid}: {status.value}")
+        return 0 if status == JobStatus.SUCCEEDED else 1
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    print(client.get_job_logs(args.job_id), end="")
+    print(f"[{client.get_job_status(args.job_id).value}]")
+    return 0
+
+
+def job_status(store: OutputStore) -> dict:
+    manifest = store.read_json("manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
+    stats = store.read_stats()
+    reasons = Counter()
+    for s in stats.values():
+        reasons.update(s["failures_by_reason"])
+        reasons.update(s["rejected_by_reason"])
+    samples = sum(s["samples"] for s in stats.values())
+    span = (max(s["finished"] for s in stats.values()) - min(s["started"] for s in stats.values())) if stats else 0
+    return {
+        "job": manifest["name"],
+        "spec_hash": manifest["spec_hash"],
+        "shards_done": len(stats),
+        "shards_total": manifest["plan"]["num_shards"],
+        "sources_planned": manifest["plan"]["num_samples"],
+        "samples": samples,
+        "failed": sum(s["failed"] for s in stats.values()),
+        "rejected": sum(s["rejected"] for s in stats.values()),
+        "by_reason": dict(reasons),
+        "samples_per_second": round(samples / span, 3) if span > 0 else None,
+        "bytes": sum(s["bytes"] for s in stats.values()),
+    }
+
+
+def cmd_status(args) -> int:
+    status = job_status(_store_for(args.output, args.endpoint_url))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"job {status['job']} (spec {status['spec_hash']})")
+    print(f"shards   {status['shards_done']}/{status['shards_total']}")
+    print(f"samples  {status['samples']} written from {status['sources_planned']} planned sources")
+    print(f"failed   {status['failed']}   rejected {status['rejected']}")
+    for reason, n in sorted(status["by_reason"].items()):
+        print(f"  {reason}: {n}")
+    rate = status["samples_per_second"]
+    print(f"rate     {rate if rate is not None else '-'} samples/s   size {status['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from factory.preview import contact_sheet
+
+    path = contact_sheet(_store_for(args.output, args.endpoint_url), args.out, count=args.count)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_make_scenes(args) -> int:
+    from factory.scenes import make_scenes
+
+    ids = make_scenes(args.dir, count=args.count, size=args.size, seed=args.seed)
+    print(f"{args.dir}: {len(ids)} scenes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="factory", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def spec_args(q):
+        q.add_argument("spec", help="job spec YAML")
+        q.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a spec field")
+        q.add_argument("--output", help="write to this URL instead of the spec's output.url")
+
+    q = sub.add_parser("validate", help="check a job spec and exit")
+    spec_args(q)
+    q.set_defaults(func=cmd_validate)
+
+    q = sub.add_parser("run", help="run or resume a job (local embedded Ray unless --address)")
+    spec_args(q)
+    q.add_argument("--address", help="a running Ray cluster (ray://... or auto)")
+    q.add_argument("--overwrite", action="store_true", help="delete the output first and start over")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("submit", help="submit a job to a cluster through the Ray Jobs API")
+    spec_args(q)
+    q.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
+    q.add_argument("--wait", action="store_true", help="wait until the job ends")
+    q.add_argument("--again", action="store_true", help="submit even if the same job already succeeded")
+    q.set_defaults(func=cmd_submit)
+
+    q = sub.add_parser("logs", help="print a submitted job's logs")
+    q.add_argument("job_id")
+    q.add_argument("--address", required=True)
+    q.set_defaults(func=cmd_logs)
+
+    for name, func, text in (("status", cmd_status, "shards done, samples, failures"),
+                             ("preview", cmd_preview, "a PNG contact sheet: image | mask | overlay")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("output", help="the job's output URL")
+        q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
+        q.set_defaults(func=func)
+    sub.choices["status"].add_argument("--json", action="store_true")
+    sub.choices["preview"].add_argument("--out", default="preview.png")
+    sub.choices["preview"].add_argument("--count", type=int, default=8)
+
+    q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
+    q.add_argument("dir")
+    q.add_argument("--count", type=int, default=16)
+    q.add_argument("--size", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_make_scenes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="factory: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        print(f"factory: bad job spec: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"factory: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

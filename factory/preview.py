@@ -1,0 +1,80 @@
+"""A PNG contact sheet of a job's output: one row per sample, image | mask | overlay."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from factory.classes import ade150_palette, colorize
+from factory.store import OutputStore
+
+CELL = 192
+
+
+def iter_shard_samples(store: OutputStore, url_or_path: str):
+    """(key, {ext: bytes}) for each sample of a shard tar, in tar order."""
+    current, files = None, {}
+    with store.fs.open(url_or_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if key != current and current is not None:
+                yield current, files
+                files = {}
+            current = key
+            files[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, files
+
+
+def display_palette(num_classes: int) -> np.ndarray:
+    """ADE150 colours for the first 150 ids, then fixed pseudo-random colours."""
+    rng = np.random.default_rng(0)
+    extra = rng.integers(0, 256, size=(max(num_classes - 150, 0), 3), dtype=np.uint8)
+    return np.concatenate([ade150_palette(), extra])[: max(num_classes, 1)]
+
+
+def _cell(rgb: np.ndarray) -> Image.Image:
+    img = Image.fromarray(rgb)
+    img.thumbnail((CELL, CELL), Image.NEAREST)
+    canvas = Image.new("RGB", (CELL, CELL), (32, 32, 32))
+    canvas.paste(img, ((CELL - img.width) // 2, (CELL - img.height) // 2))
+    return canvas
+
+
+def contact_sheet(store: OutputStore, out_path: str, count: int = 8) -> str:
+    manifest = store.read_json("manifest.json")
+    if manifest is None:
+        raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
+    palette = display_palette(len(manifest["classes"]))
+    rows = []
+    for shard in sorted(store.committed_shards()):
+        for key, files in iter_shard_samples(store, store.shard_path(shard)):
+            image_ext = "jpg" if "jpg" in files else "png"
+            image = np.asarray(Image.open(io.BytesIO(files[image_ext])).convert("RGB"))
+            if "seg.png" in files:
+                mask = np.asarray(Image.open(io.BytesIO(files["seg.png"])))
+                colours = colorize(mask, palette)
+                labelled = (mask != manifest["ignore_index"])[..., None]
+                overlay = np.where(labelled, (image * 0.5 + colours * 0.5).astype(np.uint8), image)
+            else:  # unlabeled samples (text-to-image recipes) show the image alone
+                colours = overlay = np.zeros_like(image)
+            rows.append((key, [image, colours, overlay]))
+            if len(rows) == count:
+                break
+        if len(rows) == count:
+            break
+    if not rows:
+        raise FileNotFoundError(f"{store.url}: no committed shard with samples to preview")
+    label_h = 14
+    sheet = Image.new("RGB", (3 * CELL, len(rows) * (CELL + label_h)), (16, 16, 16))
+    draw = ImageDraw.Draw(sheet)
+    for r, (key, cells) in enumerate(rows):
+        y = r * (CELL + label_h)
+        draw.text((4, y + 1), f"{key}   image | mask | overlay", fill=(230, 230, 230))
+        for c, cell in enumerate(cells):
+            sheet.paste(_cell(cell), (c * CELL, y + label_h))
+    sheet.save(out_path)
+    return out_path

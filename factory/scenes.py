@@ -1,0 +1,130 @@
+"""A procedural scene generator, so the quickstart and the tests need no downloaded dataset.
+
+Each scene is a crude picture with a ground-truth mask in ADE150 class ids: a horizon (sky over road or
+grass outdoors, wall over floor indoors), a backdrop (mountains, buildings, trees, a painting), and a few
+objects standing on the ground. The image is the ADE150 palette colour of each class with texture noise
+and a vertical light gradient. Files are written as a `folder` source:
+
+    kind: folder, classes: ade150, image_suffix: _image.png, mask_suffix: _mask.png
+
+Scene i depends only on (seed, i): the same call writes bit-identical files, and a larger `count`
+extends a set without changing the scenes already there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from factory.classes import ade150_palette, class_set
+
+IMAGE_SUFFIX = "_image.png"
+MASK_SUFFIX = "_mask.png"
+
+# Objects that stand on the ground, by setting, with their (height, width) shape relative to their size.
+_OUTDOOR_OBJECTS = (("person", 1.0, 0.35), ("car", 0.55, 1.4), ("tree", 1.4, 0.8))
+_INDOOR_OBJECTS = (("person", 1.0, 0.35), ("table", 0.45, 1.0), ("chair", 0.6, 0.45), ("sofa", 0.5, 1.3))
+
+
+def _cid(name: str) -> int:
+    return class_set("ade150").index(name)
+
+
+def _ellipse(mask: np.ndarray, value: int, cy: float, cx: float, ry: float, rx: float) -> None:
+    yy, xx = np.ogrid[: mask.shape[0], : mask.shape[1]]
+    mask[((yy - cy) / max(ry, 0.5)) ** 2 + ((xx - cx) / max(rx, 0.5)) ** 2 <= 1.0] = value
+
+
+def _rect(mask: np.ndarray, value: int, top: float, left: float, bottom: float, right: float) -> None:
+    h, w = mask.shape
+    t, b = int(np.clip(round(top), 0, h)), int(np.clip(round(bottom), 0, h))
+    l, r = int(np.clip(round(left), 0, w)), int(np.clip(round(right), 0, w))
+    mask[t:b, l:r] = value
+
+
+def render_scene(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scene `index` of set `seed`: ((size, size, 3) uint8 RGB image, (size, size) uint8 ADE150 ids)."""
+    rng = np.random.default_rng([seed, index])
+    outdoor = rng.random() < 0.6
+    horizon = int(size * rng.uniform(0.35, 0.6))
+    mask = np.empty((size, size), dtype=np.uint8)
+
+    if outdoor:
+        mask[:horizon] = _cid("sky")
+        mask[horizon:] = _cid(str(rng.choice(["road", "grass"])))
+        backdrop = rng.choice(["mountain", "building", "tree"])
+        if backdrop == "mountain":
+            # A ridge: a smooth random height profile over the horizon.
+            x = np.arange(size)
+            ridge = horizon - size * (0.08 + 0.12 * (1 + np.sin(x / size * rng.uniform(3, 9) + rng.uniform(0, 6))) / 2)
+            yy = np.arange(size)[:, None]
+            mask[(yy >= ridge[None, :]) & (yy < horizon)] = _cid("mountain")
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                width, height = size * rng.uniform(0.15, 0.35), size * rng.uniform(0.15, 0.35)
+                left = rng.uniform(-0.1, 0.9) * size
+                if backdrop == "building":
+                    _rect(mask, _cid("building"), horizon - height, left, horizon, left + width)
+                else:
+                    _ellipse(mask, _cid("tree"), horizon - height / 2, left + width / 2, height / 2, width / 2)
+        objects = _OUTDOOR_OBJECTS
+    else:
+        mask[:horizon] = _cid("wall")
+        mask[horizon:] = _cid("floor")
+        if rng.random() < 0.7:
+            height, width = size * rng.uniform(0.1, 0.2), size * rng.uniform(0.15, 0.3)
+            top, left = rng.uniform(0.05, 0.2) * size, rng.uniform(0.05, 0.7) * size
+            _rect(mask, _cid("painting"), top, left, top + height, left + width)
+        objects = _INDOOR_OBJECTS
+
+    # Objects stand on the ground; nearer ones (lower in the frame) are drawn bigger and later.
+    placements = []
+    for _ in range(int(rng.integers(1, 5))):
+        name, rel_h, rel_w = objects[int(rng.integers(len(objects)))]
+        bottom = rng.uniform(horizon + 1, size + size * 0.1)
+        scale = (bottom - horizon + size * 0.15) * rng.uniform(0.6, 1.1)
+        placements.append((bottom, name, rel_h * scale, rel_w * scale, rng.uniform(0, 1) * size, rng.random()))
+    for bottom, name, height, width, cx, round_shape in sorted(placements, key=lambda p: p[0]):
+        if round_shape < 0.5 or name == "tree":
+            _ellipse(mask, _cid(name), bottom - height / 2, cx, height / 2, width / 2)
+        else:
+            _rect(mask, _cid(name), bottom - height, cx - width / 2, bottom, cx + width / 2)
+
+    # Colour: palette colour per class, a coarse blotchy texture, fine grain, light from above.
+    colour = ade150_palette()[mask].astype(np.float32)
+    cell = 8
+    coarse = rng.normal(0.0, 10.0, (size // cell + 1, size // cell + 1, 1)).astype(np.float32)
+    coarse = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:size, :size]
+    fine = rng.normal(0.0, 5.0, (size, size, 3)).astype(np.float32)
+    light = np.linspace(1.1, 0.8, size, dtype=np.float32)[:, None, None]
+    image = np.clip(colour * light + coarse + fine, 0, 255).round().astype(np.uint8)
+    return image, mask
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    """Write through a temporary name, so an interrupted run never leaves a half file that looks done."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def make_scenes(out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0) -> list[str]:
+    """Write `count` scenes to `out_dir` (skipping those already there); returns their ids, sorted."""
+    if count < 0 or size < 8:
+        raise ValueError(f"make_scenes: need count >= 0 and size >= 8, got count={count}, size={size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(count):
+        sample_id = f"scene-{i:05d}"
+        ids.append(sample_id)
+        image_path, mask_path = out / f"{sample_id}{IMAGE_SUFFIX}", out / f"{sample_id}{MASK_SUFFIX}"
+        if image_path.exists() and mask_path.exists():
+            continue
+        image, mask = render_scene(size, seed, i)
+        _write_png(mask, mask_path)
+        _write_png(image, image_path)
+    return ids

@@ -1,0 +1,196 @@
+"""The job spec: a YAML file naming the source, the stages with their models, and the output.
+
+Everything is validated before any worker starts; an error names the field (`stages[1].params.steps`)
+and the reason. Stage parameters are validated by the stage's own `Params` model, so a new stage brings
+its own schema without touching this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_KINDS = ("folder", "ade20k", "coco_panoptic", "voc", "cityscapes")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    kind: Literal["folder", "ade20k", "coco_panoptic", "voc", "cityscapes"]
+    path: str = Field(min_length=1, description="dataset root: a local path or an fsspec URL (s3://...)")
+    classes: str | list[str] | None = Field(
+        None, description="class set name (ade150, voc, cityscapes) or a list of names; default per kind"
+    )
+    split: str | None = Field(None, description="dataset split (ade20k: training; voc: train; ...)")
+    image_suffix: str = Field(".jpg", description="folder: image file name ending, e.g. _image.png")
+    mask_suffix: str = Field(".png", description="folder: mask file name ending, e.g. _target.png")
+    mask_format: Literal["ids", "palette"] = Field("ids", description="folder: id PNGs or colour PNGs")
+    palette: str | list[list[int]] | None = Field(None, description="colour masks: voc, ade150 or RGB rows")
+    ignore_colors: list[list[int]] = Field(default_factory=list, description="colours meaning ignore")
+    limit: int | None = Field(None, gt=0, description="use only the first N samples of the listing")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _folder_needs_classes(self):
+        if self.kind == "folder" and self.classes is None:
+            raise ValueError("a folder source needs `classes` (a class set name or a list of names)")
+        if self.mask_format == "palette" and self.palette is None:
+            raise ValueError("mask_format: palette needs `palette` (voc, ade150 or a list of RGB rows)")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """What one worker of a stage needs; the engine maps it to Ray Data's map_batches."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(4, gt=0)
+    concurrency: int | tuple[int, int] = Field(1, description="actor pool size, or (min, max)")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, v):
+        sizes = v if isinstance(v, tuple) else (v,)
+        if any(s < 1 for s in sizes) or (isinstance(v, tuple) and v[0] > v[1]):
+            raise ValueError("pool size must be >= 1 (and min <= max)")
+        return v
+
+
+class StageSpec(_Strict):
+    kind: str = Field(description="a registered stage name (factory stages) or module:Class")
+    name: str | None = None
+    model: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+class OutputSpec(_Strict):
+    url: str = Field(min_length=1, description="file://, a plain path, or s3://bucket/prefix")
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    shard_size: int = Field(1000, gt=0, description="source samples per shard")
+    writers: int = Field(1, gt=0, description="shard writer actors; shard i goes to writer i % writers")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+
+
+class EngineSpec(_Strict):
+    read_cpus: float = Field(0.5, ge=0, description="CPUs per read/decode task")
+    encode_cpus: float = Field(0.5, ge=0, description="CPUs per encode/write task")
+    encode_batch_size: int = Field(16, gt=0)
+    stop_after_failures: int = Field(
+        4, gt=0, description="a stage worker whose first N samples all fail stops the job"
+    )
+
+
+class JobSpec(_Strict):
+    name: str = Field(description="job name: letters, digits, - and _")
+    seed: int = 0
+    source: SourceSpec
+    stages: list[StageSpec] = Field(default_factory=list)
+    output: OutputSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", v):
+            raise ValueError("must be 1-64 letters, digits, - or _ (it names Ray jobs and files)")
+        return v
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides the bytes of the shards (not where they go, nor resources)."""
+        data = self.model_dump(mode="json")
+        for key in ("url", "writers", "endpoint_url", "storage_options"):
+            data["output"].pop(key)
+        data.pop("engine")
+        data["source"].pop("storage_options")
+        for stage in data["stages"]:
+            stage.pop("resources")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validate_stage(i: int, stage: StageSpec) -> None:
+    from factory.stages import resolve_stage
+
+    where = f"stages[{i}]"
+    try:
+        cls = resolve_stage(stage.kind)
+    except KeyError as e:
+        raise SpecError(f"{where}.kind: {e.args[0]}") from None
+    for field, model in (("params", cls.Params), ("model", cls.Model)):
+        try:
+            validated = model.model_validate(getattr(stage, field))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = _format_loc(err["loc"])
+            raise SpecError(f"{where}.{field}{'.' + loc if loc else ''}: {err['msg']}") from None
+        setattr(stage, field, validated.model_dump(mode="json"))
+    if stage.resources.num_gpus > 0 and not cls.uses_gpu:
+        raise SpecError(f"{where}.resources.num_gpus: stage {stage.kind!r} runs on CPU only")
+
+
+def parse_spec(data: Any, origin: str = "spec") -> JobSpec:
+    """Validate a spec given as plain data; stage params are normalised (defaults filled in)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a job spec is a mapping, got {type(data).__name__}")
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SpecError(f"{origin}: {_format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+    for i, stage in enumerate(spec.stages):
+        try:
+            _validate_stage(i, stage)
+        except SpecError as e:
+            raise SpecError(f"{origin}: {e}") from None
+    labels = [s.label for s in spec.stages]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise SpecError(f"{origin}: stages: names must be unique, repeated: {', '.join(dupes)} (set `name`)")
+    return spec
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a YAML job spec; `overrides` maps dotted fields (output.url) to new values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_spec(data, origin=str(path))
+
+
+def dump_spec(spec: JobSpec) -> dict:
+    return spec.model_dump(mode="json")

@@ -1,0 +1,100 @@
+"""The stage contract and the registry the engine looks stages up in.
+
+A stage is a class: the engine builds one instance per worker, calls `setup()` once (load models there),
+then `process(samples)` for every batch. It declares whether it can use a GPU, how many rows each input
+becomes (`variants_per_input`), and validates its own `params` and `model` sections with pydantic models.
+Resources (CPUs, GPUs, batch size, pool size) come from the spec, so the same stage runs on a laptop
+and on a GPU cluster. Registering a new stage (decorator or `module:Class` in the spec) never touches
+the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from factory.classes import ClassSet
+from factory.sample import Sample
+
+_REGISTRY: dict[str, type["Stage"]] = {}
+_BUILTIN_MODULES = ("factory.stages.controlnet",)
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage knows about the job it runs in."""
+
+    label: str
+    job_seed: int
+    classes: ClassSet
+    device: str  # "cuda" or "cpu": cuda only when the spec gives the stage a GPU and one is visible
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    uses_gpu: ClassVar[bool] = False
+    Params: ClassVar[type[BaseModel]] = NoParams
+    Model: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel, model: BaseModel, context: StageContext):
+        self.params = params
+        self.model = model
+        self.context = context
+
+    def setup(self) -> None:
+        """Load models; called once per worker before the first batch."""
+
+    def variants_per_input(self) -> int:
+        """How many samples `process` returns for each input sample."""
+        return 1
+
+    def model_ids(self) -> dict[str, str]:
+        """Model identities recorded in every sample's json and in the shard stats."""
+        return {}
+
+    @abstractmethod
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        """Process a batch of live samples; return `variants_per_input()` samples for each, in order.
+
+        Raise to fail the whole batch (the engine then retries the samples one by one to find the bad
+        one), or mark single samples with `sample.fail(...)` / `sample.rejected = {...}`.
+        """
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"stage name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def resolve_stage(kind: str) -> type[Stage]:
+    """A registered stage by name, or any Stage subclass given as `module:Class`."""
+    if ":" in kind:
+        module, _, attr = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise KeyError(f"cannot import stage {kind!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise KeyError(f"{kind!r} is not a factory Stage subclass")
+        return cls
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    if kind not in _REGISTRY:
+        raise KeyError(f"unknown stage {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[kind]
+
+
+def stage_names() -> list[str]:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return sorted(_REGISTRY)

@@ -1,0 +1,122 @@
+"""The output location: shards, their stats, the job manifest and the index, on any fsspec filesystem.
+
+Layout under the output root:
+    manifest.json                 spec, spec hash and plan summary, written once when the job starts
+    plan.parquet                  the planned sample ids, one row group per shard
+    shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
+    shards/shard-000000.stats.json   written last: its presence is the commit marker
+    _tmp/                         shards being written; cleared when a run starts
+    index.json                    all committed shards with their sample counts, written at the end
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+from factory.spec import OutputSpec
+
+SHARD_DIR = "shards"
+TMP_DIR = "_tmp"
+
+
+def storage_options(output: OutputSpec) -> dict[str, Any]:
+    """fsspec options for the output, with `endpoint_url` turned into s3fs's form."""
+    options = dict(output.storage_options)
+    if output.endpoint_url:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = output.endpoint_url
+    return options
+
+
+class OutputStore:
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.options = options or {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
+        self.root = self.root.rstrip("/")
+
+    @classmethod
+    def for_output(cls, output: OutputSpec) -> "OutputStore":
+        return cls(output.url, storage_options(output))
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def public_url(self, *parts: str) -> str:
+        """The URL a reader uses (s3://..., or a local path)."""
+        rel = "/".join(parts)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        if protocol in ("file", "local"):
+            return self.path(*parts)
+        return f"{protocol}://{self.path(*parts)}" if rel else f"{protocol}://{self.root}"
+
+    @staticmethod
+    def shard_name(shard: int) -> str:
+        return f"shard-{shard:06d}"
+
+    def shard_path(self, shard: int) -> str:
+        return self.path(SHARD_DIR, f"{self.shard_name(shard)}.tar")
+
+    def stats_path(self, shard: int) -> str:
+        return self.path(SHARD_DIR, f"{self.shard_name(shard)}.stats.json")
+
+    def ensure_root(self) -> None:
+        """Create the output folder (locally) or the bucket (object stores), if missing."""
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def read_json(self, *parts: str) -> Any | None:
+        path = self.path(*parts)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return json.load(f)
+
+    def write_json(self, data: Any, *parts: str) -> None:
+        """Write whole-file JSON; on object stores a PUT is atomic, locally we rename over the target."""
+        path = self.path(*parts)
+        body = json.dumps(data, indent=2, sort_keys=True).encode()
+        if self._is_local():
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = path + ".partial"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(body)
+            self.fs.mv(tmp, path)
+        else:
+            self.fs.pipe_file(path, body)
+
+    def _is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def committed_shards(self) -> set[int]:
+        """Ids of the shards whose stats file exists, from one listing of the shard folder."""
+        try:
+            names = self.fs.ls(self.path(SHARD_DIR), detail=False)
+        except FileNotFoundError:
+            return set()
+        done = set()
+        for name in names:
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith("shard-") and base.endswith(".stats.json"):
+                done.add(int(base[len("shard-") : -len(".stats.json")]))
+        return done
+
+    def read_stats(self, shards: set[int] | None = None) -> dict[int, dict]:
+        """Shard id -> stats of the committed shards (all of them unless `shards` is given)."""
+        wanted = self.committed_shards() if shards is None else shards
+        out = {}
+        for shard in sorted(wanted):
+            with self.fs.open(self.stats_path(shard), "rb") as f:
+                out[shard] = json.load(f)
+        return out
+
+    def clear_tmp(self) -> None:
+        tmp = self.path(TMP_DIR)
+        if self.fs.exists(tmp):
+            self.fs.rm(tmp, recursive=True)
+
+    def remove_all(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)

@@ -1,0 +1,201 @@
+"""The shard writer: encoded samples in, committed WebDataset shards out.
+
+A shard is written under `_tmp/`, moved to its final name once every source sample of the shard has
+delivered all of its rows (written, failed or rejected), and committed by writing its stats file last.
+A crash at any point leaves either no final tar, or a final tar without stats that the next run
+regenerates from scratch: never a partial tar under a final name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from webdataset import TarWriter
+
+from factory.sample import Sample
+from factory.store import TMP_DIR, OutputStore
+
+# Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
+_TAR_MTIME = 0.0
+
+
+@dataclass
+class EncodedSample:
+    """What crosses from the encode tasks to the writer: bytes and bookkeeping, no arrays."""
+
+    shard: int
+    index: int
+    variant: int
+    variants: int
+    key: str
+    source_id: str
+    files: dict[str, bytes] | None  # extension -> bytes; None for failed or rejected samples
+    error: dict | None
+    rejected: dict | None
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """PNG bytes of a class-id mask: 8-bit L, or 16-bit for class sets too large for uint8."""
+    buf = io.BytesIO()
+    if mask.dtype == np.uint8:
+        Image.fromarray(mask, mode="L").save(buf, format="PNG")
+    else:
+        Image.fromarray(mask.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    pil = Image.fromarray(image, mode="RGB")
+    if image_format == "jpg":
+        pil.save(buf, format="JPEG", quality=quality)
+    else:
+        pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_sample(sample: Sample, image_format: str, quality: int, meta_extra: dict) -> EncodedSample:
+    files = None
+    if sample.ok:
+        meta = {"key": sample.key, "source_id": sample.source_id, "variant": sample.variant, **meta_extra}
+        meta.update(sample.meta)
+        files = {image_format: encode_image(sample.image, image_format, quality)}
+        if sample.mask is not None:
+            files["seg.png"] = encode_mask(sample.mask)
+        if sample.instances is not None:
+            files["inst.png"] = encode_mask(sample.instances.astype(np.uint16))
+        files["json"] = json.dumps(meta, sort_keys=True).encode()
+    return EncodedSample(
+        shard=sample.shard,
+        index=sample.index,
+        variant=sample.variant,
+        variants=sample.variants,
+        key=sample.key,
+        source_id=sample.source_id,
+        files=files,
+        error=sample.error,
+        rejected=sample.rejected,
+    )
+
+
+@dataclass
+class _OpenShard:
+    expected_sources: int
+    tmp_path: str
+    file: object
+    tar: TarWriter
+    started: float
+    received: Counter = field(default_factory=Counter)  # source index -> rows seen
+    expected: dict = field(default_factory=dict)  # source index -> rows it will deliver
+    samples: int = 0
+    failures: list = field(default_factory=list)
+    rejections: list = field(default_factory=list)
+
+    def complete(self) -> bool:
+        return len(self.expected) == self.expected_sources and all(
+            self.received[i] == n for i, n in self.expected.items()
+        )
+
+
+class ShardWriter:
+    """Assembles shards from encoded samples arriving in any order; one instance per writer actor."""
+
+    def __init__(self, store: OutputStore, shard_sources: dict[int, int], job_info: dict):
+        self.store = store
+        self.shard_sources = shard_sources  # shard -> number of source samples planned in it
+        self.job_info = job_info  # spec hash and model ids, copied into every stats file
+        self.open: dict[int, _OpenShard] = {}
+        self.committed: list[int] = []
+        self.run_id = uuid.uuid4().hex[:8]
+
+    def add(self, records: list[EncodedSample]) -> list[int]:
+        """Write records; return the shards this call committed."""
+        touched = set()
+        for rec in records:
+            shard = self._shard(rec.shard)
+            if rec.index in shard.expected and shard.expected[rec.index] != rec.variants:
+                raise ValueError(f"shard {rec.shard} sample {rec.index}: inconsistent variant counts")
+            shard.expected[rec.index] = rec.variants
+            shard.received[rec.index] += 1
+            if shard.received[rec.index] > rec.variants:
+                raise ValueError(f"shard {rec.shard} sample {rec.index}: more rows than its variants")
+            if rec.files is not None:
+                if "." in rec.key:
+                    raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
+                shard.tar.write({"__key__": rec.key, **rec.files})
+                shard.samples += 1
+            elif rec.error is not None:
+                shard.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
+            else:
+                shard.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
+            touched.add(rec.shard)
+        done = [s for s in sorted(touched) if self.open[s].complete()]
+        for s in done:
+            self._commit(s)
+        return done
+
+    def _shard(self, shard: int) -> _OpenShard:
+        if shard not in self.open:
+            if shard not in self.shard_sources:
+                raise ValueError(f"shard {shard} is not pending in this run")
+            tmp_path = self.store.path(TMP_DIR, f"{self.store.shard_name(shard)}.{self.run_id}.tar")
+            self.store.fs.makedirs(tmp_path.rsplit("/", 1)[0], exist_ok=True)
+            f = self.store.fs.open(tmp_path, "wb")
+            self.open[shard] = _OpenShard(
+                expected_sources=self.shard_sources[shard],
+                tmp_path=tmp_path,
+                file=f,
+                tar=TarWriter(f, mtime=_TAR_MTIME),
+                started=time.time(),
+            )
+        return self.open[shard]
+
+    def _commit(self, shard: int) -> None:
+        state = self.open.pop(shard)
+        state.tar.close()
+        state.file.close()
+        final = self.store.shard_path(shard)
+        self.store.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.store.fs.mv(state.tmp_path, final)
+        finished = time.time()
+        stats = {
+            "shard": shard,
+            "url": self.store.public_url("shards", f"{self.store.shard_name(shard)}.tar"),
+            "sources": state.expected_sources,
+            "samples": state.samples,
+            "failed": len(state.failures),
+            "rejected": len(state.rejections),
+            "failures_by_reason": dict(Counter(f"{f['stage']}:{f['reason']}" for f in state.failures)),
+            "rejected_by_reason": dict(Counter(f"{r['stage']}:{r['reason']}" for r in state.rejections)),
+            "failures": state.failures,
+            "rejections": state.rejections,
+            "bytes": self.store.fs.size(final),
+            "started": state.started,
+            "finished": finished,
+            "seconds": round(finished - state.started, 3),
+            **self.job_info,
+        }
+        self.store.write_json(stats, "shards", f"{self.store.shard_name(shard)}.stats.json")
+        self.committed.append(shard)
+
+    def incomplete(self) -> dict[int, dict]:
+        """Shards still open (should be none once the pipeline has drained)."""
+        return {
+            s: {"sources": st.expected_sources, "seen_sources": len(st.expected)} for s, st in self.open.items()
+        }
+
+    def abort(self) -> None:
+        """Close and delete what was open; those shards stay uncommitted and are redone on the next run."""
+        for state in self.open.values():
+            if not state.file.closed:
+                state.file.close()
+            if self.store.fs.exists(state.tmp_path):
+                self.store.fs.rm(state.tmp_path)
+        self.open.clear()

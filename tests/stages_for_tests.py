@@ -1,0 +1,44 @@
+"""Stages that exist only for tests, loaded by the engine as `module:Class` like any user plug-in."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from factory.stages import Stage
+
+
+class InvertParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    variants: int = 1
+    fail_ids: list[str] = []
+
+
+class InvertStage(Stage):
+    """Inverts the image, `variants` times per input, and raises on the ids in `fail_ids`."""
+
+    name = "test-invert"
+    Params = InvertParams
+
+    def variants_per_input(self) -> int:
+        return self.params.variants
+
+    def model_ids(self) -> dict[str, str]:
+        return {"invert": "none"}
+
+    def process(self, samples):
+        out = []
+        for s in samples:
+            if s.source_id in self.params.fail_ids:
+                raise RuntimeError(f"cannot invert {s.source_id}")
+            for v in s.expand(self.params.variants):
+                v.image = 255 - v.image
+                v.meta["seed"] = v.seed(self.context.job_seed)
+                out.append(v)
+        return out
+
+
+class AlwaysFailStage(Stage):
+    name = "test-always-fail"
+
+    def process(self, samples):
+        raise RuntimeError("model weights are garbage")

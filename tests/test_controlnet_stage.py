@@ -1,0 +1,175 @@
+"""The ControlNet ImgSyn stage on the tiny pipeline: shapes, exact masks, seeds, prompts and failures."""
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from factory.classes import IGNORE, ade150_palette, class_set
+from factory.sample import Sample
+from factory.stages import StageContext, resolve_stage
+from factory.stages.controlnet import ControlNetStage
+
+pytestmark = pytest.mark.timeout(300)
+
+K = 3
+ADE = class_set("ade150")
+
+
+def make_stage(job_seed=0, classes=ADE, **params):
+    params = {"variants": K, "steps": 2, "resolution": 64, **params}
+    stage = ControlNetStage(
+        ControlNetStage.Params(**params),
+        ControlNetStage.Model(profile="tiny"),
+        StageContext(label="synth", job_seed=job_seed, classes=classes, device="cpu"),
+    )
+    stage.setup()
+    return stage
+
+
+class Recorder:
+    """Wraps the pipeline to keep the arguments of every call."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.pipe(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def mask_sample(index=0, shape=(40, 56), source_id=None, meta=None):
+    mask = np.full(shape, ADE.index("wall"), dtype=np.uint8)
+    mask[: shape[0] // 3] = ADE.index("sky")
+    mask[-4:, :5] = IGNORE
+    instances = np.zeros(shape, dtype=np.int32)
+    instances[10:20, 10:30] = 7
+    return Sample(shard=2, index=index, source_id=source_id or f"src-{index}", image=None, mask=mask,
+                  instances=instances, meta=dict(meta or {}))
+
+
+@pytest.fixture(scope="module")
+def stage(model_cache):
+    return make_stage()
+
+
+def test_registered_and_validated():
+    assert resolve_stage("controlnet") is ControlNetStage
+    assert ControlNetStage.uses_gpu
+    with pytest.raises(ValidationError):
+        ControlNetStage.Params(variants=0)
+    with pytest.raises(ValidationError):
+        ControlNetStage.Params(steps=2, sampler="euler")
+    with pytest.raises(ValidationError):
+        ControlNetStage.Model(profile="huge")
+    assert "bit-identical" in ControlNetStage.Params.model_fields["sources_per_call"].description
+
+
+def test_k_variants_with_exact_masks(stage):
+    src = mask_sample()
+    mask, instances = src.mask.copy(), src.instances.copy()
+    out = stage.process([src])
+    assert stage.variants_per_input() == K and len(out) == K
+    assert [s.variant for s in out] == list(range(K)) and all(s.variants == K for s in out)
+    assert [s.key for s in out] == [f"000002-000000-{v:03d}" for v in range(K)]
+    for s in out:
+        assert s.ok and s.source_id == "src-0"
+        assert s.image.shape == (40, 56, 3) and s.image.dtype == np.uint8
+        assert s.mask.dtype == np.uint8 and np.array_equal(s.mask, mask)
+        assert np.array_equal(s.instances, instances)
+    assert not np.array_equal(out[0].image, out[1].image)  # each variant has its own seed
+
+
+def test_prompt_and_meta(stage):
+    out = stage.process([mask_sample()])
+    synthesis = {
+        "stage": "synth", "steps": 2, "guidance": 7.5, "resolution": 64, "size": [44, 64],
+        "models": {"base": "tiny:controlnet-seg-sd15-v1", "controlnet": "tiny:controlnet-seg-sd15-v1"},
+    }
+    for s in out:
+        assert s.meta["prompt"] == "a photo of wall, sky"  # most pixels first
+        assert s.meta["variant"] == s.variant and s.meta["seed"] == s.seed(0)
+        assert s.meta["synthesis"] == synthesis
+    assert stage.model_ids() == synthesis["models"]
+
+    given = stage.process([mask_sample(meta={"prompt": "a cosy attic"})])
+    assert {s.meta["prompt"] for s in given} == {"a cosy attic"}
+
+    custom = make_stage(prompt="{classes} under a grey sky, photo", negative_prompt="blurry")
+    custom.pipe = Recorder(custom.pipe)
+    out = custom.process([mask_sample()])
+    assert out[0].meta["prompt"] == "wall, sky under a grey sky, photo"
+    assert custom.pipe.calls[0]["negative_prompt"] == ["blurry"] * K
+
+
+def test_deterministic_per_job_seed(stage):
+    first = stage.process([mask_sample()])
+    again = make_stage().process([mask_sample()])  # a fresh worker, reloaded from the cache
+    assert [s.image.tobytes() for s in first] == [s.image.tobytes() for s in again]
+    other = make_stage(job_seed=1).process([mask_sample()])
+    assert all(not np.array_equal(a.image, b.image) for a, b in zip(first, other))
+
+
+def test_calls_batch_variants_and_keep_order(stage):
+    stage.pipe = Recorder(stage.pipe)
+    try:
+        inputs = [mask_sample(0), Sample(shard=2, index=1, source_id="src-1"), mask_sample(2, shape=(32, 32))]
+        out = stage.process(inputs)
+        calls = stage.pipe.calls
+    finally:
+        stage.pipe = stage.pipe.pipe
+    assert [(s.index, s.variant) for s in out] == [(i, v) for i in range(3) for v in range(K)]
+    assert [s.ok for s in out] == [True] * K + [False] * K + [True] * K
+    assert out[-1].image.shape == (32, 32, 3)
+    # One call per source, all K variants in it, at the source's generation size.
+    assert [(c["height"], c["width"], len(c["prompt"]), len(c["generator"])) for c in calls] == [
+        (44, 64, K, K), (64, 64, K, K)]
+    cond = np.asarray(calls[0]["image"][0])
+    assert cond.shape == (44, 64, 3)
+    colours = {tuple(c) for c in cond.reshape(-1, 3)}
+    palette = ade150_palette()
+    assert colours == {tuple(palette[ADE.index("wall")]), tuple(palette[ADE.index("sky")]), (0, 0, 0)}
+
+
+def test_no_mask_fails_each_variant(stage):
+    out = stage.process([Sample(shard=0, index=5, source_id="img-only", image=np.zeros((8, 8, 3), np.uint8))])
+    assert len(out) == K and [s.variant for s in out] == list(range(K))
+    for s in out:
+        assert not s.ok and s.image is None
+        assert s.error["stage"] == "synth" and s.error["reason"] == "no_mask"
+
+
+def test_sources_per_call_groups_by_size(model_cache):
+    stage = make_stage(variants=2, sources_per_call=2)
+    stage.pipe = Recorder(stage.pipe)
+    inputs = [mask_sample(0), mask_sample(1, shape=(32, 32)), mask_sample(2)]
+    out = stage.process(inputs)
+    assert [(c["height"], c["width"], len(c["prompt"])) for c in stage.pipe.calls] == [(44, 64, 4), (64, 64, 2)]
+    assert [(s.index, s.variant) for s in out] == [(i, v) for i in range(3) for v in range(2)]
+    assert [s.image.shape[:2] for s in out] == [(40, 56)] * 2 + [(32, 32)] * 2 + [(40, 56)] * 2
+
+
+def test_class_map_and_unmapped_classes_are_black(model_cache):
+    voc = class_set("voc")
+    stage = make_stage(classes=voc, variants=1, class_map={"cat": "animal", "person": "person", "dog": None})
+    stage.pipe = Recorder(stage.pipe)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :10] = voc.index("cat")
+    mask[:, 10:20] = voc.index("person")
+    mask[:, 20:] = voc.index("dog")
+    out = stage.process([Sample(shard=0, index=0, source_id="voc-0", mask=mask)])
+    assert out[0].ok and out[0].meta["prompt"] == "a photo of dog, cat, person"
+    cond = np.asarray(stage.pipe.calls[0]["image"][0])
+    palette = ade150_palette()
+    assert (cond[:, :20] == palette[ADE.index("animal")]).all()
+    assert (cond[:, 20:40] == palette[ADE.index("person")]).all()
+    assert (cond[:, 40:] == 0).all()
+
+
+def test_generation_size_keeps_aspect_and_multiple(stage):
+    assert stage.size_multiple == 4
+    assert stage.generation_size(480, 640) == (48, 64)
+    assert stage.generation_size(640, 480) == (64, 48)
+    assert stage.generation_size(10, 2000) == (4, 64)

@@ -1,0 +1,99 @@
+import copy
+
+import pytest
+import yaml
+
+from factory.spec import SpecError, load_spec, parse_spec
+
+pytestmark = pytest.mark.timeout(60)
+
+GOOD = {
+    "name": "t",
+    "seed": 1,
+    "source": {"kind": "folder", "path": "x", "classes": "ade150"},
+    "stages": [{"kind": "controlnet", "model": {"profile": "tiny"}, "params": {"variants": 2, "steps": 2}}],
+    "output": {"url": "out", "shard_size": 4},
+}
+
+
+def bad(path: str, value):
+    data = copy.deepcopy(GOOD)
+    node = data
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    if value is KeyError:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    return data
+
+
+def test_good_spec_fills_stage_defaults():
+    spec = parse_spec(copy.deepcopy(GOOD))
+    assert spec.stages[0].params["guidance"] == 7.5
+    assert spec.stages[0].params["variants"] == 2
+
+
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        ("output.shard_size", 0, "output.shard_size"),
+        ("output.image_format", "gif", "output.image_format"),
+        ("output.url", KeyError, "output.url"),
+        ("source.kind", "imagenet", "source.kind"),
+        ("stages.0.kind", "nope", "stages[0].kind: unknown stage 'nope'"),
+        ("stages.0.params", {"steps": -1}, "stages[0].params.steps"),
+        ("stages.0.params", {"stepz": 3}, "stages[0].params.stepz"),
+        ("stages.0.model", {"profile": "huge"}, "stages[0].model.profile"),
+        ("name", "has.dot", "name"),
+        ("seed", "x", "seed"),
+    ],
+)
+def test_bad_fields_are_named(path, value, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec(bad(path, value))
+    assert message in str(e.value)
+
+
+def test_folder_source_needs_classes():
+    with pytest.raises(SpecError, match="classes"):
+        parse_spec(bad("source.classes", KeyError))
+
+
+def test_gpu_on_cpu_only_stage_is_refused():
+    data = copy.deepcopy(GOOD)
+    data["stages"] = [{"kind": "stages_for_tests:InvertStage", "resources": {"num_gpus": 1}}]
+    with pytest.raises(SpecError, match=r"stages\[0\].resources.num_gpus"):
+        parse_spec(data)
+
+
+def test_hash_ignores_where_and_how_but_not_what():
+    a = parse_spec(copy.deepcopy(GOOD))
+    moved = copy.deepcopy(GOOD)
+    moved["output"]["url"] = "s3://elsewhere"
+    moved["stages"][0]["resources"] = {"num_gpus": 1, "batch_size": 32, "concurrency": 8}
+    assert parse_spec(moved).content_hash() == a.content_hash()
+    assert parse_spec(bad("seed", 2)).content_hash() != a.content_hash()
+    assert parse_spec(bad("stages.0.params", {"variants": 3})).content_hash() != a.content_hash()
+
+
+def test_load_spec_with_overrides_and_yaml_errors(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(GOOD))
+    spec = load_spec(p, {"output.url": "elsewhere", "output.shard_size": 9})
+    assert (spec.output.url, spec.output.shard_size) == ("elsewhere", 9)
+    p.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(p)
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_job_spec_validates():
+    from pathlib import Path
+
+    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    assert jobs
+    for job in jobs:
+        load_spec(job)
