@@ -39,9 +39,11 @@ class ClassSet:
         return IGNORE if self.mask_dtype == np.uint8 else IGNORE_UINT16
 
     def index(self, name: str) -> int:
-        """Class id of a name or of one of its synonyms."""
-        for i, n in enumerate(self.names):
-            if n == name or (self.synonyms and name in self.synonyms[i]):
+        """Class id of a name, else of the first class listing it as a synonym."""
+        if name in self.names:
+            return self.names.index(name)
+        for i, words in enumerate(self.synonyms):
+            if name in words:
                 return i
         raise KeyError(f"class {name!r} is not in class set {self.name!r}")
 
@@ -96,7 +98,8 @@ def class_set(name: str) -> ClassSet:
         return ClassSet(
             "ade150",
             tuple(r["name"] for r in rows),
-            tuple(tuple(s for s in r["synonyms"].split(";") if s) for r in rows),
+            # The source CSV lost the spaces of multi-word synonyms; single words still resolve.
+            tuple(tuple(w for w in r["words"].split(";") if w and w != r["name"]) for r in rows),
         )
     if name == "voc":
         return ClassSet("voc", VOC_NAMES)

@@ -279,6 +279,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     if pending:
         store.clear_tmp()
         _run_pipeline(spec, store, plan, classes, pending, address)
+        store.clear_tmp()
     return write_index(store, plan)
 
 

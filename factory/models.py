@@ -119,7 +119,8 @@ def _tiny_tokenizer(target: Path):
     """A byte-level CLIP BPE tokenizer with every byte in its vocabulary, so any prompt tokenizes."""
     from transformers import CLIPTokenizer
 
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     # GPT-2's byte -> unicode table: bytes that are not printable get code points from 256 upwards.
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     vocab: dict[str, int] = {}
@@ -183,7 +184,7 @@ def tiny_controlnet_pipeline_dir() -> str:
 
 
 def torch_dtype(dtype_name: str, device: str):
-    """The dtype to load with: fp16 on GPUs by default; fp16 on CPU falls back to fp32 (slow, unsupported ops)."""
+    """The dtype to load with: fp16 on GPUs by default; fp16 on CPU falls back to fp32 (slow, ops missing)."""
     import torch
 
     cuda = device.startswith("cuda")

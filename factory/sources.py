@@ -129,12 +129,11 @@ class Source(ABC):
         return path[len(base) + 1 :] if path.startswith(base + "/") else path
 
     def _find(self, base: str, suffix: str, what: str) -> list[str]:
-        """Files under `base` whose name ends with `suffix` (case-insensitive); warns if `base` is absent."""
+        """Files under `base` whose name ends with `suffix`; warns if `base` is absent."""
         if not self.fs.isdir(base):
             log.warning("source %s: no %s at %s", self.spec.kind, what, base)
             return []
-        suffix = suffix.lower()
-        return [p for p in self.fs.find(base) if p.lower().endswith(suffix)]
+        return [p for p in self.fs.find(base) if p.endswith(suffix)]
 
     def _read(self, path: str, missing_reason: str) -> bytes:
         try:

@@ -4,7 +4,7 @@ Layout under the output root:
     manifest.json                 spec, spec hash and plan summary, written once when the job starts
     plan.parquet                  the planned sample ids, one row group per shard
     shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
-    shards/shard-000000.stats.json   written last: its presence is the commit marker
+    stats/shard-000000.json       the shard's stats, written last: its presence is the commit marker
     _tmp/                         shards being written; cleared when a run starts
     index.json                    all committed shards with their sample counts, written at the end
 """
@@ -19,6 +19,7 @@ import fsspec
 from factory.spec import OutputSpec
 
 SHARD_DIR = "shards"
+STATS_DIR = "stats"
 TMP_DIR = "_tmp"
 
 
@@ -60,7 +61,7 @@ class OutputStore:
         return self.path(SHARD_DIR, f"{self.shard_name(shard)}.tar")
 
     def stats_path(self, shard: int) -> str:
-        return self.path(SHARD_DIR, f"{self.shard_name(shard)}.stats.json")
+        return self.path(STATS_DIR, f"{self.shard_name(shard)}.json")
 
     def ensure_root(self) -> None:
         """Create the output folder (locally) or the bucket (object stores), if missing."""
@@ -68,6 +69,7 @@ class OutputStore:
 
     def read_json(self, *parts: str) -> Any | None:
         path = self.path(*parts)
+        self.fs.invalidate_cache()  # object-store listings are cached per process; another process may have written
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as f:
@@ -91,16 +93,17 @@ class OutputStore:
         return protocol in ("file", "local")
 
     def committed_shards(self) -> set[int]:
-        """Ids of the shards whose stats file exists, from one listing of the shard folder."""
+        """Ids of the shards whose stats file exists, from one listing of the stats folder."""
+        self.fs.invalidate_cache()
         try:
-            names = self.fs.ls(self.path(SHARD_DIR), detail=False)
+            names = self.fs.ls(self.path(STATS_DIR), detail=False)
         except FileNotFoundError:
             return set()
         done = set()
         for name in names:
             base = name.rsplit("/", 1)[-1]
-            if base.startswith("shard-") and base.endswith(".stats.json"):
-                done.add(int(base[len("shard-") : -len(".stats.json")]))
+            if base.startswith("shard-") and base.endswith(".json"):
+                done.add(int(base[len("shard-") : -len(".json")]))
         return done
 
     def read_stats(self, shards: set[int] | None = None) -> dict[int, dict]:
@@ -114,6 +117,7 @@ class OutputStore:
 
     def clear_tmp(self) -> None:
         tmp = self.path(TMP_DIR)
+        self.fs.invalidate_cache()
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
 

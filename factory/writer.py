@@ -20,7 +20,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from factory.sample import Sample
-from factory.store import TMP_DIR, OutputStore
+from factory.store import SHARD_DIR, STATS_DIR, TMP_DIR, OutputStore
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0.0
@@ -167,7 +167,7 @@ class ShardWriter:
         finished = time.time()
         stats = {
             "shard": shard,
-            "url": self.store.public_url("shards", f"{self.store.shard_name(shard)}.tar"),
+            "url": self.store.public_url(SHARD_DIR, f"{self.store.shard_name(shard)}.tar"),
             "sources": state.expected_sources,
             "samples": state.samples,
             "failed": len(state.failures),
@@ -182,7 +182,7 @@ class ShardWriter:
             "seconds": round(finished - state.started, 3),
             **self.job_info,
         }
-        self.store.write_json(stats, "shards", f"{self.store.shard_name(shard)}.stats.json")
+        self.store.write_json(stats, STATS_DIR, f"{self.store.shard_name(shard)}.json")
         self.committed.append(shard)
 
     def incomplete(self) -> dict[int, dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from pydantic import BaseModel, ConfigDict
 
 from factory.stages import Stage
@@ -11,10 +13,11 @@ class InvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variants: int = 1
     fail_ids: list[str] = []
+    sleep: float = 0.0
 
 
 class InvertStage(Stage):
-    """Inverts the image, `variants` times per input, and raises on the ids in `fail_ids`."""
+    """Inverts the image, `variants` times per input, raises on `fail_ids`, and sleeps to look busy."""
 
     name = "test-invert"
     Params = InvertParams
@@ -26,6 +29,7 @@ class InvertStage(Stage):
         return {"invert": "none"}
 
     def process(self, samples):
+        time.sleep(self.params.sleep * len(samples))
         out = []
         for s in samples:
             if s.source_id in self.params.fail_ids:

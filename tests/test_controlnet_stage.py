@@ -146,7 +146,8 @@ def test_sources_per_call_groups_by_size(model_cache):
     stage.pipe = Recorder(stage.pipe)
     inputs = [mask_sample(0), mask_sample(1, shape=(32, 32)), mask_sample(2)]
     out = stage.process(inputs)
-    assert [(c["height"], c["width"], len(c["prompt"])) for c in stage.pipe.calls] == [(44, 64, 4), (64, 64, 2)]
+    sizes = [(c["height"], c["width"], len(c["prompt"])) for c in stage.pipe.calls]
+    assert sizes == [(44, 64, 4), (64, 64, 2)]
     assert [(s.index, s.variant) for s in out] == [(i, v) for i in range(3) for v in range(2)]
     assert [s.image.shape[:2] for s in out] == [(40, 56)] * 2 + [(32, 32)] * 2 + [(40, 56)] * 2
 

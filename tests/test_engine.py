@@ -26,7 +26,7 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
     assert manifest["spec_hash"] == spec.content_hash() and manifest["plan"]["num_samples"] == 10
     seen = {}
     for shard in range(3):
-        stats = load_json(out / "shards" / f"shard-{shard:06d}.stats.json")
+        stats = load_json(out / "stats" / f"shard-{shard:06d}.json")
         samples = read_tar(out / "shards" / f"shard-{shard:06d}.tar")
         assert stats["samples"] == len(samples) == 2 * stats["sources"]
         assert stats["models"] == {INVERT: {"invert": "none"}}
@@ -55,7 +55,7 @@ def test_bad_inputs_are_recorded_and_the_job_goes_on(ray_local, tmp_path):
     assert index["samples"] == 1 and index["failed"] == 5
     reasons = {}
     for shard in range(2):
-        stats = load_json(tmp_path / "out" / "shards" / f"shard-{shard:06d}.stats.json")
+        stats = load_json(tmp_path / "out" / "stats" / f"shard-{shard:06d}.json")
         reasons.update({f["source_id"]: f["reason"] for f in stats["failures"]})
     assert reasons == {
         "s-000": "corrupt_image", "s-001": "corrupt_image", "s-002": "size_mismatch",
@@ -72,8 +72,8 @@ def test_resume_skips_committed_and_regenerates_the_rest_identically(ray_local, 
     original = {p.name: p.read_bytes() for p in shards.glob("*.tar")}
     kept_mtime = (shards / "shard-000000.tar").stat().st_mtime_ns
     # Shard 1 crashed after its tar moved but before its stats; shard 2 never left _tmp.
-    (shards / "shard-000001.stats.json").unlink()
-    (shards / "shard-000002.stats.json").unlink()
+    (out / "stats" / "shard-000001.json").unlink()
+    (out / "stats" / "shard-000002.json").unlink()
     (shards / "shard-000002.tar").unlink()
     (out / "_tmp").mkdir(exist_ok=True)
     (out / "_tmp" / "shard-000002.dead.tar").write_bytes(b"partial")

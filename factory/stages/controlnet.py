@@ -85,7 +85,7 @@ class ControlNetStage(Stage):
         return {"base": self.model.base, "controlnet": self.model.controlnet}
 
     def generation_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) with the long side near `resolution`, the mask's aspect ratio, multiples of the size multiple."""
+        """(h, w): long side near `resolution`, the mask's aspect ratio, both multiples of the size multiple."""
         m = self.size_multiple
         scale = self.params.resolution / max(height, width)
         return (max(m, round(height * scale / m) * m), max(m, round(width * scale / m) * m))
