@@ -204,7 +204,9 @@ class ShardWriterActor:
         self.writer.abort()
 
 
-def encode_and_write(batch: dict, writers: list, image_format: str, quality: int, meta_extra: dict) -> dict:
+def encode_and_write(
+    batch: dict, writers: list, image_format: str, quality: int, meta_extra: dict, keep_rejected: bool
+) -> dict:
     """Encode pixels to file bytes here, on CPU tasks, so writers only move bytes; route shard i to i % n."""
     by_writer: dict[int, list] = {}
     ok = failed = rejected = 0
@@ -213,7 +215,7 @@ def encode_and_write(batch: dict, writers: list, image_format: str, quality: int
         ok += sample.ok
         failed += sample.error is not None
         rejected += sample.error is None and sample.rejected is not None
-        rec = encode_sample(sample, image_format, quality, meta_extra)
+        rec = encode_sample(sample, image_format, quality, meta_extra, keep_rejected)
         by_writer.setdefault(sample.shard % len(writers), []).append(rec)
     # Waiting for the writers is the back-pressure that keeps encoded bytes from piling up in memory.
     committed = [s for done in ray.get([writers[w].add.remote(r) for w, r in by_writer.items()]) for s in done]
@@ -347,6 +349,7 @@ def _run_pipeline(
             "image_format": spec.output.image_format,
             "quality": spec.output.jpeg_quality,
             "meta_extra": {"job": spec.name, "spec_hash": spec.content_hash(), "models": models},
+            "keep_rejected": spec.output.keep_rejected,
         },
         batch_size=spec.engine.encode_batch_size,
         num_cpus=spec.engine.encode_cpus,

@@ -38,11 +38,17 @@ class Sample:
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB
     mask: np.ndarray | None = None  # (H, W) class ids, uint8 (uint16 for > 254 classes), ignore 255
     instances: np.ndarray | None = None  # (H, W) int32 instance ids, 0 = no instance
+    source_image: np.ndarray | None = None  # the real image a synthetic one was made from (for scoring)
     meta: dict = field(default_factory=dict)  # JSON-able: prompt, seed, scores, model ids
     variant: int = 0
     variants: int = 1
     error: dict | None = None  # {"stage", "reason", "detail"}: failed, written to stats only
     rejected: dict | None = None  # {"stage", "reason", "detail"}: filtered out by a selection stage
+
+    def reject(self, stage: str, reason: str, detail: str = "") -> "Sample":
+        """Mark as filtered out; the pixels stay, for the optional rejected shard set."""
+        self.rejected = {"stage": stage, "reason": reason, "detail": detail[:500]}
+        return self
 
     @property
     def key(self) -> str:
@@ -58,7 +64,7 @@ class Sample:
 
     def fail(self, stage: str, reason: str, detail: str = "") -> "Sample":
         self.error = {"stage": stage, "reason": reason, "detail": detail[:500]}
-        self.image = self.mask = self.instances = None
+        self.image = self.mask = self.instances = self.source_image = None
         return self
 
     def expand(self, k: int) -> list["Sample"]:

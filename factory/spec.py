@@ -86,6 +86,7 @@ class OutputSpec(_Strict):
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size: int = Field(1000, gt=0, description="source samples per shard")
     writers: int = Field(1, gt=0, description="shard writer actors; shard i goes to writer i % writers")
+    keep_rejected: bool = Field(False, description="also write rejected samples, to rejected/shard-N.tar")
     endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
 

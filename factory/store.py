@@ -4,6 +4,7 @@ Layout under the output root:
     manifest.json                 spec, spec hash and plan summary, written once when the job starts
     plan.parquet                  the planned sample ids, one row group per shard
     shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
+    rejected/shard-000000.tar     samples a selection stage rejected (only with output.keep_rejected)
     stats/shard-000000.json       the shard's stats, written last: its presence is the commit marker
     _tmp/                         shards being written; cleared when a run starts
     index.json                    all committed shards with their sample counts, written at the end
@@ -20,6 +21,7 @@ from factory.spec import OutputSpec
 
 SHARD_DIR = "shards"
 STATS_DIR = "stats"
+REJECTED_DIR = "rejected"
 TMP_DIR = "_tmp"
 
 

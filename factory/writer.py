@@ -20,7 +20,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from factory.sample import Sample
-from factory.store import SHARD_DIR, STATS_DIR, TMP_DIR, OutputStore
+from factory.store import REJECTED_DIR, SHARD_DIR, STATS_DIR, TMP_DIR, OutputStore
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0.0
@@ -36,7 +36,7 @@ class EncodedSample:
     variants: int
     key: str
     source_id: str
-    files: dict[str, bytes] | None  # extension -> bytes; None for failed or rejected samples
+    files: dict[str, bytes] | None  # extension -> bytes; None for failed samples (and rejected unless kept)
     error: dict | None
     rejected: dict | None
 
@@ -61,11 +61,15 @@ def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(sample: Sample, image_format: str, quality: int, meta_extra: dict) -> EncodedSample:
+def encode_sample(
+    sample: Sample, image_format: str, quality: int, meta_extra: dict, keep_rejected: bool = False
+) -> EncodedSample:
     files = None
-    if sample.ok:
+    if sample.ok or (keep_rejected and sample.error is None):
         meta = {"key": sample.key, "source_id": sample.source_id, "variant": sample.variant, **meta_extra}
         meta.update(sample.meta)
+        if sample.rejected is not None:
+            meta["rejected"] = sample.rejected
         files = {image_format: encode_image(sample.image, image_format, quality)}
         if sample.mask is not None:
             files["seg.png"] = encode_mask(sample.mask)
@@ -92,6 +96,8 @@ class _OpenShard:
     file: object
     tar: TarWriter
     started: float
+    rejected_file: object = None
+    rejected_tar: TarWriter | None = None
     received: Counter = field(default_factory=Counter)  # source index -> rows seen
     expected: dict = field(default_factory=dict)  # source index -> rows it will deliver
     samples: int = 0
@@ -126,15 +132,17 @@ class ShardWriter:
             shard.received[rec.index] += 1
             if shard.received[rec.index] > rec.variants:
                 raise ValueError(f"shard {rec.shard} sample {rec.index}: more rows than its variants")
-            if rec.files is not None:
-                if "." in rec.key:
-                    raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
+            if "." in rec.key:
+                raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
+            if rec.error is not None:
+                shard.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
+            elif rec.rejected is not None:
+                shard.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
+                if rec.files is not None:
+                    self._rejected_tar(rec.shard, shard).write({"__key__": rec.key, **rec.files})
+            else:
                 shard.tar.write({"__key__": rec.key, **rec.files})
                 shard.samples += 1
-            elif rec.error is not None:
-                shard.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
-            else:
-                shard.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
             touched.add(rec.shard)
         done = [s for s in sorted(touched) if self.open[s].complete()]
         for s in done:
@@ -157,12 +165,27 @@ class ShardWriter:
             )
         return self.open[shard]
 
+    def _rejected_tar(self, shard: int, state: _OpenShard) -> TarWriter:
+        if state.rejected_tar is None:
+            state.rejected_file = self.store.fs.open(self._rejected_tmp(shard), "wb")
+            state.rejected_tar = TarWriter(state.rejected_file, mtime=_TAR_MTIME)
+        return state.rejected_tar
+
+    def _rejected_tmp(self, shard: int) -> str:
+        return self.store.path(TMP_DIR, f"{self.store.shard_name(shard)}.{self.run_id}.rejected.tar")
+
     def _commit(self, shard: int) -> None:
         state = self.open.pop(shard)
         state.tar.close()
         state.file.close()
         final = self.store.shard_path(shard)
         self.store.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if state.rejected_tar is not None:
+            state.rejected_tar.close()
+            state.rejected_file.close()
+            rejected_final = self.store.path(REJECTED_DIR, f"{self.store.shard_name(shard)}.tar")
+            self.store.fs.makedirs(rejected_final.rsplit("/", 1)[0], exist_ok=True)
+            self.store.fs.mv(self._rejected_tmp(shard), rejected_final)
         self.store.fs.mv(state.tmp_path, final)
         finished = time.time()
         stats = {
@@ -193,9 +216,11 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete what was open; those shards stay uncommitted and are redone on the next run."""
-        for state in self.open.values():
-            if not state.file.closed:
-                state.file.close()
-            if self.store.fs.exists(state.tmp_path):
-                self.store.fs.rm(state.tmp_path)
+        for shard, state in self.open.items():
+            for f in (state.file, state.rejected_file):
+                if f is not None and not f.closed:
+                    f.close()
+            for path in (state.tmp_path, self._rejected_tmp(shard)):
+                if self.store.fs.exists(path):
+                    self.store.fs.rm(path)
         self.open.clear()

@@ -13,6 +13,7 @@ class InvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variants: int = 1
     fail_ids: list[str] = []
+    reject_ids: list[str] = []
     sleep: float = 0.0
 
 
@@ -37,6 +38,8 @@ class InvertStage(Stage):
             for v in s.expand(self.params.variants):
                 v.image = 255 - v.image
                 v.meta["seed"] = v.seed(self.context.job_seed)
+                if s.source_id in self.params.reject_ids:
+                    v.reject(self.context.label, "too_dark", "test rejection")
                 out.append(v)
         return out
 

@@ -111,3 +111,22 @@ def test_empty_source_is_a_clear_error(tmp_path):
     spec = parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", []))
     with pytest.raises(PlanError, match="no samples"):
         run_job(spec)
+
+
+def test_rejected_samples_are_counted_and_optionally_kept(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 4)
+    stage = {"kind": INVERT, "params": {"variants": 2, "reject_ids": ["s-001", "s-002"]}}
+    for keep in (False, True):
+        out = tmp_path / f"out-{keep}"
+        spec = parse_spec(folder_spec(tmp_path / "src", out, [stage], keep_rejected=keep))
+        index = run_job(spec)
+        assert (index["samples"], index["rejected"], index["failed"]) == (4, 4, 0)
+        stats = load_json(out / "stats" / "shard-000000.json")
+        assert stats["rejected_by_reason"] == {f"{INVERT}:too_dark": 4}
+        assert len(read_tar(out / "shards" / "shard-000000.tar")) == 4
+        if keep:
+            kept = read_tar(out / "rejected" / "shard-000000.tar")
+            assert len(kept) == 4
+            assert all(json.loads(f["json"])["rejected"]["reason"] == "too_dark" for f in kept.values())
+        else:
+            assert not (out / "rejected").exists()

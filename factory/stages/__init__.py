@@ -11,6 +11,7 @@ the engine.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,7 +22,6 @@ from factory.classes import ClassSet
 from factory.sample import Sample
 
 _REGISTRY: dict[str, type["Stage"]] = {}
-_BUILTIN_MODULES = ("factory.stages.controlnet",)
 
 
 class NoParams(BaseModel):
@@ -87,14 +87,18 @@ def resolve_stage(kind: str) -> type[Stage]:
         if not (isinstance(cls, type) and issubclass(cls, Stage)):
             raise KeyError(f"{kind!r} is not a factory Stage subclass")
         return cls
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    _import_builtin_stages()
     if kind not in _REGISTRY:
         raise KeyError(f"unknown stage {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[kind]
 
 
+def _import_builtin_stages() -> None:
+    """Every module in this package registers its stages on import: a new stage is a new file here."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
 def stage_names() -> list[str]:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    _import_builtin_stages()
     return sorted(_REGISTRY)

@@ -161,6 +161,6 @@ class ControlNetStage(Stage):
             if (h, w) != (gh, gw):
                 # The image follows the mask, never the reverse: the mask is the label and stays exact.
                 image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-            v.image = image
+            v.source_image, v.image = v.image, image
             v.meta["synthesis"] = dict(synthesis, models=dict(synthesis["models"]))
         return groups
