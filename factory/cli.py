@@ -33,6 +33,8 @@ def _overrides(args) -> dict:
         out[key] = yaml.safe_load(value)
     if getattr(args, "output", None):
         out["output.url"] = args.output
+    if getattr(args, "input", None):
+        out["source.path"] = args.input
     return out
 
 
@@ -155,6 +157,20 @@ def cmd_preview(args) -> int:
     return 0
 
 
+def cmd_stage(args) -> int:
+    """One stage of a spec, alone, in this process, on the spec's source (or --input): for debugging."""
+    from factory.loop import run_in_process, write_files
+
+    spec = load_spec(args.spec, _overrides(args))
+    chosen = [s for s in spec.stages if s.label == args.stage]
+    if not chosen:
+        raise SpecError(f"{args.spec}: no stage named {args.stage!r}; stages: {[s.label for s in spec.stages]}")
+    spec.stages = chosen
+    counts = write_files(run_in_process(spec, limit=args.limit, batch_size=args.batch_size), args.out)
+    print(f"{args.out}: {counts['written']} written, {counts['rejected']} rejected, {counts['failed']} failed")
+    return 0
+
+
 def cmd_make_scenes(args) -> int:
     from factory.scenes import make_scenes
 
@@ -203,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["status"].add_argument("--json", action="store_true")
     sub.choices["preview"].add_argument("--out", default="preview.png")
     sub.choices["preview"].add_argument("--count", type=int, default=8)
+
+    q = sub.add_parser("stage", help="run one stage of a spec alone, without Ray, writing loose files")
+    spec_args(q)
+    q.add_argument("stage", help="the stage's name (or kind) in the spec")
+    q.add_argument("--input", dest="input", help="read this folder instead of the spec's source.path")
+    q.add_argument("--out", required=True, help="folder for KEY.png / KEY.seg.png / KEY.json")
+    q.add_argument("--limit", type=int, default=8, help="source samples to process")
+    q.add_argument("--batch-size", type=int, default=4)
+    q.set_defaults(func=cmd_stage)
 
     q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
     q.add_argument("dir")

@@ -86,31 +86,35 @@ def _cached_source(source_json: str):
     return open_source(SourceSpec.model_validate_json(source_json))
 
 
+def load_sample(source, shard: int, index: int, sample_id: str) -> Sample:
+    """One source sample as a Sample; a bad input becomes a failed sample instead of an exception."""
+    sample = Sample(shard=shard, index=index, source_id=sample_id)
+    try:
+        rec = source.load(sample_id)
+    except BadSample as e:
+        return sample.fail("read", e.reason, e.detail)
+    except Exception as e:  # an unreadable file is one bad sample, not a dead job
+        return sample.fail("read", "read_error", f"{type(e).__name__}: {e}")
+    sample.image, sample.mask, sample.instances = rec.image, rec.mask, rec.instances
+    sample.meta.update(rec.meta)
+    return sample
+
+
 def read_shards(batch: dict, source_json: str, plan_url: str, plan_options: dict) -> dict:
-    """Expand shard rows into samples: ids from the plan, pixels from the source; bad inputs become failures."""
+    """Expand shard rows into samples: ids from the plan, pixels from the source."""
     import fsspec
 
     source = _cached_source(source_json)
-    samples = []
     with fsspec.open(plan_url, "rb", **plan_options) as f:
-        for shard in batch["shard"]:
-            for index, sample_id in enumerate(read_shard_ids(f, int(shard))):
-                sample = Sample(shard=int(shard), index=index, source_id=sample_id)
-                try:
-                    rec = source.load(sample_id)
-                except BadSample as e:
-                    samples.append(sample.fail("read", e.reason, e.detail))
-                    continue
-                except Exception as e:  # an unreadable file is one bad sample, not a dead job
-                    samples.append(sample.fail("read", "read_error", f"{type(e).__name__}: {e}"))
-                    continue
-                sample.image, sample.mask, sample.instances = rec.image, rec.mask, rec.instances
-                sample.meta.update(rec.meta)
-                samples.append(sample)
-    return _pack(samples)
+        samples = [
+            load_sample(source, int(shard), index, sample_id)
+            for shard in batch["shard"]
+            for index, sample_id in enumerate(read_shard_ids(f, int(shard)))
+        ]
+    return pack(samples)
 
 
-def _pack(samples: list[Sample]) -> dict:
+def pack(samples: list[Sample]) -> dict:
     return {
         "sample": np.array([s.to_bytes() for s in samples], dtype=object),
         "shard": np.array([s.shard for s in samples], dtype=np.int64),
@@ -148,7 +152,7 @@ class StageRunner:
         for s, b in zip(samples, raw):
             (live if s.ok else out).append(b if s.ok else s)
         out.extend(self._process(live))
-        return _pack(out)
+        return pack(out)
 
     def _process(self, live_bytes: list[bytes]) -> list[Sample]:
         if not live_bytes:

@@ -93,7 +93,9 @@ def test_load_spec_with_overrides_and_yaml_errors(tmp_path):
 def test_every_shipped_job_spec_validates():
     from pathlib import Path
 
-    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    # train_*.yaml are training specs, validated by their own schema in test_train.py.
+    jobs = [p for p in sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+            if not p.name.startswith("train_")]
     assert jobs
     for job in jobs:
         load_spec(job)
