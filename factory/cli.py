@@ -38,6 +38,19 @@ def _overrides(args) -> dict:
     return out
 
 
+def _load_with_absolute_paths(args):
+    """The spec with local paths made absolute against the current directory.
+
+    `run` and `submit` both do this, so the same spec hashes the same whichever way it was started.
+    """
+    spec = load_spec(args.spec, _overrides(args))
+    if "://" not in spec.source.path:
+        spec.source.path = str(Path(spec.source.path).expanduser().resolve())
+    if "://" not in spec.output.url:
+        spec.output.url = str(Path(spec.output.url).expanduser().resolve())
+    return spec
+
+
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, _overrides(args))
     print(f"{args.spec}: ok (job {spec.name}, {len(spec.stages)} stages, spec hash {spec.content_hash()})")
@@ -47,7 +60,7 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from factory.engine import run_job
 
-    spec = load_spec(args.spec, _overrides(args))
+    spec = _load_with_absolute_paths(args)
     index = run_job(spec, address=args.address, overwrite=args.overwrite)
     print(
         f"{spec.output.url}: {len(index['shards'])}/{index['num_shards']} shards, {index['samples']} samples, "
@@ -57,22 +70,33 @@ def cmd_run(args) -> int:
 
 
 def submission_id(spec) -> str:
-    """Deterministic: the same spec submitted twice names the same Ray job, so two writers never race."""
+    """Deterministic: the same spec submitted twice names the same Ray job, so two writers never race.
+
+    The job name keeps it readable in the dashboard; the spec hash (which covers everything that decides
+    the output bytes, source path included) keeps two different jobs of one name apart.
+    """
     return f"{spec.name}-{spec.content_hash()}"
 
 
 def cmd_submit(args) -> int:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    spec = load_spec(args.spec, _overrides(args))
+    # The job's driver runs in a fresh directory on the head node, so a relative path would point into
+    # it; absolute paths must then name storage every node mounts at that same path.
+    spec = _load_with_absolute_paths(args)
+
     client = JobSubmissionClient(args.address)
     base_id = submission_id(spec)
     attempt, sid = 0, base_id
+    # Walk this spec's earlier submissions: a live one means no new writer; a failed one is kept
+    # (its logs stay readable) and the next attempt gets the next `-retryN` id and resumes its output.
     while True:
         try:
             info = client.get_job_info(sid)
-        except RuntimeError:
-            break  # no job with this id yet
+        except RuntimeError as e:
+            if "404" not in str(e) and "does not exist" not in str(e):
+                raise  # the cluster answered something else: say so rather than submit blindly
+            break
         if not info.status.is_terminal():
             print(f"job {sid} is already {info.status.value}; not submitting it twice")
             return 0
@@ -83,12 +107,22 @@ def cmd_submit(args) -> int:
         sid = f"{base_id}-retry{attempt}"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spec.yaml").write_text(yaml.safe_dump(dump_spec(spec), sort_keys=False))
-        client.submit_job(
-            entrypoint="factory run spec.yaml",
-            submission_id=sid,
-            runtime_env={"working_dir": tmp},
-        )
-    print(f"submitted {sid} to {args.address}; follow it with: factory logs {sid} --address {args.address}")
+        try:
+            client.submit_job(
+                # `python` is the cluster's interpreter (the one Ray runs on), so this needs no `factory`
+                # script on the driver's PATH, only the package importable where Ray is.
+                entrypoint="python -m factory.cli run spec.yaml",
+                submission_id=sid,
+                runtime_env={"working_dir": tmp},
+                metadata={"factory_job": spec.name, "spec_hash": spec.content_hash(), "output": spec.output.url},
+            )
+        except RuntimeError as e:
+            # Two `factory submit`s racing past the check above: the cluster accepts only one of them.
+            if "already exists" not in str(e):
+                raise
+            print(f"job {sid} was submitted by someone else just now; not submitting it twice")
+            return 0
+    print(f"submitted {sid} to {args.address}; follow it with: factory logs {sid} --address {args.address} --follow")
     if args.wait:
         while not client.get_job_status(sid).is_terminal():
             time.sleep(5)
@@ -99,12 +133,24 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(args.address)
-    print(client.get_job_logs(args.job_id), end="")
-    print(f"[{client.get_job_status(args.job_id).value}]")
-    return 0
+    if args.follow:
+        import asyncio
+
+        async def follow() -> None:
+            # The stream starts at the beginning of the log and ends when the job does.
+            async for chunk in client.tail_job_logs(args.job_id):
+                print(chunk, end="", flush=True)
+
+        asyncio.run(follow())
+    else:
+        print(client.get_job_logs(args.job_id), end="")
+    status = client.get_job_status(args.job_id)
+    print(f"[{status.value}]")
+    # Following a job ends with the job: its exit code is the job's, so scripts can wait on it.
+    return 1 if args.follow and status != JobStatus.SUCCEEDED else 0
 
 
 def job_status(store: OutputStore) -> dict:
@@ -207,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("logs", help="print a submitted job's logs")
     q.add_argument("job_id")
-    q.add_argument("--address", required=True)
+    q.add_argument("--address", required=True, help="Ray dashboard, e.g. http://HEAD:8265")
+    q.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
     q.set_defaults(func=cmd_logs)
 
     for name, func, text in (("status", cmd_status, "shards done, samples, failures"),

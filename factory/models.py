@@ -16,7 +16,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -47,8 +49,12 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _fill_once(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """Run `fill(dest)` once per node; the completion marker is written last, so a crash mid-way is redone."""
+def fill_once(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Run `fill(dest)` once per node; the completion marker is written last, so a crash mid-way is redone.
+
+    Every fill that completes appends a line to `<dest>.log` beside the entry (when, which process, how
+    long), so "was this model fetched once on this node?" has an answer after the fact.
+    """
     if (dest / _COMPLETE).is_file():
         return dest
     with _file_lock(dest.with_name(dest.name + ".lock")):
@@ -56,8 +62,12 @@ def _fill_once(dest: Path, fill: Callable[[Path], None]) -> Path:
             return dest
         shutil.rmtree(dest, ignore_errors=True)  # leftovers of an interrupted fill
         dest.mkdir(parents=True)
+        started = time.time()
         fill(dest)
         (dest / _COMPLETE).write_text("ok\n")
+        with open(dest.with_name(dest.name + ".log"), "a") as record:
+            record.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} filled by {socket.gethostname()} "
+                         f"pid {os.getpid()} in {time.time() - started:.1f}s\n")
     return dest
 
 
@@ -94,7 +104,7 @@ def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(src, str(target / rel))
 
-    _fill_once(dest, copy)
+    fill_once(dest, copy)
     # A single weights file is returned as that file; a prefix as the directory holding its files.
     single = dest / name
     return str(single) if single.is_file() else str(dest)
@@ -115,7 +125,7 @@ def from_pretrained(cls: Any, ref: str, resolved: str, **kwargs: Any) -> Any:
         ) from e
 
 
-def _tiny_tokenizer(target: Path):
+def write_tiny_clip_tokenizer(target: Path):
     """A byte-level CLIP BPE tokenizer with every byte in its vocabulary, so any prompt tokenizes."""
     from transformers import CLIPTokenizer
 
@@ -141,7 +151,7 @@ def _build_tiny_controlnet(target: Path) -> None:
                            UNet2DConditionModel, UniPCMultistepScheduler)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = _tiny_tokenizer(target)
+    tokenizer = write_tiny_clip_tokenizer(target)
     # Same block layout as SD1.5 (cross-attention blocks first), at diffusers' test sizes.
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -180,7 +190,7 @@ def _build_tiny_controlnet(target: Path) -> None:
 
 def tiny_controlnet_pipeline_dir() -> str:
     """Directory of the tiny seg ControlNet pipeline (random weights), built once per node."""
-    return str(_fill_once(model_cache_dir() / "tiny" / TINY_CONTROLNET, _build_tiny_controlnet))
+    return str(fill_once(model_cache_dir() / "tiny" / TINY_CONTROLNET, _build_tiny_controlnet))
 
 
 def torch_dtype(dtype_name: str, device: str):

@@ -110,7 +110,7 @@ def test_concurrent_fills_run_once(tmp_path):
         time.sleep(0.2)
         (target / "data").write_text("x")
 
-    threads = [threading.Thread(target=models._fill_once, args=(tmp_path / "m", slow_fill)) for _ in range(4)]
+    threads = [threading.Thread(target=models.fill_once, args=(tmp_path / "m", slow_fill)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:

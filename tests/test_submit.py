@@ -1,0 +1,196 @@
+"""`factory submit / logs / status` against a real Ray cluster that the test starts with `ray start --head`.
+
+The cluster is this test's own: its own ports, its own temp dir (so `ray.init()` elsewhere on the machine
+never finds it through /tmp/ray/ray_current_cluster) and its own auth token. It is stopped by signalling
+the `ray start --block` process the fixture started, never by `ray stop`, which would stop every Ray
+on the machine. The CLI runs as a subprocess, the way a user runs it.
+"""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import folder_spec, write_folder_source
+
+from factory.spec import parse_spec
+
+pytestmark = pytest.mark.timeout(600)
+
+INVERT = "stages_for_tests:InvertStage"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        p = _free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(model_cache):
+    """(dashboard address, env for CLI calls) of a one-node cluster with 2 CPUs and token auth."""
+    # Ray's unix socket paths live under the temp dir and must stay under ~107 bytes: keep it short.
+    temp_dir = tempfile.mkdtemp(prefix="fray-", dir="/tmp")
+    gcs, dashboard, client_server, agent = _ports(4)
+    env = dict(os.environ)
+    # The cluster's nodes run the project's interpreter first on PATH, as the image does: the job's
+    # entrypoint `python -m factory.cli` must find it. Workers inherit the model cache and PYTHONPATH
+    # (conftest puts tests/ on it, for the plug-in stage).
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["FACTORY_MODEL_CACHE"] = str(model_cache)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp_dir) / "ray-start.log", "wb")
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+            f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
+            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        # Ask through a subprocess: Ray caches the auth mode and token per process, and this pytest
+        # process must stay free of them for the tests that start their own local Ray.
+        while _list_jobs(address, env, check=False).returncode != 0:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(
+                    f"the Ray head did not come up: {(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}"
+                )
+            time.sleep(2)
+        yield address, env
+    finally:
+        # `ray start --block` shuts down every process of its node on SIGTERM; whatever is left in the
+        # process group it leads (its own session, started above) is ended after it.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def factory(env: dict, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "factory.cli", *args], env=env, cwd=cwd,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _list_jobs(address: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+         "for j in JobSubmissionClient(sys.argv[1]).list_jobs(): print(j.submission_id, j.status.value)",
+         address],
+        env=env, capture_output=True, text=True, timeout=60, check=check,
+    )
+
+
+def jobs_named(address: str, env: dict, prefix: str) -> dict[str, str]:
+    """submission id -> status of the cluster's jobs whose id starts with `prefix`."""
+    rows = dict(line.split() for line in _list_jobs(address, env).stdout.splitlines() if line.strip())
+    return {sid: status for sid, status in rows.items() if sid.startswith(prefix)}
+
+
+def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    write_folder_source(tmp_path / "src", 6)
+    # Relative paths, as a user writes them: submit resolves them against its working directory.
+    spec_data = folder_spec(Path("src"), Path("out"), [{"kind": INVERT, "params": {"variants": 2}}], shard_size=4)
+    spec_data["name"] = "cluster-e2e"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
+    expected = parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", spec_data["stages"], shard_size=4)
+                          | {"name": "cluster-e2e"})
+    sid = f"cluster-e2e-{expected.content_hash()}"
+
+    first = factory(env, "submit", "job.yaml", "--address", address, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f"submitted {sid} " in first.stdout
+
+    # A second submit while the first is pending or running starts nothing.
+    second = factory(env, "submit", "job.yaml", "--address", address, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert f"job {sid} is already" in second.stdout
+    assert list(jobs_named(address, env, "cluster-e2e")) == [sid]
+
+    # --follow streams until the job ends and exits with the job's outcome.
+    logs = factory(env, "logs", sid, "--address", address, "--follow", cwd=tmp_path, timeout=400)
+    assert logs.returncode == 0, logs.stdout + logs.stderr
+    assert "job cluster-e2e: 6 samples in 2 shards, 0 already committed, 2 to do" in logs.stdout
+    assert logs.stdout.rstrip().endswith("[SUCCEEDED]")
+    plain = factory(env, "logs", sid, "--address", address, cwd=tmp_path)
+    assert plain.returncode == 0 and "2/2 shards, 12 samples" in plain.stdout
+
+    status = factory(env, "status", str(tmp_path / "out"), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "shards   2/2" in status.stdout and "samples  12 written from 6 planned sources" in status.stdout
+
+    # After success the same spec is not run again unless asked; --again resumes and skips done shards.
+    third = factory(env, "submit", "job.yaml", "--address", address, cwd=tmp_path)
+    assert f"job {sid} already succeeded" in third.stdout
+    assert list(jobs_named(address, env, "cluster-e2e")) == [sid]
+    shard = tmp_path / "out" / "shards" / "shard-000000.tar"
+    stamp = shard.stat().st_mtime_ns
+    again = factory(env, "submit", "job.yaml", "--address", address, "--again", "--wait", cwd=tmp_path, timeout=400)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"job {sid}-retry1: SUCCEEDED" in again.stdout
+    retry_logs = factory(env, "logs", f"{sid}-retry1", "--address", address, cwd=tmp_path)
+    assert "2 already committed, 0 to do" in retry_logs.stdout
+    assert shard.stat().st_mtime_ns == stamp
+    assert jobs_named(address, env, "cluster-e2e") == {sid: "SUCCEEDED", f"{sid}-retry1": "SUCCEEDED"}
+
+
+def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    # The source folder does not exist yet: the driver fails before any worker starts.
+    spec_data = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}])
+    spec_data["name"] = "cluster-retry"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
+    sid = f"cluster-retry-{parse_spec(spec_data).content_hash()}"
+
+    failed = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=300)
+    assert failed.returncode == 1 and f"job {sid}: FAILED" in failed.stdout
+    logs = factory(env, "logs", sid, "--address", address, cwd=tmp_path)
+    assert str(tmp_path / "src") in logs.stdout and logs.stdout.rstrip().endswith("[FAILED]")
+
+    # Fix the cause and submit the same spec: the failed attempt is kept, the new one gets `-retry1`.
+    write_folder_source(tmp_path / "src", 2)
+    retried = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=400)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert f"job {sid}-retry1: SUCCEEDED" in retried.stdout
+    assert jobs_named(address, env, "cluster-retry") == {sid: "FAILED", f"{sid}-retry1": "SUCCEEDED"}
+
+
+def test_unknown_job_logs_fail_clearly(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    out = factory(env, "logs", "no-such-job", "--address", address, cwd=tmp_path)
+    assert out.returncode == 1 and "no-such-job" in out.stderr
