@@ -1,4 +1,4 @@
-"""The `factory` command: run, submit, validate, status, preview, make-scenes."""
+"""The `factory` command: run and resume jobs, submit them to a cluster, inspect their output, train models."""
 
 from __future__ import annotations
 
@@ -217,6 +217,18 @@ def cmd_stage(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from factory.train import main_train
+
+    return main_train(args.model, args.spec)
+
+
+def cmd_report(args) -> int:
+    from factory.report import main_report
+
+    return main_report(args.output, args.out, endpoint_url=args.endpoint_url)
+
+
 def cmd_make_scenes(args) -> int:
     from factory.scenes import make_scenes
 
@@ -275,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=8, help="source samples to process")
     q.add_argument("--batch-size", type=int, default=4)
     q.set_defaults(func=cmd_stage)
+
+    q = sub.add_parser("train", help="train a SegGen model (text2mask or mask2img) on Ray Train")
+    q.add_argument("model", choices=["text2mask", "mask2img"])
+    q.add_argument("spec", help="training spec YAML (jobs/train_*.yaml)")
+    q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("report", help="an HTML report of a job's output: scores, pass rates, best and worst")
+    q.add_argument("output", help="the job's output URL")
+    q.add_argument("--out", default="report", help="folder for report.html and its plots")
+    q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
+    q.set_defaults(func=cmd_report)
 
     q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
     q.add_argument("dir")
