@@ -170,7 +170,11 @@ class Source(ABC):
 
 
 class FolderSource(Source):
-    """`<stem><image_suffix>` images with `<stem><mask_suffix>` masks beside them, in any subfolder."""
+    """`<stem><image_suffix>` images with `<stem><mask_suffix>` masks beside them, in any subfolder.
+
+    With `mask_suffix` null the folder holds images only: samples carry no mask (a mask generator
+    stage can label them).
+    """
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
@@ -200,7 +204,9 @@ class FolderSource(Source):
         image_suffix, mask_suffix = self.spec.image_suffix, self.spec.mask_suffix
         # With ".png" images and "_mask.png" masks every mask also ends with the image suffix: a file
         # that ends with the longer suffix is a mask, never an image.
-        masks_look_like_images = len(mask_suffix) > len(image_suffix) and mask_suffix.endswith(image_suffix)
+        masks_look_like_images = (
+            mask_suffix is not None and len(mask_suffix) > len(image_suffix) and mask_suffix.endswith(image_suffix)
+        )
         ids = {
             self._rel(p)[: -len(image_suffix)]
             for p in self.fs.find(self.root)
@@ -210,8 +216,10 @@ class FolderSource(Source):
 
     def load(self, sample_id: str) -> SourceRecord:
         image_path = self._path(sample_id + self.spec.image_suffix)
-        mask_path = self._path(sample_id + self.spec.mask_suffix)
         image = self._image(image_path)
+        if self.spec.mask_suffix is None:
+            return SourceRecord(sample_id, image, None, None, {"image_path": self._rel(image_path)})
+        mask_path = self._path(sample_id + self.spec.mask_suffix)
         mask_im = self._mask_image(mask_path)
         if self._palette is None:
             raw = _id_array(mask_im, mask_path)

@@ -35,7 +35,9 @@ class SourceSpec(_Strict):
     )
     split: str | None = Field(None, description="dataset split (ade20k: training; voc: train; ...)")
     image_suffix: str = Field(".jpg", description="folder: image file name ending, e.g. _image.png")
-    mask_suffix: str = Field(".png", description="folder: mask file name ending, e.g. _target.png")
+    mask_suffix: str | None = Field(
+        ".png", description="folder: mask file name ending, e.g. _target.png; null: images only (no masks)"
+    )
     mask_format: Literal["ids", "palette"] = Field("ids", description="folder: id PNGs or colour PNGs")
     palette: str | list[list[int]] | None = Field(None, description="colour masks: voc, ade150 or RGB rows")
     ignore_colors: list[list[int]] = Field(default_factory=list, description="colours meaning ignore")
