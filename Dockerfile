@@ -12,7 +12,7 @@ FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 ARG DEBIAN_FRONTEND=noninteractive
 
-# python3 is Ubuntu 24.04's Python 3.12 (pyproject: requires-python >= 3.10). wget: KubeRay's health
+# python3 is Ubuntu 24.04's Python 3.12 (pyproject: requires-python >= 3.11). wget: KubeRay's health
 # probes call it. Ubuntu's package versions move with security updates, so they are left unpinned; the
 # Python packages, which decide the output, are all pinned by pyproject.toml.
 # Ubuntu's image has a user `ubuntu` at uid 1000, the uid Ray images and the manifests run as: it goes.
