@@ -229,6 +229,12 @@ def cmd_report(args) -> int:
     return main_report(args.output, args.out, endpoint_url=args.endpoint_url)
 
 
+def cmd_select(args) -> int:
+    from factory.stages.keep import main_select
+
+    return main_select(args.output, args.score, args.top, lowest=args.lowest, endpoint_url=args.endpoint_url)
+
+
 def cmd_make_scenes(args) -> int:
     from factory.scenes import make_scenes
 
@@ -298,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="report", help="folder for report.html and its plots")
     q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
     q.set_defaults(func=cmd_report)
+
+    q = sub.add_parser("select", help="keep the top fraction of a finished job's samples by one score")
+    q.add_argument("output", help="the job's output URL")
+    q.add_argument("--score", required=True, help="a score name, e.g. density.instances or fidelity.miou")
+    q.add_argument("--top", type=float, required=True, help="fraction of samples to keep, 0 < F <= 1")
+    q.add_argument("--lowest", action="store_true", help="keep the lowest scores instead")
+    q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
+    q.set_defaults(func=cmd_select)
 
     q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
     q.add_argument("dir")

@@ -1,0 +1,153 @@
+"""Dense captions (SENSE): a vision-language model writes one long description of every object and its layout.
+
+Any transformers image-text-to-text model loads here (`AutoModelForImageTextToText` + `AutoProcessor`:
+Gemma-3, Qwen2.5-VL, LLaVA, Idefics...). The instruction goes through the processor's chat template with
+the image, a batch is generated in one greedy `generate` call (left-padded), and the new tokens become
+`meta["dense_caption"]` and, by default, the prompt later stages draw from (`meta["prompt"]`).
+
+The tiny profile is a LLaVA (CLIP vision tower + Llama) built from small configs, with a character-level
+tokenizer written at run time, so its captions are random printable text.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.sample import Sample
+from factory.stages import Stage, register_stage
+
+TINY_VLM = "dense-caption-llava-v1"
+
+DENSE_PROMPT = (
+    "Describe this image in one dense paragraph of about 110 words. Name every visible object, its "
+    "colour, size and position, how the objects are arranged relative to each other, the background "
+    "and the lighting. Write only the description."
+)
+
+
+class DenseCaptionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(DENSE_PROMPT, min_length=1, description="the instruction given with each image")
+    max_new_tokens: int = Field(200, ge=1, description="longest caption, in tokens")
+    set_prompt: bool = Field(True, description="also write the caption to meta['prompt'] for later stages")
+
+
+class DenseCaptionModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Literal["pretrained", "tiny"] = "pretrained"
+    vlm: str = Field("google/gemma-3-4b-it", description="hub id, local dir or s3:// URL of the VLM")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPU")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+
+
+def _build_tiny_vlm(target: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    # A BPE without merges is a character tokenizer; Fuse joins the characters back without spaces.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
+        image_token="<image>", num_additional_image_tokens=1,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                       num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=1024,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
+    ))
+    model.save_pretrained(str(target))
+    processor.save_pretrained(str(target))
+
+
+def tiny_vlm_dir() -> str:
+    return str(fill_once(model_cache_dir() / "tiny" / TINY_VLM, _build_tiny_vlm))
+
+
+@register_stage
+class DenseCaptionStage(Stage):
+    name = "dense_caption"
+    uses_gpu = True
+    Params = DenseCaptionParams
+    Model = DenseCaptionModelConfig
+
+    def setup(self) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if self.model.profile == "tiny":
+            ref = path = tiny_vlm_dir()
+        else:
+            ref = self.model.vlm
+            path = resolve_model_path(ref, self.model.storage_options)
+        cuda = self.context.device.startswith("cuda")
+        # fp16 overflows in Gemma-3 and Qwen-VL activations; bf16 is what these models are released in.
+        dtype = torch_dtype("bf16" if self.model.dtype == "auto" and cuda else self.model.dtype, self.context.device)
+        # Left padding: generation appends to the right end of every row of the batch.
+        self.processor = from_pretrained(AutoProcessor, ref, path, padding_side="left")
+        self.vlm = from_pretrained(AutoModelForImageTextToText, ref, path, dtype=dtype).to(self.context.device).eval()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.params.prompt}]}]
+        self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tokenizer = self.processor.tokenizer
+        self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+    def model_ids(self) -> dict[str, str]:
+        return {"vlm": f"tiny:{TINY_VLM}" if self.model.profile == "tiny" else self.model.vlm}
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        import torch
+
+        images = [Image.fromarray(s.image) for s in samples]
+        inputs = self.processor(
+            images=images, text=[self.text] * len(samples), padding=True, return_tensors="pt",
+        ).to(self.context.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.vlm.dtype)
+        with torch.no_grad():
+            out = self.vlm.generate(**inputs, max_new_tokens=self.params.max_new_tokens, do_sample=False)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        for sample, tokens in zip(samples, new_tokens):
+            generated = self._until_stop(tokens)
+            caption = self.processor.decode(generated, skip_special_tokens=True).strip()
+            if not caption:
+                sample.fail(self.context.label, "empty_caption", "the model generated no text")
+                continue
+            sample.meta["dense_caption"] = caption
+            sample.meta["dense_caption_tokens"] = len(generated)
+            # Cut by max_new_tokens rather than ended by the model: the description may stop mid-sentence.
+            sample.meta["dense_caption_truncated"] = len(generated) == len(tokens) == self.params.max_new_tokens
+            if self.params.set_prompt:
+                sample.meta["prompt"] = caption
+        return samples
+
+    def _until_stop(self, tokens: list[int]) -> list[int]:
+        for i, t in enumerate(tokens):
+            if t in self.stop_ids:
+                return tokens[:i]
+        return tokens

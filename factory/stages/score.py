@@ -1,0 +1,231 @@
+"""Scores every sample it sees: scene density, label fidelity and text-image agreement (SENSE).
+
+Any recipe can end with this stage. It writes `meta["scores"]` (named fields, `null` where an input is
+missing, never 0) and `meta["scoring"]` (what the scores were computed from):
+
+    density    from the sample's mask and instance map (`factory.scores.density`); a sample without a mask
+               is measured on its auto-label instead, when there is one
+    fidelity   miou and boundary_f between the sample's mask (the target, e.g. the mask a ControlNet was
+               conditioned on) and the auto-label of its image; clip_score between the image and
+               meta["prompt"], when a prompt exists
+
+The auto-label is what `params.auto_label` makes: any labeling stage (kind, model, params, as in a job
+spec; e.g. `maskgen`) run here on a copy of each sample with its mask removed. The copy's new mask is
+the auto-label. Without `auto_label`, miou and boundary_f are null. The labeler runs on this stage's
+device, so give this stage a GPU when the labeler needs one.
+
+CLIP score = max(0, 100 * cosine(image embedding, text embedding)), the usual definition; CLIP reads
+77 tokens, so longer prompts are truncated and `scoring.clip_prompt_truncated` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
+                            write_tiny_clip_tokenizer)
+from factory.sample import Sample
+from factory.scores import density, fidelity
+from factory.stages import Stage, StageContext, register_stage, resolve_stage
+
+TINY_CLIP = "score-clip-v1"
+
+
+class AutoLabelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="a labeling stage: registered name (maskgen) or module:Class")
+    model: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def build(self, context: StageContext) -> Stage:
+        cls = resolve_stage(self.kind)
+        return cls(cls.Params.model_validate(self.params), cls.Model.model_validate(self.model), context)
+
+
+class ScoreParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    boundary_tolerance: float = Field(2, ge=0, description="boundary F-score tolerance, in pixels")
+    min_component_pixels: int = Field(
+        1, ge=1, description="density without instance ids: connected regions smaller than this are not instances")
+    clip: bool = Field(True, description="compute the CLIP score of samples with a prompt")
+    auto_label: AutoLabelSpec | None = Field(None, description="the labeling stage that makes auto-labels")
+
+    @field_validator("auto_label")
+    @classmethod
+    def _labeler_exists(cls, spec):
+        if spec is not None:
+            try:
+                stage_cls = resolve_stage(spec.kind)
+            except KeyError as e:
+                raise ValueError(str(e.args[0])) from None
+            stage_cls.Params.model_validate(spec.params)
+            stage_cls.Model.model_validate(spec.model)
+        return spec
+
+
+class ScoreModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: Literal["pretrained", "tiny"] = "pretrained"
+    clip: str = Field("openai/clip-vit-large-patch14", description="hub id, local dir or s3:// URL of a CLIP model")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+
+
+def _build_tiny_clip(target: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = write_tiny_clip_tokenizer(target)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    ))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(str(target))
+    processor.save_pretrained(str(target))
+
+
+def tiny_clip_dir() -> str:
+    return str(fill_once(model_cache_dir() / "tiny" / TINY_CLIP, _build_tiny_clip))
+
+
+@register_stage
+class ScoreStage(Stage):
+    name = "score"
+    uses_gpu = True  # CLIP and the labeler run faster on one; everything else is numpy
+    Params = ScoreParams
+    Model = ScoreModelConfig
+
+    def setup(self) -> None:
+        self.labeler = None
+        if self.params.auto_label is not None:
+            self.labeler = self._labeler()
+            self.labeler.setup()
+            if self.labeler.variants_per_input() != 1:
+                raise ValueError(f"auto_label stage {self.params.auto_label.kind!r} must return one sample per input")
+        self.clip = self.processor = None
+        if self.params.clip:
+            from transformers import AutoProcessor, CLIPModel
+
+            if self.model.profile == "tiny":
+                ref = path = tiny_clip_dir()
+            else:
+                ref = self.model.clip
+                path = resolve_model_path(ref, self.model.storage_options)
+            dtype = torch_dtype(self.model.dtype, self.context.device)
+            self.processor = from_pretrained(AutoProcessor, ref, path)
+            self.clip = from_pretrained(CLIPModel, ref, path, dtype=dtype).to(self.context.device).eval()
+
+    def _labeler(self) -> Stage:
+        ctx = self.context
+        labeler_ctx = StageContext(label=f"{ctx.label}.auto_label", job_seed=ctx.job_seed, classes=ctx.classes,
+                                   device=ctx.device)
+        return self.params.auto_label.build(labeler_ctx)
+
+    def model_ids(self) -> dict[str, str]:
+        ids = {}
+        if self.params.clip:
+            ids["clip"] = f"tiny:{TINY_CLIP}" if self.model.profile == "tiny" else self.model.clip
+        if self.params.auto_label is not None:
+            ids.update({f"auto_label.{k}": v for k, v in self._labeler().model_ids().items()})
+        return ids
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        ignore = self.context.classes.ignore_index
+        auto, clip = self._auto_labels(samples), self._clip_scores(samples)
+        for sample, (label, label_instances, label_error), (clip_score, clip_info) in zip(samples, auto, clip):
+            if label is not None and sample.mask is not None and label.shape != sample.mask.shape:
+                label = np.asarray(Image.fromarray(label).resize(sample.mask.shape[::-1], Image.NEAREST))
+            # Density of the sample's own mask; of its auto-label when it has none (unlabeled t2i output).
+            if sample.mask is not None:
+                measured, instances, density_from = sample.mask, sample.instances, "mask"
+            elif label is not None:
+                measured, instances, density_from = label, label_instances, "auto_label"
+            else:
+                measured, instances, density_from = None, None, None
+            fid = fidelity(sample.mask, label, self.params.boundary_tolerance, ignore)
+            fid["clip_score"] = clip_score
+            # Merged, not replaced: an earlier selection stage's scores (cosine, miou) stay in the json.
+            sample.meta["scores"] = {
+                **sample.meta.get("scores", {}),
+                "density": density(measured, instances, ignore, self.params.min_component_pixels),
+                "fidelity": fid,
+            }
+            sample.meta["scoring"] = {
+                "stage": self.context.label,
+                "density_from": density_from,
+                "instances_from": None if measured is None else ("instance_ids" if instances is not None
+                                                                 else "components"),
+                "boundary_tolerance": self.params.boundary_tolerance,
+                "auto_label": self.params.auto_label.kind if self.params.auto_label else None,
+                "auto_label_error": label_error,
+                **clip_info,
+            }
+        return samples
+
+    def _auto_labels(self, samples: list[Sample]) -> list[tuple[np.ndarray | None, np.ndarray | None, str | None]]:
+        """(auto-label, its instances, why there is none) per sample."""
+        if self.labeler is None:
+            return [(None, None, None)] * len(samples)
+        copies = [replace(s, mask=None, instances=None, meta=dict(s.meta)) for s in samples]
+        try:
+            labeled = self.labeler.process(copies)
+        except Exception as e:
+            if len(copies) > 1:  # label one by one, so one bad image costs only its own auto-label
+                return [r for s in samples for r in self._auto_labels([s])]
+            # A labeler failure leaves fidelity null; the sample itself is still good.
+            return [(None, None, f"{type(e).__name__}: {e}"[:200])]
+        out = []
+        for s in labeled:
+            if s.error is not None:
+                out.append((None, None, s.error["reason"]))
+            elif s.mask is None:
+                out.append((None, None, "no_mask"))
+            else:
+                out.append((s.mask, s.instances, None))
+        return out
+
+    def _clip_scores(self, samples: list[Sample]) -> list[tuple[float | None, dict]]:
+        if self.clip is None:
+            return [(None, {})] * len(samples)
+        import torch
+
+        prompted = [i for i, s in enumerate(samples) if s.meta.get("prompt")]
+        out: list[tuple[float | None, dict]] = [(None, {"clip_prompt_tokens": None})] * len(samples)
+        if not prompted:
+            return out
+        prompts = [str(samples[i].meta["prompt"]) for i in prompted]
+        tokenizer = self.processor.tokenizer
+        limit = tokenizer.model_max_length
+        inputs = self.processor(
+            text=prompts, images=[Image.fromarray(samples[i].image) for i in prompted], return_tensors="pt",
+            padding=True, truncation=True, max_length=limit,
+        ).to(self.context.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.clip.dtype)
+        with torch.no_grad():
+            result = self.clip(**inputs)
+        image = torch.nn.functional.normalize(result.image_embeds.float(), dim=-1)
+        text = torch.nn.functional.normalize(result.text_embeds.float(), dim=-1)
+        scores = (100 * (image * text).sum(-1)).clamp(min=0).tolist()
+        for i, prompt, score in zip(prompted, prompts, scores):
+            n = len(tokenizer(prompt, truncation=False).input_ids)
+            out[i] = (float(score), {"clip_prompt_tokens": n, "clip_prompt_truncated": n > limit})
+        return out
