@@ -18,7 +18,11 @@ run: $(BIN)/.installed
 	$(BIN)/factory status $(OUT)
 	$(BIN)/factory preview $(OUT) --out build/quickstart-preview.png
 
-test: $(BIN)/.installed
+# The report test renders HTML in headless Chromium, which comes from the system's packages (Debian).
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(BIN)/.installed /usr/bin/chromium
 	$(BIN)/python -m pytest -q tests
 
 bench: $(BIN)/.installed
