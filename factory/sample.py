@@ -28,8 +28,9 @@ def derive_seed(job_seed: int, source_id: str, variant: int, salt: str = "") -> 
 class Sample:
     """A sample in flight. Stages never drop one: they fill it, expand it into variants, or mark it.
 
-    `variants` is how many rows this source sample ends as; the shard writer commits a shard once every
-    source position has delivered that many rows (written, failed or rejected).
+    `variants` is how many rows the sample's branch was split into: each row is 1/variants of its source.
+    The shard writer commits a shard once every source position has delivered all of itself (written,
+    failed or rejected rows), whatever the mix of expansions its rows went through.
     """
 
     shard: int

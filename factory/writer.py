@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image
@@ -98,16 +99,16 @@ class _OpenShard:
     started: float
     rejected_file: object = None
     rejected_tar: TarWriter | None = None
-    received: Counter = field(default_factory=Counter)  # source index -> rows seen
-    expected: dict = field(default_factory=dict)  # source index -> rows it will deliver
+    # Source index -> the share of it delivered so far. A row with `variants` V is 1/V of its source:
+    # rows of one source may carry different V (a variant rejected before a later stage expanded its
+    # siblings again), and the shares still add up to exactly 1 when every row has arrived.
+    received: dict = field(default_factory=dict)
     samples: int = 0
     failures: list = field(default_factory=list)
     rejections: list = field(default_factory=list)
 
     def complete(self) -> bool:
-        return len(self.expected) == self.expected_sources and all(
-            self.received[i] == n for i, n in self.expected.items()
-        )
+        return len(self.received) == self.expected_sources and all(v == 1 for v in self.received.values())
 
 
 class ShardWriter:
@@ -126,11 +127,8 @@ class ShardWriter:
         touched = set()
         for rec in records:
             shard = self._shard(rec.shard)
-            if rec.index in shard.expected and shard.expected[rec.index] != rec.variants:
-                raise ValueError(f"shard {rec.shard} sample {rec.index}: inconsistent variant counts")
-            shard.expected[rec.index] = rec.variants
-            shard.received[rec.index] += 1
-            if shard.received[rec.index] > rec.variants:
+            shard.received[rec.index] = shard.received.get(rec.index, 0) + Fraction(1, rec.variants)
+            if shard.received[rec.index] > 1:
                 raise ValueError(f"shard {rec.shard} sample {rec.index}: more rows than its variants")
             if "." in rec.key:
                 raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
@@ -211,7 +209,7 @@ class ShardWriter:
     def incomplete(self) -> dict[int, dict]:
         """Shards still open (should be none once the pipeline has drained)."""
         return {
-            s: {"sources": st.expected_sources, "seen_sources": len(st.expected)} for s, st in self.open.items()
+            s: {"sources": st.expected_sources, "seen_sources": len(st.received)} for s, st in self.open.items()
         }
 
     def abort(self) -> None:

@@ -130,3 +130,14 @@ def test_rejected_samples_are_counted_and_optionally_kept(ray_local, tmp_path):
             assert all(json.loads(f["json"])["rejected"]["reason"] == "too_dark" for f in kept.values())
         else:
             assert not (out / "rejected").exists()
+
+
+def test_a_variant_rejected_before_a_second_expansion_still_completes_its_shard(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 3)
+    stages = [
+        {"kind": INVERT, "name": "first", "params": {"variants": 2, "reject_ids": ["s-001"]}},
+        {"kind": INVERT, "name": "second", "params": {"variants": 3}},
+    ]
+    index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", stages)))
+    # s-000 and s-002: 2 x 3 samples each; s-001: its 2 first-stage variants rejected, never expanded.
+    assert index["complete"] and (index["samples"], index["rejected"]) == (12, 2)

@@ -1,0 +1,119 @@
+"""SegGen Text2Mask: new segmentation masks drawn from text by an SDXL fine-tuned on colour maps (MaskSyn).
+
+For each input sample the stage writes N colour maps from one prompt (an earlier stage's prompt or
+caption, else the template with the classes of the sample's mask), each with its own seed, and decodes
+every map to class ids with the palette stored beside the model: nearest colour, ignore beyond the
+distance cap, instances from outlines when the model was trained with them. Palette classes map to the
+source's class set by name; palette classes the source lacks become ignore.
+
+What a variant carries afterwards:
+- `mask` / `instances`: the decoded new label (what gets stored), in the source's class set;
+- `source_image`: the real image the prompt came from;
+- `image`: the raw colour map, with `meta["image_kind"] = "color_map"`. A Mask2Img stage after this one
+  replaces it with a real-looking image; written without one, the sample is still valid and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from factory.sample import Sample
+from factory.sdxl import (SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, prompt_for, size_multiple,
+                          use_scheduler)
+from factory.stages import Stage, register_stage
+
+
+class Text2MaskParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    maps: int = Field(10, ge=1, description="colour maps (new masks) per input sample (N); paper ADE20K MaskSyn: 10")
+    steps: int = Field(200, ge=1, description="denoising steps; paper: 200")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+    scheduler: Scheduler = Field(
+        "euler_karras",
+        description="sampler: euler_karras (Euler with Karras/EDM sigma spacing, the paper's EDM-style "
+        "sampling), dpmpp_2m_karras, or base (the base model's own scheduler)",
+    )
+    resolution: int = Field(
+        768, ge=8, description="side of the square colour map, rounded to the size multiple; paper: 768"
+    )
+    prompt: str = Field(
+        "a photo of {classes}",
+        description="template used when no earlier stage left meta['prompt'] or meta['caption']; "
+        "{classes} = names of the classes in the sample's mask, most pixels first",
+    )
+    negative_prompt: str = ""
+    cap: float | None = Field(
+        None, gt=0,
+        description="largest CIELAB distance (delta E) from a palette colour that still decodes to it; "
+        "farther pixels become ignore. Default: half the smallest distance between two palette colours",
+    )
+
+
+@register_stage
+class Text2MaskStage(Stage):
+    name = "text2mask"
+    uses_gpu = True
+    Params = Text2MaskParams
+    Model = SDXLModelConfig
+
+    def setup(self) -> None:
+        self.pipe, self.palette = load_seggen_pipeline(self.model, "text2mask", self.context.device)
+        use_scheduler(self.pipe, self.params.scheduler)
+        self.to_source = self.palette.lookup_to(self.context.classes)
+        m = size_multiple(self.pipe)
+        self.side = max(m, round(self.params.resolution / m) * m)
+
+    def variants_per_input(self) -> int:
+        return self.params.maps
+
+    def model_ids(self) -> dict[str, str]:
+        return model_ids(self.model, "text2mask")
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        # One call per input: a variant's pixels depend only on its own seed and prompt, so a
+        # regenerated shard is identical whatever the batch size.
+        return [v for sample in samples for v in self._generate(sample)]
+
+    def _generate(self, sample: Sample) -> list[Sample]:
+        import torch
+
+        prompt = prompt_for(sample.meta, sample.mask, self.context.classes, self.params.prompt)
+        variants = sample.expand(self.params.maps)
+        seeds = [v.seed(self.context.job_seed, self.context.label) for v in variants]
+        result = self.pipe(
+            prompt=[prompt] * len(variants),
+            # None, not "", for no negative prompt: SDXL then uses zeros, as training's dropped prompts did.
+            negative_prompt=[self.params.negative_prompt] * len(variants) if self.params.negative_prompt else None,
+            num_inference_steps=self.params.steps,
+            guidance_scale=self.params.guidance,
+            generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
+            height=self.side,
+            width=self.side,
+            output_type="np",
+        )
+        maps = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
+        cap = self.params.cap if self.params.cap is not None else self.palette.default_cap
+        dtype = self.context.classes.mask_dtype
+        for v, seed, colour_map in zip(variants, seeds, maps):
+            ids, instances = self.palette.decode(colour_map, cap)
+            mask = self.to_source[ids].astype(dtype)
+            v.source_image, v.image = v.image, colour_map
+            v.mask, v.instances = mask, instances
+            v.meta["prompt"], v.meta["variant"] = prompt, v.variant
+            v.meta["image_kind"] = "color_map"
+            v.meta["text2mask"] = {
+                "stage": self.context.label,
+                "seed": seed,
+                "steps": self.params.steps,
+                "guidance": self.params.guidance,
+                "scheduler": self.params.scheduler,
+                "size": [self.side, self.side],
+                "cap": round(cap, 4),
+                "palette": self.palette.kind,
+                # Share of pixels no palette colour claimed: a quick quality signal per map.
+                "ignore_fraction": round(float(np.mean(mask == self.context.classes.ignore_index)), 4),
+                "models": self.model_ids(),
+            }
+        return variants
