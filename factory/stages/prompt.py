@@ -115,10 +115,9 @@ class PromptStage(Stage):
         names: list[str] = []
         for name in raw:
             name = self.params.synonyms.get(name, name)
-            try:
+            # A class or synonym of this set becomes the set's own name; anything else is kept as written.
+            if name in classes.names or any(name in words for words in classes.synonyms):
                 name = classes.names[classes.index(name)]
-            except KeyError:
-                pass  # not a class of this set: kept as written
             if name not in names and name not in self.params.exclude_classes:
                 names.append(name)
         return names
