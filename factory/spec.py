@@ -129,7 +129,7 @@ class JobSpec(_Strict):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format_loc(loc: tuple) -> str:
+def format_loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -149,7 +149,7 @@ def _validate_stage(i: int, stage: StageSpec) -> None:
             validated = model.model_validate(getattr(stage, field))
         except ValidationError as e:
             err = e.errors()[0]
-            loc = _format_loc(err["loc"])
+            loc = format_loc(err["loc"])
             raise SpecError(f"{where}.{field}{'.' + loc if loc else ''}: {err['msg']}") from None
         setattr(stage, field, validated.model_dump(mode="json"))
     if stage.resources.num_gpus > 0 and not cls.uses_gpu:
@@ -164,7 +164,7 @@ def parse_spec(data: Any, origin: str = "spec") -> JobSpec:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise SpecError(f"{origin}: {_format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+        raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
     for i, stage in enumerate(spec.stages):
         try:
             _validate_stage(i, stage)
@@ -177,15 +177,20 @@ def parse_spec(data: Any, origin: str = "spec") -> JobSpec:
     return spec
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
-    """Read and validate a YAML job spec; `overrides` maps dotted fields (output.url) to new values."""
+def read_yaml(path: str | Path) -> Any:
+    """A spec file's plain data, with a SpecError naming the file when it is missing or not YAML."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"{path}: no such file") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Read and validate a YAML job spec; `overrides` maps dotted fields (output.url) to new values."""
+    data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

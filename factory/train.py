@@ -33,12 +33,11 @@ import fsspec
 import numpy as np
 import torch
 import torch.utils.data
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.palettes import Palette
 from factory.sdxl import SDXL_BASE, SUBFOLDER, TINY_SDXL, TrainingModels, write_model_info
-from factory.spec import SourceSpec, SpecError, _format_loc
+from factory.spec import SourceSpec, SpecError, format_loc, read_yaml
 from factory.train_data import LoaderBatches, PairStream
 
 log = logging.getLogger("factory")
@@ -114,18 +113,11 @@ def parse_train_spec(data: Any, origin: str = "spec") -> TrainSpec:
         return TrainSpec.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        raise SpecError(f"{origin}: {_format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+        raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
 
 
 def load_train_spec(path: str | Path) -> TrainSpec:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
-    return parse_train_spec(data, origin=str(path))
+    return parse_train_spec(read_yaml(path), origin=str(path))
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
