@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import string
 import socket
 import tempfile
 import time
@@ -143,6 +144,19 @@ def write_tiny_clip_tokenizer(target: Path):
         Path(tmp, "vocab.json").write_text(json.dumps(vocab))
         Path(tmp, "merges.txt").write_text("#version: 0.2\n")
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def tiny_bert_tokenizer(extra_tokens: tuple[str, ...] = (), **kwargs):
+    """A WordPiece tokenizer whose vocabulary is every lowercase letter, digit and punctuation mark.
+
+    Each character also exists as a `##` continuation, so any ASCII text tokenizes without [UNK]
+    (one token per character), which is all a model with random weights needs.
+    """
+    from transformers import BertTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra_tokens, *chars, *("##" + c for c in chars)]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)}, **kwargs)
 
 
 def _build_tiny_controlnet(target: Path) -> None:

@@ -8,32 +8,19 @@ size, so images of any size share the call.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
+                            torch_dtype)
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
 TINY_BLIP = "blip-caption-v1"
 TINY_BLIP2 = "blip2-caption-v1"
 DEFAULT_MODELS = {"blip": "Salesforce/blip-image-captioning-large", "blip2": "Salesforce/blip2-opt-2.7b"}
-
-
-def tiny_bert_tokenizer(extra_tokens: tuple[str, ...] = (), **kwargs):
-    """A WordPiece tokenizer whose vocabulary is every lowercase letter, digit and punctuation mark.
-
-    Each character also exists as a `##` continuation, so any ASCII text tokenizes without [UNK]
-    (one token per character), which is all a model with random weights needs.
-    """
-    from transformers import BertTokenizer
-
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra_tokens, *chars, *("##" + c for c in chars)]
-    return BertTokenizer(vocab={w: i for i, w in enumerate(words)}, **kwargs)
 
 
 def _build_tiny_blip(target: Path) -> None:

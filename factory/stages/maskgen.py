@@ -23,10 +23,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.classes import ClassSet
-from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
+                            torch_dtype)
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
-from factory.stages.caption import tiny_bert_tokenizer
 
 TINY_DETECTOR = "grounding-dino-v1"
 TINY_SAM = "sam-v1"
