@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -52,7 +53,7 @@ def _load_with_absolute_paths(args):
 
 
 def cmd_validate(args) -> int:
-    spec = load_spec(args.spec, _overrides(args))
+    spec = _load_with_absolute_paths(args)
     print(f"{args.spec}: ok (job {spec.name}, {len(spec.stages)} stages, spec hash {spec.content_hash()})")
     return 0
 
@@ -73,9 +74,11 @@ def submission_id(spec) -> str:
     """Deterministic: the same spec submitted twice names the same Ray job, so two writers never race.
 
     The job name keeps it readable in the dashboard; the spec hash (which covers everything that decides
-    the output bytes, source path included) keeps two different jobs of one name apart.
+    the output bytes, source path included) keeps two different jobs of one name apart, and a short hash
+    of the output URL two runs of one spec writing to different places.
     """
-    return f"{spec.name}-{spec.content_hash()}"
+    where = hashlib.sha256(spec.output.url.encode()).hexdigest()[:6]
+    return f"{spec.name}-{spec.content_hash()}-{where}"
 
 
 def cmd_submit(args) -> int:

@@ -24,7 +24,7 @@ from factory.classes import ClassSet
 from factory.plan import PLAN_FILE, Plan, plan_shards, read_shard_ids
 from factory.sample import BadSample, Sample
 from factory.sources import open_source
-from factory.spec import JobSpec, SourceSpec, StageSpec, dump_spec
+from factory.spec import JobSpec, SourceSpec, SpecError, StageSpec, dump_spec
 from factory.stages import StageContext, resolve_stage
 from factory.store import OutputStore, storage_options
 from factory.writer import ShardWriter, encode_sample
@@ -51,6 +51,7 @@ def prepare_output(spec: JobSpec, overwrite: bool = False) -> tuple[OutputStore,
     spec_hash = spec.content_hash()
     manifest = store.read_json("manifest.json")
     source = open_source(spec.source)
+    check_stages(spec, source.classes)
     if manifest is not None:
         if manifest["spec_hash"] != spec_hash:
             raise ResumeError(
@@ -100,18 +101,22 @@ def load_sample(source, shard: int, index: int, sample_id: str) -> Sample:
     return sample
 
 
-def read_shards(batch: dict, source_json: str, plan_url: str, plan_options: dict) -> dict:
-    """Expand shard rows into samples: ids from the plan, pixels from the source."""
+def read_shards(batch: dict, source_json: str, plan_url: str, plan_options: dict, chunk: int):
+    """Expand shard rows into samples: ids from the plan, pixels from the source, `chunk` at a time.
+
+    Yielding chunks keeps a read task's memory at `chunk` decoded samples, not a whole shard.
+    """
     import fsspec
 
     source = _cached_source(source_json)
     with fsspec.open(plan_url, "rb", **plan_options) as f:
-        samples = [
-            load_sample(source, int(shard), index, sample_id)
-            for shard in batch["shard"]
-            for index, sample_id in enumerate(read_shard_ids(f, int(shard)))
-        ]
-    return pack(samples)
+        for shard in batch["shard"]:
+            ids = read_shard_ids(f, int(shard))
+            for start in range(0, len(ids), chunk):
+                yield pack([
+                    load_sample(source, int(shard), index, ids[index])
+                    for index in range(start, min(start + chunk, len(ids)))
+                ])
 
 
 def pack(samples: list[Sample]) -> dict:
@@ -145,13 +150,16 @@ class StageRunner:
         self.failed = 0
 
     def __call__(self, batch: dict) -> dict:
-        raw = list(batch["sample"])
-        samples = [Sample.from_bytes(b) for b in raw]
-        out = []
-        live = []
-        for s, b in zip(samples, raw):
-            (live if s.ok else out).append(b if s.ok else s)
-        out.extend(self._process(live))
+        out, live = [], []
+        for raw in batch["sample"]:
+            sample = Sample.from_bytes(raw)
+            if sample.ok:
+                live.append(raw)
+            else:
+                out.append(sample)  # failed or rejected upstream: passed on untouched
+        produced = self._process(live)
+        self._count_and_check_stop(produced)
+        out.extend(produced)
         return pack(out)
 
     def _process(self, live_bytes: list[bytes]) -> list[Sample]:
@@ -168,10 +176,17 @@ class StageRunner:
             produced = [s.fail(self.label, "model_error", detail) for s in inputs[0].expand(self.k)]
         self._check_contract(inputs, produced)
         for s in produced:
-            if s.error is not None and s.error.get("stage") == self.label:
-                self.failed += 1
-            elif s.ok:
+            self._check_output(s)
+        return produced
+
+    def _count_and_check_stop(self, produced: list[Sample]) -> None:
+        """Count inputs (not rows) that this stage made something of, or failed on; stop if it never works."""
+        for i in range(0, len(produced), self.k):
+            group = produced[i : i + self.k]
+            if any(s.error is None for s in group):  # written or rejected: the stage did its work
                 self.succeeded += 1
+            elif any(s.error.get("stage") == self.label for s in group):
+                self.failed += 1
         if self.succeeded == 0 and self.failed >= self.stop_after_failures:
             first = next(s.error for s in produced if s.error is not None)
             raise StageFailed(
@@ -179,7 +194,20 @@ class StageRunner:
                 f"none; stopping the job rather than writing empty shards. Last error: "
                 f"{first['reason']}: {first['detail']}"
             )
-        return produced
+
+    def _check_output(self, s: Sample) -> None:
+        """A sample the writer could not encode fails here, with a reason, instead of killing the job."""
+        if not s.ok:
+            return
+        image, mask = s.image, s.mask
+        problem = None
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            problem = f"image must be an (H, W, 3) uint8 array, got {getattr(image, 'dtype', type(image))} " \
+                      f"{getattr(image, 'shape', '')}"
+        elif mask is not None and (mask.shape != image.shape[:2] or mask.dtype not in (np.uint8, np.uint16)):
+            problem = f"mask must be (H, W) uint8/uint16 matching the image {image.shape[:2]}, got {mask.dtype} {mask.shape}"
+        if problem:
+            s.fail(self.label, "bad_output", problem)
 
     def _check_contract(self, inputs: list[Sample], produced: list[Sample]) -> None:
         if len(produced) != len(inputs) * self.k:
@@ -289,13 +317,25 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     return write_index(store, plan)
 
 
-def stage_model_ids(spec: JobSpec, classes: ClassSet) -> dict[str, dict]:
-    ids = {}
+def _driver_stages(spec: JobSpec, classes: ClassSet):
+    """The spec's stages built on the driver, without their models, for checks and model ids."""
     for st in spec.stages:
         cls = resolve_stage(st.kind)
         ctx = StageContext(label=st.label, job_seed=spec.seed, classes=classes, device="cpu")
-        ids[st.label] = cls(cls.Params.model_validate(st.params), cls.Model.model_validate(st.model), ctx).model_ids()
-    return ids
+        yield st, cls(cls.Params.model_validate(st.params), cls.Model.model_validate(st.model), ctx)
+
+
+def check_stages(spec: JobSpec, classes: ClassSet) -> None:
+    """Stage checks that need the source's classes, before anything is written."""
+    for i, (st, stage) in enumerate(_driver_stages(spec, classes)):
+        try:
+            stage.check()
+        except ValueError as e:
+            raise SpecError(f"stages[{i}].params.{e}" if ":" in str(e) else f"stages[{i}]: {e}") from None
+
+
+def stage_model_ids(spec: JobSpec, classes: ClassSet) -> dict[str, dict]:
+    return {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
 
 
 def _run_pipeline(
@@ -325,6 +365,7 @@ def _run_pipeline(
             "source_json": spec.source.model_dump_json(),
             "plan_url": store.public_url(PLAN_FILE),
             "plan_options": options,
+            "chunk": spec.engine.read_chunk,
         },
         batch_size=1,
         num_cpus=spec.engine.read_cpus,

@@ -96,6 +96,7 @@ class OutputSpec(_Strict):
 class EngineSpec(_Strict):
     read_cpus: float = Field(0.5, ge=0, description="CPUs per read/decode task")
     encode_cpus: float = Field(0.5, ge=0, description="CPUs per encode/write task")
+    read_chunk: int = Field(16, gt=0, description="samples a read task decodes and hands on at a time")
     encode_batch_size: int = Field(16, gt=0)
     stop_after_failures: int = Field(
         4, gt=0, description="a stage worker whose first N samples all fail stops the job"
@@ -188,15 +189,35 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
 
 
+def _set_field(data: Any, dotted: str, value: Any, origin: str) -> None:
+    """Set `stages.0.params.steps`-style fields: names step into mappings, numbers into lists."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: a job spec is a mapping, got {type(data).__name__}")
+    node = data
+    *parents, leaf = dotted.split(".")
+    for depth, part in enumerate([*parents, leaf]):
+        where = ".".join(dotted.split(".")[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"{origin}: --set {dotted}: {where} is not an index of a list of {len(node)}")
+            key = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise SpecError(f"{origin}: --set {dotted}: {where.rsplit('.', 1)[0]} is not a mapping or list")
+        if depth == len(parents):
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobSpec:
     """Read and validate a YAML job spec; `overrides` maps dotted fields (output.url) to new values."""
     data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        _set_field(data, dotted, value, str(path))
     return parse_spec(data, origin=str(path))
 
 

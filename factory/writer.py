@@ -25,6 +25,7 @@ from factory.store import REJECTED_DIR, SHARD_DIR, STATS_DIR, TMP_DIR, OutputSto
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0.0
+_UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size
 
 
 @dataclass
@@ -103,12 +104,15 @@ class _OpenShard:
     # rows of one source may carry different V (a variant rejected before a later stage expanded its
     # siblings again), and the shares still add up to exactly 1 when every row has arrived.
     received: dict = field(default_factory=dict)
+    seen: set = field(default_factory=set)  # keys received, to drop rows a retried task sends again
+    waiting: dict = field(default_factory=dict)  # source index -> its rows, until they can be written
+    next_index: int = 0  # the next source position to write
     samples: int = 0
     failures: list = field(default_factory=list)
     rejections: list = field(default_factory=list)
 
     def complete(self) -> bool:
-        return len(self.received) == self.expected_sources and all(v == 1 for v in self.received.values())
+        return self.next_index == self.expected_sources
 
 
 class ShardWriter:
@@ -119,33 +123,52 @@ class ShardWriter:
         self.shard_sources = shard_sources  # shard -> number of source samples planned in it
         self.job_info = job_info  # spec hash and model ids, copied into every stats file
         self.open: dict[int, _OpenShard] = {}
-        self.committed: list[int] = []
+        self.committed: set[int] = set()
         self.run_id = uuid.uuid4().hex[:8]
 
     def add(self, records: list[EncodedSample]) -> list[int]:
-        """Write records; return the shards this call committed."""
+        """Take records in any order; write them in key order; return the shards this call committed.
+
+        Rows arrive in whatever order Ray finishes blocks, so a source position's rows wait in memory
+        until every earlier position is written: the tar is then the same bytes on every run. A record
+        seen before (Ray retried the task that sent it) is dropped, so a retry never duplicates a sample.
+        """
         touched = set()
         for rec in records:
+            if rec.shard in self.committed:
+                continue
+            if "." in rec.key:
+                raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
             shard = self._shard(rec.shard)
+            if rec.key in shard.seen:
+                continue
+            shard.seen.add(rec.key)
             shard.received[rec.index] = shard.received.get(rec.index, 0) + Fraction(1, rec.variants)
             if shard.received[rec.index] > 1:
                 raise ValueError(f"shard {rec.shard} sample {rec.index}: more rows than its variants")
-            if "." in rec.key:
-                raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
-            if rec.error is not None:
-                shard.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
-            elif rec.rejected is not None:
-                shard.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
-                if rec.files is not None:
-                    self._rejected_tar(rec.shard, shard).write({"__key__": rec.key, **rec.files})
-            else:
-                shard.tar.write({"__key__": rec.key, **rec.files})
-                shard.samples += 1
+            shard.waiting.setdefault(rec.index, []).append(rec)
             touched.add(rec.shard)
+        for s in touched:
+            self._write_ready(s, self.open[s])
         done = [s for s in sorted(touched) if self.open[s].complete()]
         for s in done:
             self._commit(s)
         return done
+
+    def _write_ready(self, shard: int, state: _OpenShard) -> None:
+        """Write every source position, in order, whose rows have all arrived."""
+        while state.received.get(state.next_index) == 1:
+            for rec in sorted(state.waiting.pop(state.next_index), key=lambda r: r.variant):
+                if rec.error is not None:
+                    state.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
+                elif rec.rejected is not None:
+                    state.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
+                    if rec.files is not None:
+                        self._rejected_tar(shard, state).write({"__key__": rec.key, **rec.files})
+                else:
+                    state.tar.write({"__key__": rec.key, **rec.files})
+                    state.samples += 1
+            state.next_index += 1
 
     def _shard(self, shard: int) -> _OpenShard:
         if shard not in self.open:
@@ -153,7 +176,8 @@ class ShardWriter:
                 raise ValueError(f"shard {shard} is not pending in this run")
             tmp_path = self.store.path(TMP_DIR, f"{self.store.shard_name(shard)}.{self.run_id}.tar")
             self.store.fs.makedirs(tmp_path.rsplit("/", 1)[0], exist_ok=True)
-            f = self.store.fs.open(tmp_path, "wb")
+            # Bounded upload buffers (s3fs defaults to 50 MiB per open file, and many shards are open).
+            f = self.store.fs.open(tmp_path, "wb", block_size=_UPLOAD_BLOCK)
             self.open[shard] = _OpenShard(
                 expected_sources=self.shard_sources[shard],
                 tmp_path=tmp_path,
@@ -165,7 +189,7 @@ class ShardWriter:
 
     def _rejected_tar(self, shard: int, state: _OpenShard) -> TarWriter:
         if state.rejected_tar is None:
-            state.rejected_file = self.store.fs.open(self._rejected_tmp(shard), "wb")
+            state.rejected_file = self.store.fs.open(self._rejected_tmp(shard), "wb", block_size=_UPLOAD_BLOCK)
             state.rejected_tar = TarWriter(state.rejected_file, mtime=_TAR_MTIME)
         return state.rejected_tar
 
@@ -204,7 +228,7 @@ class ShardWriter:
             **self.job_info,
         }
         self.store.write_json(stats, STATS_DIR, f"{self.store.shard_name(shard)}.json")
-        self.committed.append(shard)
+        self.committed.add(shard)
 
     def incomplete(self) -> dict[int, dict]:
         """Shards still open (should be none once the pipeline has drained)."""
@@ -215,8 +239,9 @@ class ShardWriter:
     def abort(self) -> None:
         """Close and delete what was open; those shards stay uncommitted and are redone on the next run."""
         for shard, state in self.open.items():
-            for f in (state.file, state.rejected_file):
+            for tar, f in ((state.tar, state.file), (state.rejected_tar, state.rejected_file)):
                 if f is not None and not f.closed:
+                    tar.close()
                     f.close()
             for path in (state.tmp_path, self._rejected_tmp(shard)):
                 if self.store.fs.exists(path):

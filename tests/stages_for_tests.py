@@ -49,3 +49,14 @@ class AlwaysFailStage(Stage):
 
     def process(self, samples):
         raise RuntimeError("model weights are garbage")
+
+
+class FloatImageStage(Stage):
+    """Returns float images, which the writer cannot encode: the engine must fail them, not the job."""
+
+    name = "test-float-image"
+
+    def process(self, samples):
+        for s in samples:
+            s.image = s.image.astype("float32") / 255
+        return samples

@@ -141,3 +141,47 @@ def test_a_variant_rejected_before_a_second_expansion_still_completes_its_shard(
     index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", stages)))
     # s-000 and s-002: 2 x 3 samples each; s-001: its 2 first-stage variants rejected, never expanded.
     assert index["complete"] and (index["samples"], index["rejected"]) == (12, 2)
+
+
+def test_shards_are_identical_however_rows_arrive(ray_local, tmp_path):
+    """Many small blocks and two actors per stage reorder rows; the tars must not depend on that."""
+    write_folder_source(tmp_path / "src", 24)
+    stage = {"kind": INVERT, "params": {"variants": 2}, "resources": {"batch_size": 2, "concurrency": 2}}
+    tars = []
+    for run in ("a", "b"):
+        spec = folder_spec(tmp_path / "src", tmp_path / run, [stage], shard_size=24)
+        spec["engine"] = {"read_chunk": 3, "encode_batch_size": 2}
+        run_job(parse_spec(spec))
+        tars.append((tmp_path / run / "shards" / "shard-000000.tar").read_bytes())
+    assert tars[0] == tars[1]
+    keys = list(read_tar(tmp_path / "a" / "shards" / "shard-000000.tar"))
+    assert keys == sorted(keys) and len(keys) == 48
+
+
+def test_one_bad_input_with_many_variants_does_not_stop_the_job(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 4)
+    stage = {"kind": INVERT, "params": {"variants": 5, "fail_ids": ["s-000"]}}
+    index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
+    assert (index["samples"], index["failed"]) == (15, 5)
+
+
+def test_a_sample_the_writer_cannot_encode_fails_alone(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 2)
+    stages = [{"kind": "stages_for_tests:FloatImageStage"}]
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", stages)
+    spec["engine"] = {"stop_after_failures": 10}
+    index = run_job(parse_spec(spec))
+    stats = load_json(tmp_path / "out" / "stats" / "shard-000000.json")
+    assert index["failed"] == 2 and set(stats["failures_by_reason"]) == {"stages_for_tests:FloatImageStage:bad_output"}
+
+
+def test_a_class_map_error_is_a_spec_error_before_anything_is_written(tmp_path):
+    from factory.spec import SpecError
+
+    write_folder_source(tmp_path / "src", 2)
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [
+        {"kind": "controlnet", "model": {"profile": "tiny"}, "params": {"class_map": {"wall": "Wal"}}},
+    ])
+    with pytest.raises(SpecError, match=r"stages\[0\]\.params\.class_map"):
+        run_job(parse_spec(spec))
+    assert not (tmp_path / "out" / "manifest.json").exists()

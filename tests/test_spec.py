@@ -99,3 +99,13 @@ def test_every_shipped_job_spec_validates():
     assert jobs
     for job in jobs:
         load_spec(job)
+
+
+def test_set_steps_into_lists_and_names_bad_paths(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(GOOD))
+    assert load_spec(p, {"stages.0.params.steps": 4}).stages[0].params["steps"] == 4
+    with pytest.raises(SpecError, match="stages.3"):
+        load_spec(p, {"stages.3.params.steps": 4})
+    with pytest.raises(SpecError, match="seed is not a mapping"):
+        load_spec(p, {"seed.x": 1})

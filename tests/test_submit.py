@@ -21,6 +21,7 @@ import pytest
 import yaml
 from helpers import folder_spec, write_folder_source
 
+from factory.cli import submission_id
 from factory.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(600)
@@ -130,7 +131,8 @@ def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
     expected = parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", spec_data["stages"], shard_size=4)
                           | {"name": "cluster-e2e"})
-    sid = f"cluster-e2e-{expected.content_hash()}"
+    sid = submission_id(expected)
+    assert sid.startswith(f"cluster-e2e-{expected.content_hash()}-")
 
     first = factory(env, "submit", "job.yaml", "--address", address, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -175,7 +177,7 @@ def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
     spec_data = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}])
     spec_data["name"] = "cluster-retry"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
-    sid = f"cluster-retry-{parse_spec(spec_data).content_hash()}"
+    sid = submission_id(parse_spec(spec_data))
 
     failed = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=300)
     assert failed.returncode == 1 and f"job {sid}: FAILED" in failed.stdout

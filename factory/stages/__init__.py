@@ -49,6 +49,12 @@ class Stage(ABC):
         self.model = model
         self.context = context
 
+    def check(self) -> None:
+        """Checks that need the source's class set, run on the driver before the job is planned.
+
+        Raise ValueError with a message naming the parameter; cheap work only (no model loading).
+        """
+
     def setup(self) -> None:
         """Load models; called once per worker before the first batch."""
 

@@ -67,6 +67,12 @@ class ControlNetStage(Stage):
     Params = ControlNetParams
     Model = ControlNetModelConfig
 
+    def check(self) -> None:
+        try:
+            ade150_lookup(self.context.classes, self.params.class_map or None)
+        except KeyError as e:
+            raise ValueError(f"class_map: {e.args[0]}") from None
+
     def setup(self) -> None:
         self.pipe = load_controlnet_pipeline(self.model, self.context.device, self.model.dtype)
         self.lut = ade150_lookup(self.context.classes, self.params.class_map or None)
