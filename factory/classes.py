@@ -167,8 +167,8 @@ def decode_palette_mask(
     order = np.argsort(pal, kind="stable")
     pos = np.clip(np.searchsorted(pal[order], key), 0, len(pal) - 1)
     hit = pal[order][pos] == key
-    dtype = np.uint8 if len(palette) < IGNORE else np.uint16
-    out = np.where(hit, order[pos], IGNORE).astype(dtype)
+    small = len(palette) < IGNORE
+    out = np.where(hit, order[pos], IGNORE if small else IGNORE_UINT16).astype(np.uint8 if small else np.uint16)
     ignored = np.isin(key, pack(np.asarray(ignore_colors, dtype=np.int64).reshape(-1, 3)))
     return out, int(np.count_nonzero(~hit & ~ignored))
 

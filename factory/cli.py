@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from factory.spec import SpecError, dump_spec, load_spec
+from factory.spec import SpecError, dump_spec, load_spec, read_yaml
 from factory.store import OutputStore
 
 log = logging.getLogger("factory")
@@ -53,6 +53,13 @@ def _load_with_absolute_paths(args):
 
 
 def cmd_validate(args) -> int:
+    data = read_yaml(args.spec)
+    if isinstance(data, dict) and "stages" not in data and "steps" in data:  # a training spec
+        from factory.train import load_train_spec
+
+        train_spec = load_train_spec(args.spec)
+        print(f"{args.spec}: ok (training spec {train_spec.name}, {train_spec.steps} steps)")
+        return 0
     spec = _load_with_absolute_paths(args)
     print(f"{args.spec}: ok (job {spec.name}, {len(spec.stages)} stages, spec hash {spec.content_hash()})")
     return 0
@@ -238,6 +245,23 @@ def cmd_select(args) -> int:
     return main_select(args.output, args.score, args.top, lowest=args.lowest, endpoint_url=args.endpoint_url)
 
 
+def cmd_captions(args) -> int:
+    """Each source sample's caption from a job's shards, as the JSON lines training specs read."""
+    from factory.preview import iter_shard_samples
+
+    store = _store_for(args.output, args.endpoint_url)
+    seen = set()
+    with open(args.out, "w") as out:
+        for shard in sorted(store.committed_shards()):
+            for _, files in iter_shard_samples(store, store.shard_path(shard)):
+                meta = json.loads(files["json"])
+                if meta.get("caption") and meta["source_id"] not in seen:
+                    seen.add(meta["source_id"])
+                    out.write(json.dumps({"id": meta["source_id"], "caption": meta["caption"]}) + "\n")
+    print(f"{args.out}: {len(seen)} captions")
+    return 0
+
+
 def cmd_make_scenes(args) -> int:
     from factory.scenes import make_scenes
 
@@ -315,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lowest", action="store_true", help="keep the lowest scores instead")
     q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
     q.set_defaults(func=cmd_select)
+
+    q = sub.add_parser("captions", help="export each source sample's caption from a job's shards (JSON lines)")
+    q.add_argument("output", help="the job's output URL")
+    q.add_argument("--out", default="captions.jsonl")
+    q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
+    q.set_defaults(func=cmd_captions)
 
     q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
     q.add_argument("dir")

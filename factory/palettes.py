@@ -210,12 +210,18 @@ class Palette:
         return IGNORE if len(self.names) < IGNORE else IGNORE_UINT16
 
     @property
-    def default_cap(self) -> float:
-        """Half the smallest CIELAB distance between two class or reserved colours: no pixel is ambiguous."""
+    def default_radii(self) -> np.ndarray:
+        """Per colour (classes, black, edge): half the CIELAB distance to its nearest other colour.
+
+        A pixel within its nearest colour's radius is closer to it than to any other colour, so no pixel
+        is ambiguous; and each colour keeps as much tolerance as its neighbours allow. One global cap
+        (the closest pair's) would leave almost none to a crowded palette: ADE150 has two colours 0.3
+        delta E apart.
+        """
         table = rgb_to_lab(self._table())
         d = np.linalg.norm(table[:, None] - table[None], axis=-1)
         d[np.diag_indices(len(table))] = np.inf
-        return float(d.min() / 2)
+        return d.min(axis=1) / 2
 
     def _table(self) -> np.ndarray:
         """Class colours, then black (ignore), then the edge colour."""
@@ -263,11 +269,11 @@ class Palette:
         """(H, W, 3) colours -> (palette-id mask, instances or None).
 
         Each pixel takes the nearest class colour in CIELAB; black, and any pixel farther than `cap`
-        (CIELAB distance, delta E 76; default `default_cap`) from every colour, become `ignore_index`.
+        (CIELAB distance, delta E 76) from that colour, become `ignore_index`. Without `cap`, each colour's
+        own radius (`default_radii`) applies.
         Instances (int32, 0 = none) only for a palette with outlines; otherwise edge-coloured pixels are
         ignored too.
         """
-        cap = self.default_cap if cap is None else cap
         n = len(self.names)
         rgb = np.asarray(rgb, dtype=np.uint8)
         packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
@@ -275,15 +281,18 @@ class Palette:
         colours, inverse = np.unique(packed.reshape(-1), return_inverse=True)
         unique_rgb = np.stack([(colours >> 16) & 255, (colours >> 8) & 255, colours & 255], -1)
         unique_lab = rgb_to_lab(unique_rgb.astype(np.uint8)).astype(np.float32)
-        table = rgb_to_lab(self._table()).astype(np.float32)
+        unique_lab = unique_lab.astype(np.float64)  # float32 rounding is the size of ADE150's tightest radii
+        table = rgb_to_lab(self._table()).astype(np.float64)
         table_sq = (table ** 2).sum(1)
+        radii_sq = (self.default_radii if cap is None else np.full(len(table), float(cap))) ** 2
         nearest = np.empty(len(colours), dtype=np.int64)
         for start in range(0, len(colours), _DECODE_CHUNK):
             chunk = unique_lab[start:start + _DECODE_CHUNK]
             # |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix product instead of a (chunk, P, 3) difference.
             d2 = (chunk ** 2).sum(1)[:, None] - 2 * chunk @ table.T + table_sq[None, :]
             best = d2.argmin(axis=1)
-            nearest[start:start + len(chunk)] = np.where(d2[np.arange(len(chunk)), best] <= cap * cap, best, n)
+            within = d2[np.arange(len(chunk)), best] <= radii_sq[best]
+            nearest[start:start + len(chunk)] = np.where(within, best, n)
         hit = nearest[inverse].reshape(packed.shape)  # 0..n-1 class, n ignore, n + 1 edge
         mask = np.where(hit < n, hit, self.ignore_index).astype(np.uint8 if n < IGNORE else np.uint16)
         if not self.outlines:

@@ -59,7 +59,8 @@ def _scan(store: OutputStore, max_samples: int | None) -> _Scan:
             meta = json.loads(files["json"])
             scan.rows.append(_Row(key, shard, flatten_scores(meta.get("scores"))))
             scan.source_ids.add(meta.get("source_id"))
-            synthetic = "synthesis" in meta
+            # ControlNet and t2i record `synthesis`; SegGen's stages mark the image's kind instead.
+            synthetic = "synthesis" in meta or meta.get("image_kind") in ("synthetic", "color_map")
             scan.synthetic += synthetic
             if "seg.png" in files:
                 scan.labeled += 1

@@ -298,11 +298,15 @@ class TrainingModels:
             # The trained UNet stays fp32: autocast runs it in half precision, AdamW updates fp32 weights.
             self.unet = self.trainable = load(UNet2DConditionModel, "unet", torch.float32, resume)
         else:
-            self.unet = load(UNet2DConditionModel, "unet", frozen)
             if resume:
+                self.unet = load(UNet2DConditionModel, "unet", frozen)
                 self.trainable = load(ControlNetModel, "controlnet", torch.float32, resume)
             else:
+                # The ControlNet starts as a copy of the UNet's encoder: copy it from fp32 weights, then
+                # cast the frozen UNet down, so the trained model does not start from rounded weights.
+                self.unet = load(UNet2DConditionModel, "unet", torch.float32)
                 self.trainable = controlnet_from_unet(self.unet, self.vae.config).to(torch.float32)
+                self.unet.to(frozen)
         for module in [*self.text_encoders, self.vae] + ([self.unet] if kind == "mask2img" else []):
             module.requires_grad_(False)
             module.to(device).eval()

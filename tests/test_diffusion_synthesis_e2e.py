@@ -89,6 +89,16 @@ def test_captions_prompts_and_exact_masks(voc_job):
     assert seen == 6
 
 
+def test_captions_export_one_line_per_source(voc_job, tmp_path):
+    from factory.cli import main
+
+    _, out, _ = voc_job
+    assert main(["captions", str(out), "--out", str(tmp_path / "captions.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == ["1", "114", "23"]
+    assert all(isinstance(line["caption"], str) and line["caption"] for line in lines)
+
+
 def test_scores_and_rejections_are_consistent(voc_job):
     _, out, _ = voc_job
     for shard in range(2):
@@ -106,7 +116,7 @@ def test_scores_and_rejections_are_consistent(voc_job):
         assert stats["samples"] == len(kept) and stats["rejected"] == sum(reasons.values())
         assert stats["rejected_by_reason"] == dict(reasons)
         assert stats["models"]["caption"] == {"captioner": "tiny:blip-caption-v1"}
-        assert stats["models"]["select"] == {"embedding": "tiny:clip-vision-v1", "detector": "tiny:grounding-dino-v1",
+        assert stats["models"]["select"] == {"embedding": "tiny:clip-vision-v1", "detector": "tiny:grounding-dino-v2",
                                              "sam": "tiny:sam-v1"}
 
 

@@ -65,12 +65,12 @@ def test_exact_round_trip_for_every_class(kind, n):
 
 def test_noise_within_the_cap_decodes_to_the_class():
     palette = Palette.for_classes(ADE)
-    cap = palette.default_cap
+    radii = palette.default_radii
     offsets = np.stack(np.meshgrid(*[np.arange(-4, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
     tested = 0
     for cid, colour in enumerate(palette.colors):
         noisy = np.clip(colour.astype(int) + offsets, 0, 255).astype(np.uint8)
-        near = np.linalg.norm(rgb_to_lab(noisy) - rgb_to_lab(colour), axis=-1) <= cap
+        near = np.linalg.norm(rgb_to_lab(noisy) - rgb_to_lab(colour), axis=-1) <= radii[cid]
         decoded, _ = palette.decode(noisy[near][None])
         assert (decoded == cid).all(), f"class {cid}"
         tested += int(near.sum())
@@ -82,7 +82,7 @@ def test_colours_far_from_every_class_are_ignored():
     rng = np.random.default_rng(0)
     colours = rng.integers(0, 256, (20000, 3), dtype=np.uint8)
     d = np.linalg.norm(rgb_to_lab(colours)[:, None] - rgb_to_lab(palette._table())[None], axis=-1)
-    far = d.min(1) > palette.default_cap
+    far = (d > palette.default_radii[None]).all(1)
     assert far.sum() > 1000
     decoded, _ = palette.decode(colours[far][None])
     assert (decoded == IGNORE).all()

@@ -203,7 +203,7 @@ def test_identical_images_are_kept_on_every_embedding(model_cache):
 
 def test_full_tiny_stage_scores_and_determinism(model_cache):
     stage = make_stage(box_threshold=0.0, text_threshold=0.0, eps=-1.0, miou_threshold=0.0)
-    assert stage.model_ids() == {"embedding": f"tiny:{TINY_EMBEDDERS['clip']}", "detector": "tiny:grounding-dino-v1",
+    assert stage.model_ids() == {"embedding": f"tiny:{TINY_EMBEDDERS['clip']}", "detector": "tiny:grounding-dino-v2",
                                  "sam": "tiny:sam-v1"}
     out = stage.process([synthetic(0, 0), synthetic(0, 1, seed=1), synthetic(1, 0, seed=2)])
     assert all(s.ok for s in out)

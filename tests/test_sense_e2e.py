@@ -96,7 +96,7 @@ def test_every_real_image_gives_one_image_per_generator(sense_run):
     models = load_json(out / "stats" / "shard-000000.json")["models"]
     assert models["t2i"] == {"sd35": "tiny:t2i-sd3-v1", "flux": "tiny:t2i-flux-v1"}
     assert models["caption"] == {"vlm": "tiny:dense-caption-llava-v1"}
-    assert models["score"] == {"clip": "tiny:score-clip-v1", "auto_label.detector": "tiny:grounding-dino-v1",
+    assert models["score"] == {"clip": "tiny:score-clip-v1", "auto_label.detector": "tiny:grounding-dino-v2",
                                "auto_label.sam": "tiny:sam-v1"}
 
 
@@ -164,7 +164,7 @@ def test_pseudo_labeled_variant_carries_seg_png_and_the_flag(labeled_run):
         assert meta["scores"]["density"]["classes"] == len(set(np.unique(mask).tolist()) - {255})
         assert meta["scores"]["fidelity"]["miou"] is None
     models = load_json(out / "stats" / "shard-000000.json")["models"]
-    assert models["maskgen"] == {"detector": "tiny:grounding-dino-v1", "sam": "tiny:sam-v1"}
+    assert models["maskgen"] == {"detector": "tiny:grounding-dino-v2", "sam": "tiny:sam-v1"}
 
 
 def test_report_tells_the_kinds_apart(sense_run, labeled_run, tmp_path):

@@ -54,7 +54,7 @@ class ControlNetModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: Literal["pretrained", "tiny"] = "pretrained"
-    base: str = Field("runwayml/stable-diffusion-v1-5", description="hub id, local dir or s3:// URL")
+    base: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id, local dir or s3:// URL")
     controlnet: str = Field("lllyasviel/sd-controlnet-seg", description="hub id, local dir or s3:// URL")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")

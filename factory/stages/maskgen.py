@@ -15,6 +15,8 @@ the instance's score); its class is the class whose prompt tokens score highest,
 
 from __future__ import annotations
 
+import itertools
+
 from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -28,7 +30,7 @@ from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
-TINY_DETECTOR = "grounding-dino-v1"
+TINY_DETECTOR = "grounding-dino-v2"
 TINY_SAM = "sam-v1"
 SAM_VIT_H = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
 # Dataset names that are one glued word read badly as detector prompts.
@@ -121,7 +123,8 @@ def _build_tiny_detector(target: Path) -> None:
     torch.manual_seed(0)
     GroundingDinoForObjectDetection(config).save_pretrained(str(target))
     processor = GroundingDinoProcessor(
-        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+        # 128 px: at 64 px the smallest feature level is 1x1, which GroupNorm cannot normalise alone.
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}),
         tokenizer=tokenizer,
     )
     processor.save_pretrained(str(target))
@@ -255,12 +258,21 @@ class MaskGenerator:
 
         s = self.settings
         pairs = [(i, chunk) for i, names in enumerate(names_per_image) for chunk in self._chunks(names)]
+        # Only images of one size share a call, and text is padded to one fixed length: otherwise an
+        # image's boxes would depend on what else was in its batch (padding changes GroundingDINO's
+        # features), and a resumed shard would not label its images the same way.
+        pairs.sort(key=lambda p: images[p[0]].shape[:2])
+        batches = []
+        for _, same_size in itertools.groupby(pairs, key=lambda p: images[p[0]].shape[:2]):
+            same_size = list(same_size)
+            n = s.detector_batch_size
+            batches += [same_size[k:k + n] for k in range(0, len(same_size), n)]
         found: list[list[tuple]] = [[] for _ in images]
-        for start in range(0, len(pairs), s.detector_batch_size):
-            batch = pairs[start:start + s.detector_batch_size]
+        for batch in batches:
             texts, spans = zip(*(self._prompt(chunk) for _, chunk in batch))
-            text = self.processor.tokenizer(list(texts), padding=True, return_offsets_mapping=True,
-                                            return_tensors="pt").to(self.device)
+            text = self.processor.tokenizer(list(texts), padding="max_length", truncation=True,
+                                            max_length=self.detector.config.max_text_len,
+                                            return_offsets_mapping=True, return_tensors="pt").to(self.device)
             offsets = text.pop("offset_mapping")
             pixels = self.processor.image_processor([images[i] for i, _ in batch], return_tensors="pt")
             with torch.no_grad():

@@ -47,7 +47,7 @@ class Text2MaskParams(BaseModel):
     cap: float | None = Field(
         None, gt=0,
         description="largest CIELAB distance (delta E) from a palette colour that still decodes to it; "
-        "farther pixels become ignore. Default: half the smallest distance between two palette colours",
+        "farther pixels become ignore. Default: per colour, half its distance to the nearest other colour",
     )
 
 
@@ -94,7 +94,7 @@ class Text2MaskStage(Stage):
             output_type="np",
         )
         maps = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
-        cap = self.params.cap if self.params.cap is not None else self.palette.default_cap
+        cap = self.params.cap  # None: each palette colour's own radius
         dtype = self.context.classes.mask_dtype
         for v, seed, colour_map in zip(variants, seeds, maps):
             ids, instances = self.palette.decode(colour_map, cap)
@@ -110,7 +110,7 @@ class Text2MaskStage(Stage):
                 "guidance": self.params.guidance,
                 "scheduler": self.params.scheduler,
                 "size": [self.side, self.side],
-                "cap": round(cap, 4),
+                "cap": None if cap is None else round(cap, 4),
                 "palette": self.palette.kind,
                 # Share of pixels no palette colour claimed: a quick quality signal per map.
                 "ignore_fraction": round(float(np.mean(mask == self.context.classes.ignore_index)), 4),
