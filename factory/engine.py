@@ -342,6 +342,13 @@ def _run_pipeline(
     spec: JobSpec, store: OutputStore, plan: Plan, classes: ClassSet, pending: list[int], address: str | None
 ) -> None:
     _init_ray(address)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if store.is_local() and nodes > 1 and not spec.output.shared_filesystem:
+        # Writers and read tasks land on any node: their files would scatter over local disks.
+        raise RuntimeError(
+            f"output.url {store.url} is a local path but the Ray cluster has {nodes} nodes; write to object "
+            "storage (s3://...), or set output.shared_filesystem: true if every node mounts it at that path"
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False

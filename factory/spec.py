@@ -89,6 +89,9 @@ class OutputSpec(_Strict):
     shard_size: int = Field(1000, gt=0, description="source samples per shard")
     writers: int = Field(1, gt=0, description="shard writer actors; shard i goes to writer i % writers")
     keep_rejected: bool = Field(False, description="also write rejected samples, to rejected/shard-N.tar")
+    shared_filesystem: bool = Field(
+        False, description="a local path that every Ray node mounts at the same place (NFS, Lustre...)"
+    )
     endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
 

@@ -81,7 +81,7 @@ class OutputStore:
         """Write whole-file JSON; on object stores a PUT is atomic, locally we rename over the target."""
         path = self.path(*parts)
         body = json.dumps(data, indent=2, sort_keys=True).encode()
-        if self._is_local():
+        if self.is_local():
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             tmp = path + ".partial"
             with self.fs.open(tmp, "wb") as f:
@@ -90,7 +90,7 @@ class OutputStore:
         else:
             self.fs.pipe_file(path, body)
 
-    def _is_local(self) -> bool:
+    def is_local(self) -> bool:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return protocol in ("file", "local")
 
