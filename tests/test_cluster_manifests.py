@@ -82,7 +82,7 @@ def test_base_image_is_the_cuda_runtime_that_torch_was_built_for():
     cuda, ubuntu = f"{m[1]}.{m[2]}", m[3]
     torch_minor = ".".join(pin("torch").split(".")[:2])
     assert TORCH_CUDA[torch_minor] == cuda, f"torch {pin('torch')} wheels are CUDA {TORCH_CUDA[torch_minor]}"
-    # No other torch index (a cuXXX wheel of another CUDA) may sneak in.
+    # No other torch index (a wheel built for another CUDA) may sneak in.
     assert "download.pytorch.org" not in (REPO / "Dockerfile").read_text()
     python = UBUNTU_PYTHON[ubuntu]
     assert SpecifierSet(PYPROJECT["requires-python"]).contains(python)
