@@ -113,6 +113,7 @@ def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
 
 def from_pretrained(cls: Any, ref: str, resolved: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(resolved)`, with a clear error when a hub id cannot be fetched."""
+    _quiet_loading()
     try:
         return cls.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from OSError / ValueError
@@ -124,6 +125,16 @@ def from_pretrained(cls: Any, ref: str, resolved: str, **kwargs: Any) -> Any:
             "directory or an object-store URL (s3://bucket/prefix, with storage_options) holding the "
             f"model's files instead. Cause: {type(e).__name__}: {e}"
         ) from e
+
+
+def _quiet_loading() -> None:
+    """No per-file loading bars: every actor loads its models, and the job's own progress line is the one
+    to read in the driver's log."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def write_tiny_clip_tokenizer(target: Path):

@@ -13,6 +13,7 @@ Layout under the output root:
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import fsspec
@@ -86,9 +87,17 @@ class OutputStore:
             tmp = path + ".partial"
             with self.fs.open(tmp, "wb") as f:
                 f.write(body)
+                self.sync(f)
             self.fs.mv(tmp, path)
         else:
             self.fs.pipe_file(path, body)
+
+    def sync(self, f) -> None:
+        """Push a local file's bytes to disk before it is renamed into place: after a power loss a commit
+        marker must never stand beside a tar the disk had not finished writing. Object stores need none."""
+        if self.is_local():
+            f.flush()
+            os.fsync(f.fileno())
 
     def is_local(self) -> bool:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]

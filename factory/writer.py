@@ -199,11 +199,13 @@ class ShardWriter:
     def _commit(self, shard: int) -> None:
         state = self.open.pop(shard)
         state.tar.close()
+        self.store.sync(state.file)
         state.file.close()
         final = self.store.shard_path(shard)
         self.store.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if state.rejected_tar is not None:
             state.rejected_tar.close()
+            self.store.sync(state.rejected_file)
             state.rejected_file.close()
             rejected_final = self.store.path(REJECTED_DIR, f"{self.store.shard_name(shard)}.tar")
             self.store.fs.makedirs(rejected_final.rsplit("/", 1)[0], exist_ok=True)
