@@ -167,7 +167,7 @@ def job_status(store: OutputStore) -> dict:
     manifest = store.read_json("manifest.json")
     if manifest is None:
         raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
-    stats = store.read_stats()
+    stats = dict(store.iter_stats())
     reasons = Counter()
     for s in stats.values():
         reasons.update(s["failures_by_reason"])

@@ -431,7 +431,7 @@ def _run_pipeline(
 
 
 def write_index(store: OutputStore, plan: Plan) -> dict:
-    stats = store.read_stats()
+    stats = dict(store.iter_stats())
     index = {
         "num_shards": plan.num_shards,
         "complete": len(stats) == plan.num_shards,

@@ -273,7 +273,7 @@ def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | Non
     manifest = store.read_json("manifest.json")
     if manifest is None:
         raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
-    stats = store.read_stats()
+    stats = dict(store.iter_stats())
     scan = _scan(store, max_samples)
     table = stage_table(manifest, stats)
     source_counts, n_source, source_error = _source_classes(manifest, scan.source_ids, source_limit)

@@ -117,14 +117,19 @@ class OutputStore:
                 done.add(int(base[len("shard-") : -len(".json")]))
         return done
 
-    def read_stats(self, shards: set[int] | None = None) -> dict[int, dict]:
-        """Shard id -> stats of the committed shards (all of them unless `shards` is given)."""
-        wanted = self.committed_shards() if shards is None else shards
-        out = {}
-        for shard in sorted(wanted):
-            with self.fs.open(self.stats_path(shard), "rb") as f:
-                out[shard] = json.load(f)
-        return out
+    def iter_stats(self, shards: set[int] | None = None, batch: int = 256):
+        """(shard id, stats) of the committed shards in shard order, read `batch` files at a time.
+
+        Streams: memory holds one batch of stats files, whatever the number of shards; on object stores
+        each batch is fetched concurrently (fsspec `cat` of a list of paths).
+        """
+        wanted = sorted(self.committed_shards() if shards is None else shards)
+        for start in range(0, len(wanted), batch):
+            ids = wanted[start : start + batch]
+            paths = [self.stats_path(s) for s in ids]
+            bodies = self.fs.cat(paths)
+            for shard, path in zip(ids, paths):
+                yield shard, json.loads(bodies[path])
 
     def clear_tmp(self) -> None:
         tmp = self.path(TMP_DIR)

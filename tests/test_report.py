@@ -60,7 +60,7 @@ def report(job):
 def test_stage_table_counts_rows_through_the_pipeline(job):
     store, index, _, sparse = job
     assert index["failed"] == 1 and index["rejected"] == 2 * sparse > 0
-    table = {r["stage"]: r for r in stage_table(store.read_json("manifest.json"), store.read_stats())}
+    table = {r["stage"]: r for r in stage_table(store.read_json("manifest.json"), dict(store.iter_stats()))}
     assert list(table) == ["read", "synth", "score", "keep"]
     assert table["read"]["failed_by_reason"] == {"corrupt_image": 1}
     assert table["read"]["in"] == index["samples"] + index["rejected"] + 1
