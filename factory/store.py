@@ -1,12 +1,14 @@
 """The output location: shards, their stats, the job manifest and the index, on any fsspec filesystem.
 
 Layout under the output root:
-    manifest.json                 spec, spec hash and plan summary, written once when the job starts
-    plan.parquet                  the planned sample ids, one row group per shard
+    manifest.json                 spec (credentials redacted), spec hash and plan summary, written at planning
+    plan/part-00000.parquet       the planned sample ids, one row group per shard, a bounded number per part
     shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
     rejected/shard-000000.tar     samples a selection stage rejected (only with output.keep_rejected)
-    stats/shard-000000.json       the shard's stats, written last: its presence is the commit marker
-    _tmp/                         shards being written; cleared when a run starts
+    failures/shard-000000.jsonl   every failed and rejected row of the shard, with its stage and reason
+    stats/shard-000000.json       the shard's summary, written last: its presence is the commit marker
+    _tmp/                         shards being written; cleared by the run that holds the lease
+    _lease.json                   the running job's lease and heartbeat: one run writes an output at a time
     index.json                    all committed shards with their sample counts, written at the end
 """
 
@@ -22,6 +24,7 @@ from factory.spec import OutputSpec
 
 SHARD_DIR = "shards"
 STATS_DIR = "stats"
+FAILURES_DIR = "failures"
 REJECTED_DIR = "rejected"
 TMP_DIR = "_tmp"
 
@@ -79,18 +82,31 @@ class OutputStore:
             return json.load(f)
 
     def write_json(self, data: Any, *parts: str) -> None:
-        """Write whole-file JSON; on object stores a PUT is atomic, locally we rename over the target."""
+        self.put_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
+
+    def put_bytes(self, body: bytes, *parts: str) -> None:
+        """Write a whole small file atomically: on object stores a PUT is; locally we rename over the target."""
         path = self.path(*parts)
-        body = json.dumps(data, indent=2, sort_keys=True).encode()
         if self.is_local():
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = path + ".partial"
+            tmp = f"{path}.{os.getpid()}.partial"
             with self.fs.open(tmp, "wb") as f:
                 f.write(body)
                 self.sync(f)
             self.fs.mv(tmp, path)
         else:
             self.fs.pipe_file(path, body)
+
+    def move(self, src: str, *parts: str) -> None:
+        """Move a finished file (a path under this root) to its final name."""
+        dest = self.path(*parts)
+        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(src, dest)
+
+    def remove(self, *parts: str) -> None:
+        path = self.path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def sync(self, f) -> None:
         """Push a local file's bytes to disk before it is renamed into place: after a power loss a commit
@@ -137,6 +153,11 @@ class OutputStore:
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
 
-    def remove_all(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+    def remove_all(self, keep: set[str] = frozenset()) -> None:
+        """Delete the output, but for the top-level entries named in `keep` (the running job's lease)."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return
+        for path in self.fs.ls(self.root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self.fs.rm(path, recursive=True)
