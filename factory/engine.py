@@ -30,7 +30,7 @@ from factory.progress import Progress, StageCounter
 from factory.sources import Source, open_source
 from factory.spec import JobSpec, SpecError, redacted_spec
 from factory.stages import StageContext, resolve_stage
-from factory.store import TMP_DIR, OutputStore, storage_options
+from factory.store import OutputStore, storage_options
 
 log = logging.getLogger("factory")
 
@@ -158,8 +158,7 @@ def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Pl
     job_info = {"job": spec.name, "spec_hash": spec.content_hash(), "models": models}
     counter = StageCounter.remote()
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
-    ds = build_pipeline(spec, store, storage_options(spec.output), classes, pending, job_info, lease.run_id,
-                        counter)
+    ds = build_pipeline(spec, store, storage_options(spec.output), classes, pending, job_info, counter)
     failed: list[dict] = []
     for result in ds.iter_rows():
         progress.shard_done(result)
@@ -179,16 +178,14 @@ def write_index(store: OutputStore, plan: Plan) -> dict:
     """index.json: every committed shard and the totals, streamed from the stats; returns the totals."""
     totals = {"samples": 0, "failed": 0, "rejected": 0}
     shards = 0
-    tmp = store.path(TMP_DIR, f"index.{os.getpid()}.json")
-    store.fs.makedirs(store.path(TMP_DIR), exist_ok=True)
-    with store.fs.open(tmp, "w") as f:
-        f.write('{"shards": [')
-        for n, (_, stats) in enumerate(store.iter_stats()):
-            f.write(("," if n else "") + "\n  " + json.dumps({"url": stats["url"], "samples": stats["samples"]}))
+    with store.open_atomic("index.json") as f:
+        f.write(b'{"shards": [')
+        for _, stats in store.iter_stats():
+            entry = json.dumps({"url": stats["url"], "samples": stats["samples"]})
+            f.write(f"{',' if shards else ''}\n  {entry}".encode())
             for k in totals:
                 totals[k] += stats[k]
             shards += 1
         index = {"num_shards": plan.num_shards, "committed": shards, "complete": shards == plan.num_shards, **totals}
-        f.write("\n],\n" + json.dumps(index, sort_keys=True)[1:])
-    store.move(tmp, "index.json")
+        f.write(f"\n],\n{json.dumps(index, sort_keys=True)[1:]}".encode())
     return index

@@ -124,10 +124,9 @@ class StageStep(StageRunner):
         return pa.concat_tables([_row(self.run(work)) for work in _works(table)])
 
 
-def _write_step(table: pa.Table, store_url: str, options: dict, settings: WriteSettings, job_info: dict,
-                run_id: str) -> pa.Table:
+def _write_step(table: pa.Table, store_url: str, options: dict, settings: WriteSettings, job_info: dict) -> pa.Table:
     store = OutputStore(store_url, options)
-    results = [write_shard(work, store, settings, job_info, run_id) for work in _works(table)]
+    results = [write_shard(work, store, settings, job_info) for work in _works(table)]
     return pa.Table.from_pylist(
         [{"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
           "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
@@ -144,7 +143,7 @@ def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
 
 
 def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int],
-                   job_info: dict, run_id: str, counter) -> ray.data.Dataset:
+                   job_info: dict, counter) -> ray.data.Dataset:
     """The lazy dataset whose rows are the summaries of the pending shards' commits."""
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), store.public_url(PLAN_DIR), options,
@@ -172,8 +171,7 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
     )
     return ds.map_batches(
         _write_step,
-        fn_kwargs={"store_url": store.url, "options": options, "settings": settings, "job_info": job_info,
-                   "run_id": run_id},
+        fn_kwargs={"store_url": store.url, "options": options, "settings": settings, "job_info": job_info},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=engine.write_cpus,

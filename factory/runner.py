@@ -127,8 +127,10 @@ class StageRunner:
                        f"{getattr(image, 'shape', '')}")
         elif mask is not None and (mask.shape != image.shape[:2] or mask.dtype not in (np.uint8, np.uint16)):
             problem = f"mask must be (H, W) uint8/uint16 matching the image {image.shape[:2]}, got {mask.dtype} {mask.shape}"
-        elif s.instances is not None and (s.instances.shape != image.shape[:2] or s.instances.dtype != np.uint16):
-            problem = f"instances must be (H, W) uint16 matching the image, got {s.instances.dtype} {s.instances.shape}"
+        elif s.instances is not None and (s.instances.shape != image.shape[:2] or s.instances.dtype.kind not in "ui"
+                                          or (s.instances.size and int(s.instances.max()) > np.iinfo(np.uint16).max)):
+            problem = (f"instances must be (H, W) integer ids below 65536 matching the image (stored as uint16), "
+                       f"got {s.instances.dtype} {s.instances.shape}")
         return s.fail(self.label, "bad_output", problem) if problem else s
 
     def _check_contract(self, inputs: list[Sample], produced: list[Sample]) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -27,6 +29,7 @@ STATS_DIR = "stats"
 FAILURES_DIR = "failures"
 REJECTED_DIR = "rejected"
 TMP_DIR = "_tmp"
+UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size; bounds each upload buffer
 
 
 def storage_options(output: OutputSpec) -> dict[str, Any]:
@@ -85,35 +88,42 @@ class OutputStore:
         self.put_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
 
     def put_bytes(self, body: bytes, *parts: str) -> None:
-        """Write a whole small file atomically: on object stores a PUT is; locally we rename over the target."""
-        path = self.path(*parts)
-        if self.is_local():
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.partial"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(body)
-                self.sync(f)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, body)
+        with self.open_atomic(*parts) as f:
+            f.write(body)
 
-    def move(self, src: str, *parts: str) -> None:
-        """Move a finished file (a path under this root) to its final name."""
-        dest = self.path(*parts)
-        self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(src, dest)
+    @contextmanager
+    def open_atomic(self, *parts: str, mode: str = "wb"):
+        """A file that appears under its final name only once it is complete.
+
+        Locally it is written under `_tmp/`, flushed to disk and renamed into place. On object stores
+        an upload becomes visible only when it completes, so it goes to its final name directly, and
+        an error inside the block discards the upload instead of completing it with partial data.
+        """
+        final = self.path(*parts)
+        if not self.is_local():
+            f = self.fs.open(final, mode, block_size=UPLOAD_BLOCK)
+            try:
+                yield f
+            except BaseException:
+                if hasattr(f, "discard"):
+                    f.discard()
+                raise
+            f.close()
+            return
+        tmp = self.path(TMP_DIR, f"{uuid.uuid4().hex[:12]}.{final.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, mode) as f:
+            yield f
+            # After a power loss a commit marker must never stand beside a tar the disk had not written.
+            f.flush()
+            os.fsync(f.fileno())
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, final)
 
     def remove(self, *parts: str) -> None:
         path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path)
-
-    def sync(self, f) -> None:
-        """Push a local file's bytes to disk before it is renamed into place: after a power loss a commit
-        marker must never stand beside a tar the disk had not finished writing. Object stores need none."""
-        if self.is_local():
-            f.flush()
-            os.fsync(f.fileno())
 
     def is_local(self) -> bool:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]

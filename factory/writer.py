@@ -1,10 +1,10 @@
 """The shard writer: one shard's samples in, one committed WebDataset shard out, from whichever worker runs it.
 
-Commit order: the tar is written under `_tmp/`, moved to `shards/`, the failure list is written to
-`failures/`, and the stats file is written last: it is the commit marker. A crash at any point leaves
-either no final tar, or a final tar without stats that the next run regenerates from scratch: never a
-partial tar under a final name. Every step is idempotent (same bytes, same names), so a retried or
-repeated write of a shard is harmless.
+Commit order: the tar appears under `shards/` only once complete (`OutputStore.open_atomic`), then the
+failure list is written to `failures/`, and the stats file last: it is the commit marker. A crash at
+any point leaves either no final tar, or a final tar without stats that the next run regenerates from
+scratch: never a partial tar under a final name. Every step is idempotent (same bytes, same names), so
+a retried or repeated write of a shard is harmless.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from webdataset import TarWriter
 
 from factory.errors import describe, retry
 from factory.sample import Sample, ShardWork
-from factory.store import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, TMP_DIR, OutputStore
+from factory.store import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0.0
-_UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def failure_records(samples: list[Sample]) -> list[dict]:
     return out
 
 
-def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict, run_id: str) -> dict:
+def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
     """Commit one shard, or leave it uncommitted; returns the summary row the driver counts."""
     counts = {"samples": sum(s.ok for s in work.samples), "failed": sum(s.error is not None for s in work.samples),
               "rejected": sum(s.error is None and s.rejected is not None for s in work.samples)}
@@ -99,23 +98,22 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
                 "advice": "fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
                           "output.max_failure_fraction"}
     try:
-        stats = retry(lambda: _commit(work, store, settings, job_info, run_id), f"writing shard {work.shard}",
+        stats = retry(lambda: _commit(work, store, settings, job_info), f"writing shard {work.shard}",
                       settings.retries, settings.backoff)
     except Exception as e:
         return {"shard": work.shard, "status": "failed", **counts, "stage": "write", **describe(e)}
     return {"shard": work.shard, "status": "committed", **counts, "bytes": stats["bytes"]}
 
 
-def _write_tar(store: OutputStore, path: str, members) -> None:
-    with store.fs.open(path, "wb", block_size=_UPLOAD_BLOCK) as f:
+def _write_tar(store: OutputStore, members, *parts: str) -> None:
+    with store.open_atomic(*parts) as f:
         tar = TarWriter(f, mtime=_TAR_MTIME)
         for key, files in members:
             tar.write({"__key__": key, **files})
         tar.close()
-        store.sync(f)
 
 
-def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict, run_id: str) -> dict:
+def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
     name = store.shard_name(work.shard)
     meta_extra = {"job": job_info["job"], "spec_hash": job_info["spec_hash"], "models": job_info["models"]}
 
@@ -124,37 +122,46 @@ def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_in
             if wanted(s):
                 yield s.key, encode_files(s, settings.image_format, settings.quality, meta_extra)
 
-    store.fs.makedirs(store.path(TMP_DIR), exist_ok=True)
-    tmp = store.path(TMP_DIR, f"{name}.{run_id}.tar")
-    _write_tar(store, tmp, members(lambda s: s.ok))
-    has_rejected = settings.keep_rejected and any(s.error is None and s.rejected is not None for s in work.samples)
-    if has_rejected:
-        rejected_tmp = store.path(TMP_DIR, f"{name}.{run_id}.rejected.tar")
-        _write_tar(store, rejected_tmp, members(lambda s: s.error is None and s.rejected is not None))
-        store.move(rejected_tmp, REJECTED_DIR, f"{name}.tar")
-    store.move(tmp, SHARD_DIR, f"{name}.tar")
+    def is_rejected(s: Sample) -> bool:
+        return s.error is None and s.rejected is not None
+
+    kept_rejected = settings.keep_rejected and any(is_rejected(s) for s in work.samples)
+    if kept_rejected:
+        _write_tar(store, members(is_rejected), REJECTED_DIR, f"{name}.tar")
+    _write_tar(store, members(lambda s: s.ok), SHARD_DIR, f"{name}.tar")
+    try:
+        return _write_stats(work, store, job_info, name, kept_rejected)
+    except BaseException:
+        # No final tar without its stats: the next run would redo it anyway, but nobody should find one.
+        for folder in (SHARD_DIR, REJECTED_DIR):
+            store.remove(folder, f"{name}.tar")
+        raise
+
+
+def _write_stats(work: ShardWork, store: OutputStore, job_info: dict, name: str, kept_rejected: bool) -> dict:
     failures = failure_records(work.samples)
     if failures:
         store.put_bytes(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures),
                         FAILURES_DIR, f"{name}.jsonl")
+    by_kind = {kind: Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == kind)
+               for kind in ("failed", "rejected")}
     finished = time.time()
     stats = {
         "shard": work.shard,
         "url": store.public_url(SHARD_DIR, f"{name}.tar"),
         "sources": len({s.index for s in work.samples}),
         "samples": sum(s.ok for s in work.samples),
-        "failed": sum(r["kind"] == "failed" for r in failures),
-        "rejected": sum(r["kind"] == "rejected" for r in failures),
-        "failures_by_reason": dict(Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == "failed")),
-        "rejected_by_reason": dict(Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == "rejected")),
+        "failed": sum(by_kind["failed"].values()),
+        "rejected": sum(by_kind["rejected"].values()),
+        "failures_by_reason": dict(by_kind["failed"]),
+        "rejected_by_reason": dict(by_kind["rejected"]),
         "failures_url": store.public_url(FAILURES_DIR, f"{name}.jsonl") if failures else None,
-        "rejected_url": store.public_url(REJECTED_DIR, f"{name}.tar") if has_rejected else None,
+        "rejected_url": store.public_url(REJECTED_DIR, f"{name}.tar") if kept_rejected else None,
         "bytes": store.fs.size(store.shard_path(work.shard)),
         "started": work.started,
         "finished": finished,
         "seconds": round(finished - work.started, 3),
         "stages": work.stages,
-        "run_id": run_id,
         **job_info,
     }
     store.write_json(stats, STATS_DIR, f"{name}.json")

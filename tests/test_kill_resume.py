@@ -30,8 +30,6 @@ def test_sigkill_then_rerun_gives_every_shard_exactly_once(tmp_path, model_cache
     stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2, "sleep": 0.4},
              "resources": {"batch_size": 2}}
     spec = folder_spec(tmp_path / "src", tmp_path / "killed", [stage], shard_size=2)
-    # Small encode batches: shards commit one by one, so the kill lands between commits.
-    spec["engine"] = {"encode_batch_size": 2, "read_chunk": 2}
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
 

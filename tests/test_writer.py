@@ -32,7 +32,7 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
     work = shard_work(3)
     work.samples[1].fail("synth", "bad_output", "nan")
     work.samples[4].reject("select", "low_cosine")
-    result = write_shard(work, store, SETTINGS, JOB, "run1")
+    result = write_shard(work, store, SETTINGS, JOB)
     assert (result["status"], result["samples"], result["failed"], result["rejected"]) == ("committed", 4, 1, 1)
     assert list(read_tar(tmp_path / "shards" / "shard-000003.tar")) == [
         "000003-000000-0", "000003-000001-0", "000003-000001-1", "000003-000002-1"]
@@ -43,7 +43,7 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
         ("000003-000000-1", "failed", "bad_output"), ("000003-000002-0", "rejected", "low_cosine")]
     first = (tmp_path / "shards" / "shard-000003.tar").read_bytes()
     # A retried or repeated write of the same shard (Ray re-ran the task) gives the same bytes.
-    assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB, "run2")["status"] == "committed"
+    assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB)["status"] == "committed"
     assert (tmp_path / "shards" / "shard-000003.tar").read_bytes() == first
 
 
@@ -59,7 +59,7 @@ def test_a_shard_over_the_failure_ceiling_writes_nothing(tmp_path):
     work = shard_work(2)
     for s in work.samples[:3]:
         s.fail("read", "corrupt_image")
-    result = write_shard(work, store, SETTINGS, JOB, "run1")
+    result = write_shard(work, store, SETTINGS, JOB)
     assert result["status"] == "failed" and "3 of 4 rows failed (read:corrupt_image 3)" in result["cause"]
     assert not (tmp_path / "shards").exists() and not (tmp_path / "stats").exists()
 
@@ -67,7 +67,7 @@ def test_a_shard_over_the_failure_ceiling_writes_nothing(tmp_path):
 def test_a_failed_shard_passes_its_cause_on(tmp_path):
     work = shard_work(1)
     work.failure = {"shard": 3, "stage": "synth", "cause": "RuntimeError: boom", "advice": "rerun"}
-    result = write_shard(work, OutputStore(str(tmp_path)), SETTINGS, JOB, "run1")
+    result = write_shard(work, OutputStore(str(tmp_path)), SETTINGS, JOB)
     assert (result["status"], result["stage"], result["cause"]) == ("failed", "synth", "RuntimeError: boom")
     assert not (tmp_path / "stats").exists()
 
@@ -84,8 +84,8 @@ def test_storage_errors_are_retried_then_reported_without_a_commit(tmp_path, mon
         real_write_json(data, *parts)
 
     monkeypatch.setattr(store, "write_json", flaky)
-    assert write_shard(shard_work(1), store, SETTINGS, JOB, "run1")["status"] == "committed"
+    assert write_shard(shard_work(1), store, SETTINGS, JOB)["status"] == "committed"
     calls["n"] = -10  # now every attempt fails
-    result = write_shard(shard_work(1), store, SETTINGS, JOB, "run2")
+    result = write_shard(shard_work(1), store, SETTINGS, JOB)
     assert result["status"] == "failed" and result["stage"] == "write"
     assert "No space left" in result["cause"] and "free space" in result["advice"]
