@@ -108,9 +108,17 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
 def _write_tar(store: OutputStore, members, *parts: str) -> None:
     with store.open_atomic(*parts) as f:
         tar = TarWriter(f, mtime=_TAR_MTIME)
-        for key, files in members:
-            tar.write({"__key__": key, **files})
-        tar.close()
+        try:
+            for key, files in members:
+                tar.write({"__key__": key, **files})
+            tar.close()
+        except BaseException:
+            # The file is being discarded: mark the tar stream closed, or its __del__ would try to flush
+            # it again (into the same full disk) and print a traceback from the garbage collector.
+            tar.tarstream.closed = True
+            if hasattr(tar.tarstream.fileobj, "closed"):
+                tar.tarstream.fileobj.closed = True
+            raise
 
 
 def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:

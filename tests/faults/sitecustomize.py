@@ -2,7 +2,7 @@
 
 A test puts this folder first on PYTHONPATH and names a fault in FACTORY_TEST_FAULT; Python imports
 this module at start-up in the driver and in every Ray worker, and it wraps fsspec's local file
-opening so that writes under the job's `_tmp/` misbehave:
+opening so that writes of shard tars (written under the job's `_tmp/`, then renamed) misbehave:
 
     fail-once:MARKER_DIR   the first write (across all processes) raises EIO, later ones work
     slow:SECONDS           every write sleeps first, so a write task is easy to catch mid-way
@@ -21,7 +21,7 @@ def _install(fault: str) -> None:
     original = LocalFileSystem._open
 
     def _open(self, path, mode="rb", *args, **kwargs):
-        if "w" in mode and "/_tmp/" in str(path):
+        if "w" in mode and "/_tmp/" in str(path) and str(path).endswith(".tar"):
             if kind == "fail-once":
                 try:
                     os.close(os.open(os.path.join(arg, "failed-once"), os.O_CREAT | os.O_EXCL))
