@@ -27,6 +27,7 @@ from factory.lease import LEASE_FILE, Lease
 from factory.pipeline import build_pipeline
 from factory.plan import PLAN_DIR, Plan, plan_shards
 from factory.progress import Progress, StageCounter
+from factory.reaper import watch_local_ray
 from factory.sources import Source, open_source
 from factory.spec import JobSpec, SpecError, redacted_spec
 from factory.stages import StageContext, resolve_stage
@@ -99,10 +100,10 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    # A local Ray started here needs no dashboard; one that is not started leaves nothing behind when
-    # the driver is killed.
-    extra = {} if address else {"include_dashboard": False}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True, **extra)
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             **({} if address else {"include_dashboard": False}))
+    if address is None:
+        watch_local_ray()
 
 
 def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) -> dict:
