@@ -46,7 +46,7 @@ def _load_with_absolute_paths(args):
     `run` and `submit` both do this, so the same spec hashes the same whichever way it was started.
     """
     spec = load_spec(args.spec, _overrides(args))
-    if "://" not in spec.source.path:
+    if spec.source.path and "://" not in spec.source.path:
         spec.source.path = str(Path(spec.source.path).expanduser().resolve())
     if "://" not in spec.output.url:
         spec.output.url = str(Path(spec.output.url).expanduser().resolve())
