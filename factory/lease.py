@@ -21,7 +21,9 @@ from factory.store import OutputStore
 log = logging.getLogger("factory")
 
 LEASE_FILE = "_lease.json"
-_SETTLE_S = 1.0  # longer than the gap between two runs' writes of the lease: the last one wins
+# Longer than the gap between two runs' checks and writes of the lease, so the last writer wins and the
+# other sees it: a local rename is visible at once, an object-store PUT may take a while to land.
+_SETTLE_S = {True: 0.1, False: 1.0}
 
 
 class LeaseError(RuntimeError):
@@ -75,7 +77,7 @@ class Lease:
             log.info("taking over the abandoned lease of %s", self._holder(current))
         self.store.ensure_root()
         self.store.write_json(self._record(), LEASE_FILE)
-        time.sleep(_SETTLE_S)
+        time.sleep(_SETTLE_S[self.store.is_local()])
         current = self.store.read_json(LEASE_FILE)
         if current is None or current.get("run_id") != self.run_id:
             holder = self._holder(current) if current else "run that finished just now"

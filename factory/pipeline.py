@@ -33,10 +33,6 @@ from factory.writer import WriteSettings, write_shard
 
 log = logging.getLogger("factory")
 
-# Ray retries a write task whose worker process died (killed, out of memory) a bounded number of times,
-# so a shard that kills every worker it lands on ends the job instead of looping forever.
-_TASK_RETRIES = 5
-
 
 def _row(work: ShardWork) -> pa.Table:
     # large_binary: a shard row may pass 2 GiB, the limit of Arrow's 32-bit binary offsets.
@@ -95,26 +91,50 @@ class ShardReader:
         return work
 
 
-class ShardDatasource(Datasource):
-    """One read task per pending shard; a task's closure holds only its shard number."""
+class ShardWriter:
+    """The write step: encode and commit a shard from wherever its row is; returns its summary row."""
 
-    def __init__(self, pending: list[int], reader: ShardReader):
+    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job_info: dict):
+        self.store_url = store_url
+        self.options = options
+        self.settings = settings
+        self.job_info = job_info
+
+    def __call__(self, works: list[ShardWork]) -> pa.Table:
+        store = OutputStore(self.store_url, self.options)
+        results = [write_shard(work, store, self.settings, self.job_info) for work in works]
+        return pa.Table.from_pylist(
+            [{"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
+              "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
+             for r in results]
+        )
+
+
+class ShardDatasource(Datasource):
+    """One read task per pending shard; a task's closure holds only its shard number.
+
+    With no stage in between, the read task writes its shard too (`writer`): one task from read to commit.
+    """
+
+    def __init__(self, pending: list[int], reader: ShardReader, writer: ShardWriter | None = None):
         super().__init__()
         self.pending = pending
         self.reader = reader
+        self.writer = writer
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(partial(_read_shard, self.reader, shard), BlockMetadata(1, None, None, None))
+            ReadTask(partial(_read_shard, self.reader, self.writer, shard), BlockMetadata(1, None, None, None))
             for shard in self.pending
         ]
 
 
-def _read_shard(reader: ShardReader, shard: int):
-    yield _row(reader.read(shard))
+def _read_shard(reader: ShardReader, writer: ShardWriter | None, shard: int):
+    work = reader.read(shard)
+    yield _row(work) if writer is None else writer([work])
 
 
 class StageStep(StageRunner):
@@ -124,14 +144,8 @@ class StageStep(StageRunner):
         return pa.concat_tables([_row(self.run(work)) for work in _works(table)])
 
 
-def _write_step(table: pa.Table, store_url: str, options: dict, settings: WriteSettings, job_info: dict) -> pa.Table:
-    store = OutputStore(store_url, options)
-    results = [write_shard(work, store, settings, job_info) for work in _works(table)]
-    return pa.Table.from_pylist(
-        [{"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
-          "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
-         for r in results]
-    )
+def _write_step(table: pa.Table, writer: ShardWriter) -> pa.Table:
+    return writer(_works(table))
 
 
 def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -148,6 +162,15 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), store.public_url(PLAN_DIR), options,
                          engine.retries, engine.retry_backoff_s)
+    settings = WriteSettings(
+        image_format=spec.output.image_format, quality=spec.output.jpeg_quality,
+        keep_rejected=spec.output.keep_rejected, max_failure_fraction=spec.output.max_failure_fraction,
+        retries=engine.retries, backoff=engine.retry_backoff_s,
+    )
+    writer = ShardWriter(store.url, options, settings, job_info)
+    if not spec.stages:
+        source = ShardDatasource(pending, reader, writer)
+        return ray.data.read_datasource(source, num_cpus=max(engine.read_cpus, engine.write_cpus))
     ds = ray.data.read_datasource(ShardDatasource(pending, reader), num_cpus=engine.read_cpus)
     for stage in spec.stages:
         r = stage.resources
@@ -164,17 +187,11 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
             compute=_pool(r.concurrency),
             zero_copy_batch=True,
         )
-    settings = WriteSettings(
-        image_format=spec.output.image_format, quality=spec.output.jpeg_quality,
-        keep_rejected=spec.output.keep_rejected, max_failure_fraction=spec.output.max_failure_fraction,
-        retries=engine.retries, backoff=engine.retry_backoff_s,
-    )
     return ds.map_batches(
         _write_step,
-        fn_kwargs={"store_url": store.url, "options": options, "settings": settings, "job_info": job_info},
+        fn_kwargs={"writer": writer},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=engine.write_cpus,
-        max_retries=_TASK_RETRIES,
         zero_copy_batch=True,
     )

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from webdataset import TarWriter
 
 from factory.errors import describe, retry
 from factory.sample import Sample, ShardWork
 from factory.store import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0
 
 
 @dataclass(frozen=True)
@@ -106,18 +106,24 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
 
 
 def _write_tar(store: OutputStore, members, *parts: str) -> None:
+    """A WebDataset tar: each sample's files as `KEY.EXT` members, extensions sorted, fixed metadata.
+
+    Written with the standard library in stream mode (object-store files do not seek). Not webdataset's
+    TarWriter: importing webdataset imports torch, seconds of start-up in every write worker.
+    """
     with store.open_atomic(*parts) as f:
-        tar = TarWriter(f, mtime=_TAR_MTIME)
+        tar = tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT)
         try:
             for key, files in members:
-                tar.write({"__key__": key, **files})
+                for ext in sorted(files):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(files[ext]), _TAR_MTIME, 0o444
+                    tar.addfile(info, io.BytesIO(files[ext]))
             tar.close()
         except BaseException:
             # The file is being discarded: mark the tar stream closed, or its __del__ would try to flush
             # it again (into the same full disk) and print a traceback from the garbage collector.
-            tar.tarstream.closed = True
-            if hasattr(tar.tarstream.fileobj, "closed"):
-                tar.tarstream.fileobj.closed = True
+            tar.closed = tar.fileobj.closed = True
             raise
 
 
