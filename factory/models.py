@@ -255,13 +255,23 @@ def torch_dtype(dtype_name: str, device: str):
 
 
 def load_controlnet_pipeline(model_cfg: Any, device: str, dtype_name: str):
-    """A StableDiffusionControlNetPipeline on `device`, real or tiny, loaded through `from_pretrained`.
+    """A StableDiffusionControlNetPipeline on `device`: real or tiny through `from_pretrained`, or random.
 
     `model_cfg` has `profile`, `base`, `controlnet` and `storage_options` (the stage's Model section).
     """
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     dtype = torch_dtype(dtype_name, device)
+    if model_cfg.profile == "random":
+        from factory import random_models
+
+        pipe = StableDiffusionControlNetPipeline(
+            **random_models.pipeline_components(random_models.SD15, device, dtype),
+            controlnet=random_models.diffusers_component(random_models.SD_CONTROLNET_SEG, "", device, dtype),
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if model_cfg.profile == "tiny":
         base_ref = base = tiny_controlnet_pipeline_dir()
         controlnet_ref = controlnet = str(Path(base) / "controlnet")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from factory.diffusion import unet_size_multiple
 from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_gemma_tokenizer,
                             tiny_t5_tokenizer, torch_dtype, write_tiny_clip_tokenizer)
 
@@ -59,7 +60,7 @@ def size_multiple(pipe: Any, family: str) -> int:
         return vae * pipe.transformer.config.patch_size
     if family == "sana":
         return max(32, vae * pipe.transformer.config.patch_size)  # SanaPipeline refuses other sizes
-    return max(8, vae * 2 ** (len(pipe.unet.config.down_block_types) - 1))  # SDXL checks for 8
+    return unet_size_multiple(pipe)
 
 
 def prompt_tokens(pipe: Any, family: str, prompt: str, max_sequence_length: int | None) -> dict[str, dict]:
@@ -230,7 +231,8 @@ def tiny_t2i_dir(family: str) -> str:
 
 def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: str, device: str,
                       storage_options: dict, variant: str | None = None, offload: bool = False):
-    """A family's pipeline on `device`: the tiny one, or `ref` (hub id, local dir, s3:// URL)."""
+    """A family's pipeline on `device`: tiny, random (the published architecture), or `ref` (hub id, local
+    dir, s3:// URL)."""
     import diffusers
 
     info = FAMILIES[family]
@@ -238,6 +240,13 @@ def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: st
     if dtype_name == "auto" and device.startswith("cuda"):
         dtype_name = info.dtype_on_gpu
     dtype = torch_dtype(dtype_name, device)
+    if profile == "random":
+        from factory.random_models import T2I, pipeline_components
+
+        build_on = "cpu" if offload and device.startswith("cuda") else device
+        extra = {"add_watermarker": False} if family == "sdxl" else {}
+        pipe = cls(**pipeline_components(T2I[family], build_on, dtype), **extra)
+        return _placed(pipe, cls, device, offload)
     if profile == "tiny":
         ref = path = tiny_t2i_dir(family)
         variant = None
@@ -247,7 +256,10 @@ def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: st
     kwargs = {"dtype": dtype}
     if variant:
         kwargs["variant"] = variant
-    pipe = from_pretrained(cls, ref, path, **kwargs)
+    return _placed(from_pretrained(cls, ref, path, **kwargs), cls, device, offload)
+
+
+def _placed(pipe: Any, cls: type, device: str, offload: bool):
     if offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload()  # each component visits the GPU only while it runs
     else:
