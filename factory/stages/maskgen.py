@@ -219,7 +219,8 @@ class MaskGenerator:
             self.processor = from_pretrained(GroundingDinoProcessor, det_ref, det_path)
             self.detector = from_pretrained(GroundingDinoForObjectDetection, det_ref, det_path, dtype=self.dtype)
         self.detector.to(device).eval()
-        self.predictor = SamPredictor(build_sam(sam_type, sam_path, device).to(device))
+        # Inference only: no parameter needs a gradient (and FLOP counting traces outputs that would).
+        self.predictor = SamPredictor(build_sam(sam_type, sam_path, device).to(device).requires_grad_(False))
         # SAM's checkpoints are fp32: lower precision is applied by autocast on GPUs only.
         self.autocast = partial(torch.autocast, device_type="cuda", dtype=self.dtype,
                                 enabled=device.startswith("cuda") and self.dtype != torch.float32)
