@@ -49,7 +49,11 @@ def prompt_for(meta: dict, mask: np.ndarray | None, classes: ClassSet, template:
 def generation_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
     """(h, w): long side near `resolution`, the aspect ratio of (height, width), both multiples of `multiple`."""
     scale = resolution / max(height, width)
-    return max(multiple, round(height * scale / multiple) * multiple), max(multiple, round(width * scale / multiple) * multiple)
+
+    def side(n: int) -> int:
+        return max(multiple, round(n * scale / multiple) * multiple)
+
+    return side(height), side(width)
 
 
 def unet_size_multiple(pipe: Any) -> int:
@@ -217,3 +221,36 @@ class DiffusionStage(Stage):
                 log.info("%s: first pipeline call %.1fs (includes torch.compile of %s)", self.context.label,
                          self.seconds["first_call"], ", ".join(speed.compile))
         return to_uint8(result.images)
+
+
+class MaskConditionedStage(DiffusionStage):
+    """A diffusion stage drawing `variants_per_input()` images for each mask (ControlNet, Mask2Img).
+
+    Every sample needs a mask (none: each variant fails `no_mask`). Images are generated at the mask's
+    aspect ratio, long side `params.resolution`, one pipeline call per generation size holding every
+    image of every mask of that size; `generate_for` makes one such call and fills the variants.
+    """
+
+    def setup(self) -> None:
+        super().setup()
+        self.multiple = self.size_multiple(self.pipe)
+
+    def generation_size(self, height: int, width: int) -> tuple[int, int]:
+        return generation_size(height, width, self.params.resolution, self.multiple)
+
+    def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
+        raise NotImplementedError
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        out = [sample.expand(self.variants_per_input()) for sample in samples]
+        live = []
+        for i, sample in enumerate(samples):
+            if sample.mask is None:
+                out[i] = [v.fail(self.context.label, "no_mask", f"{self.name} needs a mask to condition on")
+                          for v in out[i]]
+            else:
+                live.append(i)
+        sizes = [self.generation_size(*samples[i].mask.shape[:2]) for i in live]
+        for size, members in group_by(sizes).items():
+            self.generate_for([samples[live[m]] for m in members], [out[live[m]] for m in members], size)
+        return [v for variants in out for v in variants]

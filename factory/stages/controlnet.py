@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.classes import ade150_lookup, ade150_palette, colorize
-from factory.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by, resize_to
+from factory.diffusion import MaskConditionedStage, SpeedOptions, resize_to
 from factory.models import TINY_CONTROLNET, load_controlnet_pipeline
 from factory.random_models import PROFILE_HELP, SD15, SD_CONTROLNET_SEG, Profile, random_id
 from factory.sample import Sample
@@ -58,7 +58,7 @@ class ControlNetModelConfig(BaseModel):
 
 
 @register_stage
-class ControlNetStage(DiffusionStage):
+class ControlNetStage(MaskConditionedStage):
     name = "controlnet"
     Params = ControlNetParams
     Model = ControlNetModelConfig
@@ -76,7 +76,6 @@ class ControlNetStage(DiffusionStage):
         super().setup()
         self.lut = ade150_lookup(self.context.classes, self.params.class_map or None)
         self.palette = ade150_palette()
-        self.multiple = self.size_multiple(self.pipe)
 
     def variants_per_input(self) -> int:
         return self.params.variants
@@ -88,24 +87,7 @@ class ControlNetStage(DiffusionStage):
             return {"base": random_id(SD15), "controlnet": random_id(SD_CONTROLNET_SEG)}
         return {"base": self.model.base, "controlnet": self.model.controlnet}
 
-    def generation_size(self, height: int, width: int) -> tuple[int, int]:
-        return generation_size(height, width, self.params.resolution, self.multiple)
-
-    def process(self, samples: list[Sample]) -> list[Sample]:
-        k = self.params.variants
-        out = [sample.expand(k) for sample in samples]
-        live = [i for i, sample in enumerate(samples) if sample.mask is not None]
-        for i, sample in enumerate(samples):
-            if sample.mask is None:
-                out[i] = [v.fail(self.context.label, "no_mask", "controlnet needs a mask to condition on")
-                          for v in out[i]]
-        # One pipeline call per generation size, holding every variant of every source of that size.
-        sizes = [self.generation_size(*samples[i].mask.shape[:2]) for i in live]
-        for size, members in group_by(sizes).items():
-            self._generate([samples[live[m]] for m in members], [out[live[m]] for m in members], size)
-        return [v for variants in out for v in variants]
-
-    def _generate(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
+    def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
         """All K variants of `sources` in one pipeline call; fills the variants in `groups` in place."""
         gh, gw = size
         prompts, conds, flat = [], [], []

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.diffusion import DiffusionStage, generation_size, group_by, resize_to
+from factory.diffusion import MaskConditionedStage, resize_to
 from factory.sample import Sample
 from factory.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
 from factory.stages import register_stage
@@ -51,7 +51,7 @@ class Mask2ImgParams(BaseModel):
 
 
 @register_stage
-class Mask2ImgStage(DiffusionStage):
+class Mask2ImgStage(MaskConditionedStage):
     name = "mask2img"
     Params = Mask2ImgParams
     Model = SDXLModelConfig
@@ -64,7 +64,6 @@ class Mask2ImgStage(DiffusionStage):
         super().setup()
         use_scheduler(self.pipe, self.params.scheduler)
         self.to_palette = self.palette.lookup_from(self.context.classes, self.params.class_map)
-        self.multiple = self.size_multiple(self.pipe)
 
     def variants_per_input(self) -> int:
         return self.params.images
@@ -72,28 +71,12 @@ class Mask2ImgStage(DiffusionStage):
     def model_ids(self) -> dict[str, str]:
         return model_ids(self.model, "mask2img")
 
-    def generation_size(self, height: int, width: int) -> tuple[int, int]:
-        return generation_size(height, width, self.params.resolution, self.multiple)
-
     def condition(self, sample: Sample) -> np.ndarray:
         """The colour map the ControlNet sees, at the mask's size."""
         instances = sample.instances if self.palette.outlines else None
         return self.palette.encode(self.to_palette[sample.mask.astype(np.int64)], instances)
 
-    def process(self, samples: list[Sample]) -> list[Sample]:
-        out = [sample.expand(self.params.images) for sample in samples]
-        live = [i for i, sample in enumerate(samples) if sample.mask is not None]
-        for i, sample in enumerate(samples):
-            if sample.mask is None:
-                out[i] = [v.fail(self.context.label, "no_mask", "mask2img needs a mask to condition on")
-                          for v in out[i]]
-        # One pipeline call per generation size, holding every image of every mask of that size.
-        sizes = [self.generation_size(*samples[i].mask.shape[:2]) for i in live]
-        for size, members in group_by(sizes).items():
-            self._generate([samples[live[m]] for m in members], [out[live[m]] for m in members], size)
-        return [v for variants in out for v in variants]
-
-    def _generate(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
+    def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
         gh, gw = size
         prompts, conds, seeds, flat = [], [], [], []
         for sample, variants in zip(sources, groups):
