@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Ray's workers (the recipes) import factory too: from this checkout, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from factory.benchmark import Workload, device_info, measure_recipe, measure_stage, measure_training  # noqa: E402
 from factory.plan_resources import plan  # noqa: E402

@@ -320,6 +320,12 @@ class TrainingModels:
             if resume:
                 self.unet = load(UNet2DConditionModel, "unet", frozen)
                 self.trainable = load(ControlNetModel, "controlnet", torch.float32, resume)
+            elif base is None:  # random weights: nothing to copy, the ControlNet is built from its config
+                from factory import random_models
+
+                self.unet = load(UNet2DConditionModel, "unet", frozen)
+                self.trainable = random_models.diffusers_component(random_models.SDXL_CONTROLNET, "", str(device),
+                                                                   torch.float32)
             else:
                 # The ControlNet starts as a copy of the UNet's encoder: copy it from fp32 weights, then
                 # cast the frozen UNet down, so the trained model does not start from rounded weights.

@@ -136,3 +136,13 @@ def test_full_size_blip_and_clip_run_on_cpu(model_cache):
     synthetic = Sample(shard=0, index=0, source_id="s", image=image[::-1].copy(), source_image=image)
     [scored] = selector.process([synthetic])
     assert -1 <= scored.meta["scores"]["cosine"] <= 1 and scored.meta["scores"]["embedding"] == "clip"
+
+
+def test_seggen_training_models_at_full_size():
+    from factory.sdxl import TrainingModels
+    from factory.train import TrainModel
+
+    for kind, trainable in (("text2mask", 2567.5), ("mask2img", 1251.0)):
+        models = TrainingModels(kind, TrainModel(profile="random"), "bf16", torch.device("meta"), None)
+        assert round(millions(models.trainable), 1) == trainable
+        assert type(models.noise).__name__ == "DDPMScheduler" and models.tokenizers[1].model_max_length == 77
