@@ -2,7 +2,7 @@
 
 `controlnet`, `mask2img`, `text2mask` and `t2i` are `DiffusionStage`s. Each `process()` batch is
 generated in as few pipeline calls as possible: all variants of all sources that share a generation size
-go into one call, each image with its own `torch.Generator` seeded by `sample.seed(job_seed, label)`, so
+go into one call, each image with its own `torch.Generator` seeded by `sample.seed(job_seed, ...)`, so
 an image's noise never depends on its neighbours. The engine fixes every batch's composition by the
 shard's contents, so a regenerated shard repeats the same calls: bit-identical on the same hardware.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -181,6 +181,9 @@ class DiffusionStage(Stage):
     """
 
     uses_gpu = True
+    # Whether seeds are salted with the stage label (two stages of a kind in one job then draw different
+    # noise). ControlNet and t2i predate the salt and keep their seeds, so their images stay the same.
+    salt_seeds_with_label: ClassVar[bool] = True
 
     def load(self) -> Any:
         raise NotImplementedError
@@ -201,7 +204,7 @@ class DiffusionStage(Stage):
         return prompt_for(sample.meta, sample.mask, self.context.classes, template)
 
     def seed(self, variant: Sample) -> int:
-        return variant.seed(self.context.job_seed, self.context.label)
+        return variant.seed(self.context.job_seed, self.context.label if self.salt_seeds_with_label else "")
 
     def generate(self, seeds: list[int], pipe: Any = None, **kwargs) -> np.ndarray:
         """One pipeline call, one image per seed (each image its own generator); uint8 (n, h, w, 3)."""

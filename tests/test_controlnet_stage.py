@@ -90,7 +90,7 @@ def test_prompt_and_meta(stage):
     }
     for s in out:
         assert s.meta["prompt"] == "a photo of wall, sky"  # most pixels first
-        assert "variant" not in s.meta and s.meta["seed"] == s.seed(0, "synth")
+        assert "variant" not in s.meta and s.meta["seed"] == s.seed(0)
         assert s.meta["synthesis"] == synthesis
     assert stage.model_ids() == synthesis["models"]
 

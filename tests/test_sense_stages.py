@@ -133,7 +133,7 @@ def test_t2i_variants_per_generator_without_masks(t2i):
         assert np.array_equal(s.source_image, painted(0).image)
         assert s.image.dtype == np.uint8 and s.image.shape == (24, 32, 3)  # long side 32, aspect kept
         assert s.meta["synthesis"]["conditioning"] == "text" and s.meta["synthesis"]["size"] == [24, 32]
-        assert s.meta["seed"] == s.seed(0, "t2i")
+        assert s.meta["seed"] == s.seed(0)
     assert out[0].meta["prompt"] == "a wall under the sky and a person"
     assert len({s.meta["seed"] for s in out}) == 8
     assert not np.array_equal(out[0].image, out[1].image)

@@ -60,6 +60,7 @@ class ControlNetModelConfig(BaseModel):
 @register_stage
 class ControlNetStage(MaskConditionedStage):
     name = "controlnet"
+    salt_seeds_with_label = False
     Params = ControlNetParams
     Model = ControlNetModelConfig
 

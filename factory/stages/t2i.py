@@ -81,6 +81,7 @@ class T2IModelConfig(BaseModel):
 @register_stage
 class TextToImageStage(DiffusionStage):
     name = "t2i"
+    salt_seeds_with_label = False
     Params = T2IParams
     Model = T2IModelConfig
 
