@@ -21,12 +21,13 @@ import ray
 import torch
 from webdataset import TarWriter
 
-from factory.engine import load_sample, run_job
+from factory.engine import run_job
+from factory.pipeline import ShardReader
 from factory.scenes import make_scenes
 from factory.sources import open_source
 from factory.spec import load_spec
 from factory.stages import StageContext, resolve_stage
-from factory.writer import encode_sample
+from factory.writer import encode_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,19 +41,20 @@ def plain_loop(spec, out: Path) -> tuple[int, float]:
     stage = cls(cls.Params(**st.params), cls.Model(**st.model),
                 StageContext(label=st.label, job_seed=spec.seed, classes=source.classes, device="cpu"))
     stage.setup()
+    reader = ShardReader(spec.source.model_dump_json(), "", {}, retries=0, backoff=0.0)
     n = 0
     with open(out, "wb") as f, TarWriter(f) as tar:
         for index, sample_id in enumerate(source.list_ids()):
-            for sample in stage.process([load_sample(source, 0, index, sample_id)]):
-                rec = encode_sample(sample, spec.output.image_format, spec.output.jpeg_quality, {})
-                tar.write({"__key__": rec.key, **rec.files})
+            for sample in stage.process([reader.load(source, 0, index, sample_id)]):
+                files = encode_files(sample, spec.output.image_format, spec.output.jpeg_quality, {})
+                tar.write({"__key__": sample.key, **files})
                 n += 1
     return n, time.perf_counter() - start
 
 
 def factory_pipeline(spec, actors: int) -> tuple[int, float]:
     r = spec.stages[0].resources
-    r.concurrency, r.num_cpus = actors, round(1.5 / actors, 2)  # leave CPU for the read and encode tasks
+    r.concurrency, r.num_cpus = actors, round(1.5 / actors, 2)  # leave CPU for the read and write tasks
     start = time.perf_counter()
     index = run_job(spec)
     return index["samples"], time.perf_counter() - start

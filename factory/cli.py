@@ -9,6 +9,7 @@ import logging
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def _load_with_absolute_paths(args):
     `run` and `submit` both do this, so the same spec hashes the same whichever way it was started.
     """
     spec = load_spec(args.spec, _overrides(args))
-    if "://" not in spec.source.path:
+    if spec.source.path and "://" not in spec.source.path:
         spec.source.path = str(Path(spec.source.path).expanduser().resolve())
     if "://" not in spec.output.url:
         spec.output.url = str(Path(spec.output.url).expanduser().resolve())
@@ -71,10 +72,10 @@ def cmd_run(args) -> int:
     spec = _load_with_absolute_paths(args)
     index = run_job(spec, address=args.address, overwrite=args.overwrite)
     print(
-        f"{spec.output.url}: {len(index['shards'])}/{index['num_shards']} shards, {index['samples']} samples, "
+        f"{spec.output.url}: {index['committed']}/{index['num_shards']} shards, {index['samples']} samples, "
         f"{index['failed']} failed, {index['rejected']} rejected"
     )
-    return 0 if index["complete"] else 1
+    return 0
 
 
 def submission_id(spec) -> str:
@@ -222,7 +223,7 @@ def cmd_stage(args) -> int:
     if not chosen:
         raise SpecError(f"{args.spec}: no stage named {args.stage!r}; stages: {[s.label for s in spec.stages]}")
     spec.stages = chosen
-    counts = write_files(run_in_process(spec, limit=args.limit, batch_size=args.batch_size), args.out)
+    counts = write_files(run_in_process(spec, limit=args.limit), args.out)
     print(f"{args.out}: {counts['written']} written, {counts['rejected']} rejected, {counts['failed']} failed")
     return 0
 
@@ -325,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--input", dest="input", help="read this folder instead of the spec's source.path")
     q.add_argument("--out", required=True, help="folder for KEY.png / KEY.seg.png / KEY.json")
     q.add_argument("--limit", type=int, default=8, help="source samples to process")
-    q.add_argument("--batch-size", type=int, default=4)
     q.set_defaults(func=cmd_stage)
 
     q = sub.add_parser("train", help="train a SegGen model (text2mask or mask2img) on Ray Train")
@@ -368,19 +368,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=64)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_make_scenes)
+    for q in sub.choices.values():
+        q.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="factory: %(message)s", stream=sys.stderr)
+    """Run a command; any failure ends in one `factory:` line with what to do (the traceback with --verbose)."""
+    from factory.errors import advice, one_line
+
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="factory: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
     except SpecError as e:
         print(f"factory: bad job spec: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"factory: {type(e).__name__}: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("factory: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            traceback.print_exc()
+        if type(e).__name__ in ("ResumeError", "LeaseError", "JobIncomplete", "PlanError"):
+            print(f"factory: {e}", file=sys.stderr)
+        else:
+            hint = "" if args.verbose else " (--verbose shows the traceback)"
+            print(f"factory: {one_line(e)}; {advice(e)}{hint}", file=sys.stderr)
         return 1
 
 

@@ -1,39 +1,45 @@
-"""The same stages without Ray: one process, one batch at a time.
+"""The same stages without Ray: one process, one slice of samples at a time.
 
 For running a stage alone on a folder while debugging it (`factory stage`), and as the engine-free
-reference the benchmark compares the Ray pipeline with. It reuses the engine's `StageRunner`, so a stage
-behaves exactly as it does on a cluster (failure isolation, row contract) minus the distribution.
+reference the benchmarks compare the Ray pipeline with. It reuses the pipeline's reader and the
+`StageRunner`, so a stage behaves exactly as it does on a cluster (batches, failure policy, row
+contract) minus the distribution.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from factory.engine import StageRunner, load_sample, pack
-from factory.sample import Sample
+from factory.pipeline import ShardReader
+from factory.runner import StageRunner
+from factory.sample import Sample, ShardWork
 from factory.sources import open_source
 from factory.spec import JobSpec
-from factory.writer import encode_sample
+from factory.writer import encode_files, failure_records
 
 
-def run_in_process(spec: JobSpec, limit: int | None = None, batch_size: int = 4) -> Iterator[Sample]:
+def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4) -> Iterator[Sample]:
     """Every sample the spec's stages make from the first `limit` source samples, in order."""
     source = open_source(spec.source)
-    runners = [
-        StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, spec.engine.stop_after_failures)
-        for st in spec.stages
-    ]
+    engine = spec.engine
+    reader = ShardReader(spec.source.model_dump_json(), "", {}, engine.retries, engine.retry_backoff_s)
+    runners = [StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries,
+                           engine.retry_backoff_s) for st in spec.stages]
     ids = itertools.islice(source.list_ids(), limit)
     index = 0
-    while chunk := list(itertools.islice(ids, batch_size)):
-        batch = pack([load_sample(source, 0, index + i, sample_id) for i, sample_id in enumerate(chunk)])
+    while chunk := list(itertools.islice(ids, slice_size)):
+        work = ShardWork(0, [reader.load(source, 0, index + i, sample_id) for i, sample_id in enumerate(chunk)],
+                         time.time())
         index += len(chunk)
         for runner in runners:
-            batch = runner(batch)
-        yield from (Sample.from_bytes(b) for b in batch["sample"])
+            work = runner.run(work)
+            if work.failure is not None:
+                raise RuntimeError(f"stage {work.failure['stage']} failed: {work.failure['cause']}")
+        yield from work.samples
 
 
 def write_files(samples: Iterator[Sample], out_dir: str | Path, image_format: str = "png") -> dict:
@@ -43,12 +49,11 @@ def write_files(samples: Iterator[Sample], out_dir: str | Path, image_format: st
     counts = {"written": 0, "failed": 0, "rejected": 0}
     with open(out / "failures.jsonl", "w") as failures:
         for sample in samples:
-            rec = encode_sample(sample, image_format, 95, {}, keep_rejected=True)
-            if rec.error is not None:
-                failures.write(json.dumps({"key": rec.key, "source_id": rec.source_id, **rec.error}) + "\n")
+            if sample.error is not None:
+                failures.write(json.dumps(failure_records([sample])[0]) + "\n")
                 counts["failed"] += 1
                 continue
-            counts["rejected" if rec.rejected else "written"] += 1
-            for ext, data in rec.files.items():
-                (out / f"{rec.key}.{ext}").write_bytes(data)
+            counts["rejected" if sample.rejected else "written"] += 1
+            for ext, data in encode_files(sample, image_format, 95, {}).items():
+                (out / f"{sample.key}.{ext}").write_bytes(data)
     return counts

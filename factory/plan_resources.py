@@ -119,39 +119,39 @@ def rates_from_bench(path: str | Path) -> tuple[dict[str, float], dict[str, floa
 
 
 def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
-    """Output rows/s of each GPU stage of the spec, run in this process on the first `samples` sources.
+    """Output rows/s of each model stage of the spec, run in this process on the first `samples` sources.
 
-    Stages run one after another on the same rows (each where the spec puts it: on a GPU with num_gpus > 0),
-    and the first batch of each stage is a warm-up that is not timed: model loading and compilation are left out.
+    Stages run one after another on the same rows, each through the engine's `StageRunner` (where the spec
+    puts it: on a GPU with num_gpus > 0). The first batch of each stage is a warm-up that is not timed:
+    model loading and compilation are left out.
     """
-    from factory.engine import StageRunner, load_sample, pack
-    from factory.sample import Sample
+    import itertools
+
+    from factory.pipeline import ShardReader
+    from factory.runner import StageRunner
+    from factory.sample import ShardWork
     from factory.sources import open_source
 
-    source = open_source(spec.source)
-    ids = []
-    for sample_id in source.list_ids():
-        ids.append(sample_id)
-        if len(ids) == samples:
-            break
-    rows = [load_sample(source, 0, i, sample_id) for i, sample_id in enumerate(ids)]
+    source, engine = open_source(spec.source), spec.engine
+    reader = ShardReader(spec.source.model_dump_json(), "", {}, engine.retries, engine.retry_backoff_s)
+    ids = itertools.islice(source.list_ids(), samples)
+    rows = [reader.load(source, 0, i, sample_id) for i, sample_id in enumerate(ids)]
     rates = {}
     for st in spec.stages:
-        runner = StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, spec.engine.stop_after_failures)
+        runner = StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries,
+                             engine.retry_backoff_s)
         size = st.resources.batch_size
-        batches = [rows[i:i + size] for i in range(0, len(rows), size)]
-        out = [Sample.from_bytes(b) for b in runner(pack(batches[0]))["sample"]]
-        started, timed = time.perf_counter(), 0
-        for batch in batches[1:]:
-            made = [Sample.from_bytes(b) for b in runner(pack(batch))["sample"]]
-            timed += len(made)
-            out += made
+        warm, timed = (runner.run(ShardWork(0, part, time.time())) for part in (rows[:size], rows[size:]))
+        for work in (warm, timed):
+            if work.failure is not None:
+                raise RuntimeError(f"calibration: stage {st.label!r} failed: {work.failure['cause']}")
+        done = timed.stages[st.label]
         if runner.stage.uses_gpu:
-            if not timed:
-                raise SpecError(f"calibration: stage {st.label!r} needs more than one batch of "
-                                f"{size} samples to time; raise --samples")
-            rates[st.label] = timed / (time.perf_counter() - started)
-        rows = out
+            if not done["rows_out"]:
+                raise SpecError(f"calibration: stage {st.label!r} needs more than one batch of {size} live "
+                                "samples to time; raise --samples")
+            rates[st.label] = done["rows_out"] / max(done["seconds"], 1e-9)
+        rows = warm.samples + timed.samples
     return rates
 
 

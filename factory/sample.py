@@ -1,4 +1,5 @@
-"""The unit that flows between stages: one sample of one source, or one variant derived from it."""
+"""The units that flow through the pipeline: a `Sample` (one source sample, or a variant derived from it)
+and a `ShardWork` (every sample of one shard: the pipeline's row, from read to commit)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import numpy as np
 
 
 class BadSample(Exception):
-    """An input that cannot be used; `reason` is a short stable word counted in the shard stats."""
+    """An input that cannot be used; `reason` is a short stable word counted in the shard stats.
+
+    This is the one exception that means "this sample's data is bad": readers raise it, and a stage may
+    raise it from `process` (the engine then finds the sample that caused it). Every other exception is
+    an infrastructure failure, retried and never committed as a lost sample.
+    """
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
@@ -18,8 +24,8 @@ class BadSample(Exception):
         self.detail = detail
 
 
-def derive_seed(job_seed: int, source_id: str, variant: int, salt: str = "") -> int:
-    """A 63-bit seed fixed by (job seed, sample id, variant): a regenerated shard gets the same one."""
+def derive_seed(job_seed: int, source_id: str, variant: str, salt: str = "") -> int:
+    """A 63-bit seed fixed by (job seed, sample id, variant path): a regenerated shard gets the same one."""
     digest = hashlib.sha256(f"{job_seed}\x00{source_id}\x00{variant}\x00{salt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
@@ -28,33 +34,31 @@ def derive_seed(job_seed: int, source_id: str, variant: int, salt: str = "") -> 
 class Sample:
     """A sample in flight. Stages never drop one: they fill it, expand it into variants, or mark it.
 
-    `variants` is how many rows the sample's branch was split into: each row is 1/variants of its source.
-    The shard writer commits a shard once every source position has delivered all of itself (written,
-    failed or rejected rows), whatever the mix of expansions its rows went through.
+    `variant` is the sample's path through the expanding stages: "" for a source sample, then one
+    zero-padded part per stage that expanded it ("3", then "3-0"). A child's path extends its parent's,
+    so no two rows of a source ever share a key, whatever stages expand or reject in between.
+
+    Arrays are shared between the variants of one source (and pickled once per shard, not once per
+    variant): stages assign new arrays, never write into these in place.
     """
 
     shard: int
-    index: int
+    index: int  # position of the source sample in its shard
     source_id: str
     image: np.ndarray | None = None  # (H, W, 3) uint8 RGB
     mask: np.ndarray | None = None  # (H, W) class ids, uint8 (uint16 for > 254 classes), ignore 255
-    instances: np.ndarray | None = None  # (H, W) int32 instance ids, 0 = no instance
+    instances: np.ndarray | None = None  # (H, W) uint16 instance ids, 0 = no instance
     source_image: np.ndarray | None = None  # the real image a synthetic one was made from (for scoring)
     meta: dict = field(default_factory=dict)  # JSON-able: prompt, seed, scores, model ids
-    variant: int = 0
-    variants: int = 1
+    variant: str = ""
     error: dict | None = None  # {"stage", "reason", "detail"}: failed, written to stats only
     rejected: dict | None = None  # {"stage", "reason", "detail"}: filtered out by a selection stage
-
-    def reject(self, stage: str, reason: str, detail: str = "") -> "Sample":
-        """Mark as filtered out; the pixels stay, for the optional rejected shard set."""
-        self.rejected = {"stage": stage, "reason": reason, "detail": detail[:500]}
-        return self
 
     @property
     def key(self) -> str:
         """WebDataset key: dot-free, deterministic, unique within the job."""
-        return f"{self.shard:06d}-{self.index:06d}-{self.variant:03d}"
+        base = f"{self.shard:06d}-{self.index:06d}"
+        return f"{base}-{self.variant}" if self.variant else base
 
     @property
     def ok(self) -> bool:
@@ -68,16 +72,41 @@ class Sample:
         self.image = self.mask = self.instances = self.source_image = None
         return self
 
+    def reject(self, stage: str, reason: str, detail: str = "") -> "Sample":
+        """Mark as filtered out; the pixels stay, for the optional rejected shard set."""
+        self.rejected = {"stage": stage, "reason": reason, "detail": detail[:500]}
+        return self
+
     def expand(self, k: int) -> list["Sample"]:
-        """k variants of this sample; variant numbers stay unique when stages expand one after another."""
-        return [
-            replace(self, meta=dict(self.meta), variant=self.variant * k + j, variants=self.variants * k)
-            for j in range(k)
-        ]
+        """k variants of this sample (their own meta, shared arrays); k == 1 adds no level to the path."""
+        if k == 1:
+            return [replace(self, meta=dict(self.meta))]
+        width = len(str(k - 1))  # zero-padded, so keys sort in variant order within a level
+        prefix = f"{self.variant}-" if self.variant else ""
+        return [replace(self, meta=dict(self.meta), variant=f"{prefix}{j:0{width}d}") for j in range(k)]
+
+
+@dataclass
+class ShardWork:
+    """One shard in flight: the pipeline's row from the read step, through every stage, to the writer.
+
+    `samples` stay in shard order (source position, then variant path). `stages` collects what each
+    stage did with the shard (seconds, batches, retries, out-of-memory splits) for the stats. `failure`
+    is set when a step failed for a reason that is not the data (after its retries): later steps pass
+    the row on untouched, and the writer leaves the shard uncommitted for the next run.
+    """
+
+    shard: int
+    samples: list[Sample]
+    started: float
+    stages: dict[str, dict] = field(default_factory=dict)
+    failure: dict | None = None  # {"shard", "stage", "cause", "detail"}
 
     def to_bytes(self) -> bytes:
+        # One pickle per shard: arrays shared between variants (the source image, a mask kept by every
+        # variant) are stored once, which keeps a row's size near its distinct pixels.
         return pickle.dumps(self, protocol=5)
 
     @staticmethod
-    def from_bytes(data: bytes) -> "Sample":
+    def from_bytes(data: bytes) -> "ShardWork":
         return pickle.loads(data)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SOURCE_KINDS = ("folder", "ade20k", "coco_panoptic", "voc", "cityscapes")
+SOURCE_KINDS = ("folder", "ade20k", "coco_panoptic", "voc", "cityscapes", "scenes")
 
 
 class SpecError(ValueError):
@@ -28,8 +28,10 @@ class _Strict(BaseModel):
 
 
 class SourceSpec(_Strict):
-    kind: Literal["folder", "ade20k", "coco_panoptic", "voc", "cityscapes"]
-    path: str = Field(min_length=1, description="dataset root: a local path or an fsspec URL (s3://...)")
+    kind: Literal["folder", "ade20k", "coco_panoptic", "voc", "cityscapes", "scenes"]
+    path: str | None = Field(
+        None, min_length=1, description="dataset root: a local path or an fsspec URL (s3://...); not for scenes"
+    )
     classes: str | list[str] | None = Field(
         None, description="class set name (ade150, voc, cityscapes) or a list of names; default per kind"
     )
@@ -43,9 +45,27 @@ class SourceSpec(_Strict):
     ignore_colors: list[list[int]] = Field(default_factory=list, description="colours meaning ignore")
     limit: int | None = Field(None, gt=0, description="use only the first N samples of the listing")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    min_side: int = Field(16, gt=0, description="an image whose short side is smaller is bad (too_small)")
+    max_side: int = Field(2048, gt=0, description="an image whose long side is larger is scaled down to it")
+    count: int | None = Field(None, gt=0, description="scenes: how many procedural scenes")
+    size: int = Field(64, ge=8, description="scenes: side of each square scene, in pixels")
+    seed: int = Field(0, description="scenes: which set of scenes (scene i depends on seed and i only)")
 
     @model_validator(mode="after")
-    def _folder_needs_classes(self):
+    def _fields_of_the_kind(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"source.min_side: {self.min_side} is larger than source.max_side {self.max_side}")
+        if self.kind == "scenes":
+            if self.path is not None:
+                raise ValueError("source.path: a scenes source has no files (it renders scenes from their ids)")
+            if self.count is None:
+                raise ValueError("source.count: a scenes source needs `count` (how many scenes)")
+            if not self.min_side <= self.size <= self.max_side:
+                raise ValueError(
+                    f"source.size: {self.size} is outside min_side..max_side ({self.min_side}..{self.max_side})"
+                )
+        elif self.path is None:
+            raise ValueError(f"source.path: a source of kind {self.kind} needs `path` (its dataset root)")
         if self.kind == "folder" and self.classes is None:
             raise ValueError("a folder source needs `classes` (a class set name or a list of names)")
         if self.mask_format == "palette" and self.palette is None:
@@ -86,9 +106,11 @@ class OutputSpec(_Strict):
     url: str = Field(min_length=1, description="file://, a plain path, or s3://bucket/prefix")
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(95, ge=1, le=100)
-    shard_size: int = Field(1000, gt=0, description="source samples per shard")
-    writers: int = Field(1, gt=0, description="shard writer actors; shard i goes to writer i % writers")
+    shard_size: int = Field(1000, gt=0, description="source samples per shard: the unit of work, retry and commit")
     keep_rejected: bool = Field(False, description="also write rejected samples, to rejected/shard-N.tar")
+    max_failure_fraction: float = Field(
+        0.5, ge=0, le=1, description="a shard whose failed rows exceed this fraction is not committed"
+    )
     shared_filesystem: bool = Field(
         False, description="a local path that every Ray node mounts at the same place (NFS, Lustre...)"
     )
@@ -97,12 +119,18 @@ class OutputSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    read_cpus: float = Field(0.5, ge=0, description="CPUs per read/decode task")
-    encode_cpus: float = Field(0.5, ge=0, description="CPUs per encode/write task")
-    read_chunk: int = Field(16, gt=0, description="samples a read task decodes and hands on at a time")
-    encode_batch_size: int = Field(16, gt=0)
-    stop_after_failures: int = Field(
-        4, gt=0, description="a stage worker whose first N samples all fail stops the job"
+    read_cpus: float = Field(0.5, ge=0, description="CPUs per read task (one shard: list, load, decode)")
+    write_cpus: float = Field(0.5, ge=0, description="CPUs per write task (one shard: encode, tar, commit)")
+    retries: int = Field(3, ge=0, description="tries again after an infrastructure failure (not a data problem)")
+    retry_backoff_s: float = Field(2.0, ge=0, description="first wait before a retry; doubles each time")
+    max_failed_shards: int = Field(
+        3, ge=1, description="the job stops once this many shards failed after their retries (a rerun retries them)"
+    )
+    lease_ttl_s: float = Field(
+        60.0, gt=0, description="a run's lease on the output counts as abandoned after this long without heartbeat"
+    )
+    resource_wait_s: float = Field(
+        0.0, ge=0, description="wait this long for an autoscaling cluster to offer the resources a stage needs"
     )
 
 
@@ -122,15 +150,40 @@ class JobSpec(_Strict):
         return v
 
     def content_hash(self) -> str:
-        """Hash of everything that decides the bytes of the shards (not where they go, nor resources)."""
-        data = self.model_dump(mode="json")
-        for key in ("url", "writers", "endpoint_url", "storage_options"):
+        """Hash of everything that decides the bytes of the shards: not where they go, not credentials, not
+        pool sizes or GPUs, but each stage's batch size, which fixes what is generated together."""
+        data = _without_storage_options(self.model_dump(mode="json"))
+        for key in ("url", "endpoint_url", "shared_filesystem"):
             data["output"].pop(key)
         data.pop("engine")
-        data["source"].pop("storage_options")
         for stage in data["stages"]:
-            stage.pop("resources")
+            stage["batch_size"] = stage.pop("resources")["batch_size"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECRET = re.compile(r"key|secret|token|passw|credential|session", re.IGNORECASE)
+
+
+def _without_storage_options(data: Any) -> Any:
+    """A copy without any `storage_options` section: where data is stored never changes what it is."""
+    if isinstance(data, dict):
+        return {k: _without_storage_options(v) for k, v in data.items() if k != "storage_options"}
+    if isinstance(data, list):
+        return [_without_storage_options(v) for v in data]
+    return data
+
+
+def _redact(data: Any, inside: bool = False) -> Any:
+    """A copy with every credential-like value inside a `storage_options` section replaced."""
+    if isinstance(data, dict):
+        return {
+            k: "<redacted>" if inside and _SECRET.search(k) and not isinstance(v, (dict, list))
+            else _redact(v, inside or k == "storage_options")
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [_redact(v, inside) for v in data]
+    return data
 
 
 def format_loc(loc: tuple) -> str:
@@ -225,4 +278,10 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> JobS
 
 
 def dump_spec(spec: JobSpec) -> dict:
+    """The whole spec as plain data, credentials included: only for handing a job to the cluster."""
     return spec.model_dump(mode="json")
+
+
+def redacted_spec(spec: JobSpec) -> dict:
+    """The spec as plain data with credentials replaced: what may be written into files and logs."""
+    return _redact(spec.model_dump(mode="json"))

@@ -1,12 +1,14 @@
 """The output location: shards, their stats, the job manifest and the index, on any fsspec filesystem.
 
 Layout under the output root:
-    manifest.json                 spec, spec hash and plan summary, written once when the job starts
-    plan.parquet                  the planned sample ids, one row group per shard
+    manifest.json                 spec (credentials redacted), spec hash and plan summary, written at planning
+    plan/part-00000.parquet       the planned sample ids, one row group per shard, a bounded number per part
     shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
     rejected/shard-000000.tar     samples a selection stage rejected (only with output.keep_rejected)
-    stats/shard-000000.json       the shard's stats, written last: its presence is the commit marker
-    _tmp/                         shards being written; cleared when a run starts
+    failures/shard-000000.jsonl   every failed and rejected row of the shard, with its stage and reason
+    stats/shard-000000.json       the shard's summary, written last: its presence is the commit marker
+    _tmp/                         shards being written; cleared by the run that holds the lease
+    _lease.json                   the running job's lease and heartbeat: one run writes an output at a time
     index.json                    all committed shards with their sample counts, written at the end
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -22,8 +26,10 @@ from factory.spec import OutputSpec
 
 SHARD_DIR = "shards"
 STATS_DIR = "stats"
+FAILURES_DIR = "failures"
 REJECTED_DIR = "rejected"
 TMP_DIR = "_tmp"
+UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size; bounds each upload buffer
 
 
 def storage_options(output: OutputSpec) -> dict[str, Any]:
@@ -79,25 +85,45 @@ class OutputStore:
             return json.load(f)
 
     def write_json(self, data: Any, *parts: str) -> None:
-        """Write whole-file JSON; on object stores a PUT is atomic, locally we rename over the target."""
-        path = self.path(*parts)
-        body = json.dumps(data, indent=2, sort_keys=True).encode()
-        if self.is_local():
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = path + ".partial"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(body)
-                self.sync(f)
-            self.fs.mv(tmp, path)
-        else:
-            self.fs.pipe_file(path, body)
+        self.put_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
 
-    def sync(self, f) -> None:
-        """Push a local file's bytes to disk before it is renamed into place: after a power loss a commit
-        marker must never stand beside a tar the disk had not finished writing. Object stores need none."""
-        if self.is_local():
+    def put_bytes(self, body: bytes, *parts: str) -> None:
+        with self.open_atomic(*parts) as f:
+            f.write(body)
+
+    @contextmanager
+    def open_atomic(self, *parts: str, mode: str = "wb"):
+        """A file that appears under its final name only once it is complete.
+
+        Locally it is written under `_tmp/`, flushed to disk and renamed into place. On object stores
+        an upload becomes visible only when it completes, so it goes to its final name directly, and
+        an error inside the block discards the upload instead of completing it with partial data.
+        """
+        final = self.path(*parts)
+        if not self.is_local():
+            f = self.fs.open(final, mode, block_size=UPLOAD_BLOCK)
+            try:
+                yield f
+            except BaseException:
+                if hasattr(f, "discard"):
+                    f.discard()
+                raise
+            f.close()
+            return
+        tmp = self.path(TMP_DIR, f"{uuid.uuid4().hex[:12]}.{final.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, mode) as f:
+            yield f
+            # After a power loss a commit marker must never stand beside a tar the disk had not written.
             f.flush()
             os.fsync(f.fileno())
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, final)
+
+    def remove(self, *parts: str) -> None:
+        path = self.path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def is_local(self) -> bool:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
@@ -137,6 +163,11 @@ class OutputStore:
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
 
-    def remove_all(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+    def remove_all(self, keep: set[str] = frozenset()) -> None:
+        """Delete the output, but for the top-level entries named in `keep` (the running job's lease)."""
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return
+        for path in self.fs.ls(self.root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self.fs.rm(path, recursive=True)

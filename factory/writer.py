@@ -1,9 +1,10 @@
-"""The shard writer: encoded samples in, committed WebDataset shards out.
+"""The shard writer: one shard's samples in, one committed WebDataset shard out, from whichever worker runs it.
 
-A shard is written under `_tmp/`, moved to its final name once every source sample of the shard has
-delivered all of its rows (written, failed or rejected), and committed by writing its stats file last.
-A crash at any point leaves either no final tar, or a final tar without stats that the next run
-regenerates from scratch: never a partial tar under a final name.
+Commit order: the tar appears under `shards/` only once complete (`OutputStore.open_atomic`), then the
+failure list is written to `failures/`, and the stats file last: it is the commit marker. A crash at
+any point leaves either no final tar, or a final tar without stats that the next run regenerates from
+scratch: never a partial tar under a final name. Every step is idempotent (same bytes, same names), so
+a retried or repeated write of a shard is harmless.
 """
 
 from __future__ import annotations
@@ -11,40 +12,33 @@ from __future__ import annotations
 import io
 import json
 import time
-import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from factory.sample import Sample
-from factory.store import REJECTED_DIR, SHARD_DIR, STATS_DIR, TMP_DIR, OutputStore
+from factory.errors import describe, retry
+from factory.sample import Sample, ShardWork
+from factory.store import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0.0
-_UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size
 
 
-@dataclass
-class EncodedSample:
-    """What crosses from the encode tasks to the writer: bytes and bookkeeping, no arrays."""
-
-    shard: int
-    index: int
-    variant: int
-    variants: int
-    key: str
-    source_id: str
-    files: dict[str, bytes] | None  # extension -> bytes; None for failed samples (and rejected unless kept)
-    error: dict | None
-    rejected: dict | None
+@dataclass(frozen=True)
+class WriteSettings:
+    image_format: str
+    quality: int
+    keep_rejected: bool
+    max_failure_fraction: float
+    retries: int
+    backoff: float
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
-    """PNG bytes of a class-id mask: 8-bit L, or 16-bit for class sets too large for uint8."""
+    """PNG bytes of a class-id or instance mask: 8-bit L for uint8, 16-bit for uint16."""
     buf = io.BytesIO()
     if mask.dtype == np.uint8:
         Image.fromarray(mask, mode="L").save(buf, format="PNG")
@@ -63,189 +57,120 @@ def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_sample(
-    sample: Sample, image_format: str, quality: int, meta_extra: dict, keep_rejected: bool = False
-) -> EncodedSample:
-    files = None
-    if sample.ok or (keep_rejected and sample.error is None):
-        meta = {"key": sample.key, "source_id": sample.source_id, "variant": sample.variant, **meta_extra}
-        meta.update(sample.meta)
-        if sample.rejected is not None:
-            meta["rejected"] = sample.rejected
-        files = {image_format: encode_image(sample.image, image_format, quality)}
-        if sample.mask is not None:
-            files["seg.png"] = encode_mask(sample.mask)
-        if sample.instances is not None:
-            files["inst.png"] = encode_mask(sample.instances.astype(np.uint16))
-        files["json"] = json.dumps(meta, sort_keys=True).encode()
-    return EncodedSample(
-        shard=sample.shard,
-        index=sample.index,
-        variant=sample.variant,
-        variants=sample.variants,
-        key=sample.key,
-        source_id=sample.source_id,
-        files=files,
-        error=sample.error,
-        rejected=sample.rejected,
-    )
+def encode_files(sample: Sample, image_format: str, quality: int, meta_extra: dict) -> dict[str, bytes]:
+    """The files of one written (or kept rejected) sample: image, masks and json, by extension."""
+    meta = {"key": sample.key, "source_id": sample.source_id, "variant": sample.variant, **meta_extra}
+    meta.update(sample.meta)
+    if sample.rejected is not None:
+        meta["rejected"] = sample.rejected
+    files = {image_format: encode_image(sample.image, image_format, quality)}
+    if sample.mask is not None:
+        files["seg.png"] = encode_mask(sample.mask)
+    if sample.instances is not None:
+        files["inst.png"] = encode_mask(sample.instances.astype(np.uint16))
+    files["json"] = json.dumps(meta, sort_keys=True).encode()
+    return files
 
 
-@dataclass
-class _OpenShard:
-    expected_sources: int
-    tmp_path: str
-    file: object
-    tar: TarWriter
-    started: float
-    rejected_file: object = None
-    rejected_tar: TarWriter | None = None
-    # Source index -> the share of it delivered so far. A row with `variants` V is 1/V of its source:
-    # rows of one source may carry different V (a variant rejected before a later stage expanded its
-    # siblings again), and the shares still add up to exactly 1 when every row has arrived.
-    received: dict = field(default_factory=dict)
-    seen: set = field(default_factory=set)  # keys received, to drop rows a retried task sends again
-    waiting: dict = field(default_factory=dict)  # source index -> its rows, until they can be written
-    next_index: int = 0  # the next source position to write
-    samples: int = 0
-    failures: list = field(default_factory=list)
-    rejections: list = field(default_factory=list)
-
-    def complete(self) -> bool:
-        return self.next_index == self.expected_sources
+def failure_records(samples: list[Sample]) -> list[dict]:
+    """One record per failed or rejected row, in shard order: what `failures/shard-N.jsonl` holds."""
+    out = []
+    for s in samples:
+        for kind, what in (("failed", s.error), ("rejected", s.rejected if s.error is None else None)):
+            if what is not None:
+                out.append({"key": s.key, "source_id": s.source_id, "kind": kind, **what})
+    return out
 
 
-class ShardWriter:
-    """Assembles shards from encoded samples arriving in any order; one instance per writer actor."""
+def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
+    """Commit one shard, or leave it uncommitted; returns the summary row the driver counts."""
+    counts = {"samples": sum(s.ok for s in work.samples), "failed": sum(s.error is not None for s in work.samples),
+              "rejected": sum(s.error is None and s.rejected is not None for s in work.samples)}
+    if work.failure is not None:
+        return {"shard": work.shard, "status": "failed", **counts, **work.failure}
+    rows = len(work.samples)
+    if rows and counts["failed"] / rows > settings.max_failure_fraction:
+        reasons = Counter(f"{s.error['stage']}:{s.error['reason']}" for s in work.samples if s.error is not None)
+        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        return {"shard": work.shard, "status": "failed", **counts, "stage": "commit",
+                "cause": f"{counts['failed']} of {rows} rows failed ({top}), above output.max_failure_fraction "
+                         f"{settings.max_failure_fraction}",
+                "advice": "fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
+                          "output.max_failure_fraction"}
+    try:
+        stats = retry(lambda: _commit(work, store, settings, job_info), f"writing shard {work.shard}",
+                      settings.retries, settings.backoff)
+    except Exception as e:
+        return {"shard": work.shard, "status": "failed", **counts, "stage": "write", **describe(e)}
+    return {"shard": work.shard, "status": "committed", **counts, "bytes": stats["bytes"]}
 
-    def __init__(self, store: OutputStore, shard_sources: dict[int, int], job_info: dict):
-        self.store = store
-        self.shard_sources = shard_sources  # shard -> number of source samples planned in it
-        self.job_info = job_info  # spec hash and model ids, copied into every stats file
-        self.open: dict[int, _OpenShard] = {}
-        self.committed: set[int] = set()
-        self.run_id = uuid.uuid4().hex[:8]
 
-    def add(self, records: list[EncodedSample]) -> list[int]:
-        """Take records in any order; write them in key order; return the shards this call committed.
+def _write_tar(store: OutputStore, members, *parts: str) -> None:
+    with store.open_atomic(*parts) as f:
+        tar = TarWriter(f, mtime=_TAR_MTIME)
+        try:
+            for key, files in members:
+                tar.write({"__key__": key, **files})
+            tar.close()
+        except BaseException:
+            # The file is being discarded: mark the tar stream closed, or its __del__ would try to flush
+            # it again (into the same full disk) and print a traceback from the garbage collector.
+            tar.tarstream.closed = True
+            if hasattr(tar.tarstream.fileobj, "closed"):
+                tar.tarstream.fileobj.closed = True
+            raise
 
-        Rows arrive in whatever order Ray finishes blocks, so a source position's rows wait in memory
-        until every earlier position is written: the tar is then the same bytes on every run. A record
-        seen before (Ray retried the task that sent it) is dropped, so a retry never duplicates a sample.
-        """
-        touched = set()
-        for rec in records:
-            if rec.shard in self.committed:
-                continue
-            if "." in rec.key:
-                raise ValueError(f"key {rec.key!r} contains a dot: webdataset would split the sample")
-            shard = self._shard(rec.shard)
-            if rec.key in shard.seen:
-                continue
-            shard.seen.add(rec.key)
-            shard.received[rec.index] = shard.received.get(rec.index, 0) + Fraction(1, rec.variants)
-            if shard.received[rec.index] > 1:
-                raise ValueError(f"shard {rec.shard} sample {rec.index}: more rows than its variants")
-            shard.waiting.setdefault(rec.index, []).append(rec)
-            touched.add(rec.shard)
-        for s in touched:
-            self._write_ready(s, self.open[s])
-        done = [s for s in sorted(touched) if self.open[s].complete()]
-        for s in done:
-            self._commit(s)
-        return done
 
-    def _write_ready(self, shard: int, state: _OpenShard) -> None:
-        """Write every source position, in order, whose rows have all arrived."""
-        while state.received.get(state.next_index) == 1:
-            for rec in sorted(state.waiting.pop(state.next_index), key=lambda r: r.variant):
-                if rec.error is not None:
-                    state.failures.append({"key": rec.key, "source_id": rec.source_id, **rec.error})
-                elif rec.rejected is not None:
-                    state.rejections.append({"key": rec.key, "source_id": rec.source_id, **rec.rejected})
-                    if rec.files is not None:
-                        self._rejected_tar(shard, state).write({"__key__": rec.key, **rec.files})
-                else:
-                    state.tar.write({"__key__": rec.key, **rec.files})
-                    state.samples += 1
-            state.next_index += 1
+def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
+    name = store.shard_name(work.shard)
+    meta_extra = {"job": job_info["job"], "spec_hash": job_info["spec_hash"], "models": job_info["models"]}
 
-    def _shard(self, shard: int) -> _OpenShard:
-        if shard not in self.open:
-            if shard not in self.shard_sources:
-                raise ValueError(f"shard {shard} is not pending in this run")
-            tmp_path = self.store.path(TMP_DIR, f"{self.store.shard_name(shard)}.{self.run_id}.tar")
-            self.store.fs.makedirs(tmp_path.rsplit("/", 1)[0], exist_ok=True)
-            # Bounded upload buffers (s3fs defaults to 50 MiB per open file, and many shards are open).
-            f = self.store.fs.open(tmp_path, "wb", block_size=_UPLOAD_BLOCK)
-            self.open[shard] = _OpenShard(
-                expected_sources=self.shard_sources[shard],
-                tmp_path=tmp_path,
-                file=f,
-                tar=TarWriter(f, mtime=_TAR_MTIME),
-                started=time.time(),
-            )
-        return self.open[shard]
+    def members(wanted):
+        for s in work.samples:
+            if wanted(s):
+                yield s.key, encode_files(s, settings.image_format, settings.quality, meta_extra)
 
-    def _rejected_tar(self, shard: int, state: _OpenShard) -> TarWriter:
-        if state.rejected_tar is None:
-            state.rejected_file = self.store.fs.open(self._rejected_tmp(shard), "wb", block_size=_UPLOAD_BLOCK)
-            state.rejected_tar = TarWriter(state.rejected_file, mtime=_TAR_MTIME)
-        return state.rejected_tar
+    def is_rejected(s: Sample) -> bool:
+        return s.error is None and s.rejected is not None
 
-    def _rejected_tmp(self, shard: int) -> str:
-        return self.store.path(TMP_DIR, f"{self.store.shard_name(shard)}.{self.run_id}.rejected.tar")
+    kept_rejected = settings.keep_rejected and any(is_rejected(s) for s in work.samples)
+    if kept_rejected:
+        _write_tar(store, members(is_rejected), REJECTED_DIR, f"{name}.tar")
+    _write_tar(store, members(lambda s: s.ok), SHARD_DIR, f"{name}.tar")
+    try:
+        return _write_stats(work, store, job_info, name, kept_rejected)
+    except BaseException:
+        # No final tar without its stats: the next run would redo it anyway, but nobody should find one.
+        for folder in (SHARD_DIR, REJECTED_DIR):
+            store.remove(folder, f"{name}.tar")
+        raise
 
-    def _commit(self, shard: int) -> None:
-        state = self.open.pop(shard)
-        state.tar.close()
-        self.store.sync(state.file)
-        state.file.close()
-        final = self.store.shard_path(shard)
-        self.store.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-        if state.rejected_tar is not None:
-            state.rejected_tar.close()
-            self.store.sync(state.rejected_file)
-            state.rejected_file.close()
-            rejected_final = self.store.path(REJECTED_DIR, f"{self.store.shard_name(shard)}.tar")
-            self.store.fs.makedirs(rejected_final.rsplit("/", 1)[0], exist_ok=True)
-            self.store.fs.mv(self._rejected_tmp(shard), rejected_final)
-        self.store.fs.mv(state.tmp_path, final)
-        finished = time.time()
-        stats = {
-            "shard": shard,
-            "url": self.store.public_url(SHARD_DIR, f"{self.store.shard_name(shard)}.tar"),
-            "sources": state.expected_sources,
-            "samples": state.samples,
-            "failed": len(state.failures),
-            "rejected": len(state.rejections),
-            "failures_by_reason": dict(Counter(f"{f['stage']}:{f['reason']}" for f in state.failures)),
-            "rejected_by_reason": dict(Counter(f"{r['stage']}:{r['reason']}" for r in state.rejections)),
-            "failures": state.failures,
-            "rejections": state.rejections,
-            "bytes": self.store.fs.size(final),
-            "started": state.started,
-            "finished": finished,
-            "seconds": round(finished - state.started, 3),
-            **self.job_info,
-        }
-        self.store.write_json(stats, STATS_DIR, f"{self.store.shard_name(shard)}.json")
-        self.committed.add(shard)
 
-    def incomplete(self) -> dict[int, dict]:
-        """Shards still open (should be none once the pipeline has drained)."""
-        return {
-            s: {"sources": st.expected_sources, "seen_sources": len(st.received)} for s, st in self.open.items()
-        }
-
-    def abort(self) -> None:
-        """Close and delete what was open; those shards stay uncommitted and are redone on the next run."""
-        for shard, state in self.open.items():
-            for tar, f in ((state.tar, state.file), (state.rejected_tar, state.rejected_file)):
-                if f is not None and not f.closed:
-                    tar.close()
-                    f.close()
-            for path in (state.tmp_path, self._rejected_tmp(shard)):
-                if self.store.fs.exists(path):
-                    self.store.fs.rm(path)
-        self.open.clear()
+def _write_stats(work: ShardWork, store: OutputStore, job_info: dict, name: str, kept_rejected: bool) -> dict:
+    failures = failure_records(work.samples)
+    if failures:
+        store.put_bytes(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures),
+                        FAILURES_DIR, f"{name}.jsonl")
+    by_kind = {kind: Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == kind)
+               for kind in ("failed", "rejected")}
+    finished = time.time()
+    stats = {
+        "shard": work.shard,
+        "url": store.public_url(SHARD_DIR, f"{name}.tar"),
+        "sources": len({s.index for s in work.samples}),
+        "samples": sum(s.ok for s in work.samples),
+        "failed": sum(by_kind["failed"].values()),
+        "rejected": sum(by_kind["rejected"].values()),
+        "failures_by_reason": dict(by_kind["failed"]),
+        "rejected_by_reason": dict(by_kind["rejected"]),
+        "failures_url": store.public_url(FAILURES_DIR, f"{name}.jsonl") if failures else None,
+        "rejected_url": store.public_url(REJECTED_DIR, f"{name}.tar") if kept_rejected else None,
+        "bytes": store.fs.size(store.shard_path(work.shard)),
+        "started": work.started,
+        "finished": finished,
+        "seconds": round(finished - work.started, 3),
+        "stages": work.stages,
+        **job_info,
+    }
+    store.write_json(stats, STATS_DIR, f"{name}.json")
+    return stats

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from factory.sample import BadSample
 from factory.stages import Stage
 
 
 class InvertParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     variants: int = 1
-    fail_ids: list[str] = []
+    bad_ids: list[str] = []  # raise BadSample: a data problem the engine pins on the sample
     reject_ids: list[str] = []
+    reject_variants: list[str] = []  # reject only the variants with these paths
     sleep: float = 0.0
+    sleep_ids: list[str] = []  # sleep `sleep` seconds on these ids only (else on every sample)
 
 
 class InvertStage(Stage):
-    """Inverts the image, `variants` times per input, raises on `fail_ids`, and sleeps to look busy."""
+    """Inverts the image, `variants` times per input; data problems and rejections on chosen ids."""
 
     name = "test-invert"
     Params = InvertParams
@@ -30,15 +35,16 @@ class InvertStage(Stage):
         return {"invert": "none"}
 
     def process(self, samples):
-        time.sleep(self.params.sleep * len(samples))
         out = []
         for s in samples:
-            if s.source_id in self.params.fail_ids:
-                raise RuntimeError(f"cannot invert {s.source_id}")
+            if not self.params.sleep_ids or s.source_id in self.params.sleep_ids:
+                time.sleep(self.params.sleep)
+            if s.source_id in self.params.bad_ids:
+                raise BadSample("uninvertible", f"cannot invert {s.source_id}")
             for v in s.expand(self.params.variants):
                 v.image = 255 - v.image
                 v.meta["seed"] = v.seed(self.context.job_seed)
-                if s.source_id in self.params.reject_ids:
+                if s.source_id in self.params.reject_ids or v.variant in self.params.reject_variants:
                     v.reject(self.context.label, "too_dark", "test rejection")
                 out.append(v)
         return out
@@ -60,3 +66,39 @@ class FloatImageStage(Stage):
         for s in samples:
             s.image = s.image.astype("float32") / 255
         return samples
+
+
+class FlakyParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    marker_dir: str
+    failures: int = 1
+
+
+class FlakyStage(Stage):
+    """Raises a transient error on its first `failures` calls, counted across processes in `marker_dir`."""
+
+    name = "test-flaky"
+    Params = FlakyParams
+
+    def process(self, samples):
+        for n in range(self.params.failures):
+            try:
+                fd = os.open(Path(self.params.marker_dir) / f"failure-{n}", os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                continue
+            os.close(fd)
+            raise ConnectionError("the model server went away for a moment")
+        return samples
+
+
+class OomOverTwoStage(Stage):
+    """Runs out of (pretend) GPU memory on batches of more than two samples."""
+
+    name = "test-oom"
+
+    def process(self, samples):
+        import torch
+
+        if len(samples) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [s.expand(1)[0] for s in samples]

@@ -1,4 +1,4 @@
-"""The engine end to end through a local Ray: folder source -> stages -> shards, with a test plug-in stage."""
+"""The engine end to end through a local Ray: folder source -> stages -> shards, with test plug-in stages."""
 
 import json
 
@@ -7,13 +7,24 @@ import pytest
 from helpers import decode_image, decode_mask, folder_spec, load_json, read_tar, write_folder_source
 from PIL import Image
 
-from factory.engine import ResumeError, StageFailed, run_job
+from factory.engine import ResumeError, run_job
+from factory.errors import JobIncomplete
 from factory.plan import PlanError
-from factory.spec import parse_spec
+from factory.spec import SpecError, parse_spec
 
 pytestmark = pytest.mark.timeout(300)
 
 INVERT = "stages_for_tests:InvertStage"
+FAST_RETRIES = {"retries": 2, "retry_backoff_s": 0.01}
+
+
+def stats_of(out, shard):
+    return load_json(out / "stats" / f"shard-{shard:06d}.json")
+
+
+def failures_of(out, shard):
+    path = out / "failures" / f"shard-{shard:06d}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
@@ -22,17 +33,21 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
     spec = parse_spec(folder_spec(tmp_path / "src", out, [{"kind": INVERT, "params": {"variants": 2}}]))
     index = run_job(spec)
     assert index["complete"] and index["num_shards"] == 3 and index["samples"] == 20
+    assert [s["samples"] for s in load_json(out / "index.json")["shards"]] == [8, 8, 4]
     manifest = load_json(out / "manifest.json")
     assert manifest["spec_hash"] == spec.content_hash() and manifest["plan"]["num_samples"] == 10
     seen = {}
     for shard in range(3):
-        stats = load_json(out / "stats" / f"shard-{shard:06d}.json")
+        stats = stats_of(out, shard)
         samples = read_tar(out / "shards" / f"shard-{shard:06d}.tar")
         assert stats["samples"] == len(samples) == 2 * stats["sources"]
         assert stats["models"] == {INVERT: {"invert": "none"}}
+        assert stats["stages"][INVERT]["rows_in"] == stats["sources"] and stats["stages"][INVERT]["retries"] == 0
+        assert "failures" not in stats and stats["failures_url"] is None
         for key, files in samples.items():
             assert "." not in key and set(files) == {"png", "seg.png", "json"}
             meta = json.loads(files["json"])
+            assert key == meta["key"] and key.endswith(f"-{meta['variant']}")
             image, mask = src[meta["source_id"]]
             np.testing.assert_array_equal(decode_mask(files["seg.png"]), mask)
             np.testing.assert_array_equal(decode_image(files["png"]), 255 - image)
@@ -40,27 +55,26 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
     assert len(seen) == 20
     assert len({m["seed"] for m in seen.values()}) == 20
     assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
+    assert not (out / "_lease.json").exists()
 
 
 def test_bad_inputs_are_recorded_and_the_job_goes_on(ray_local, tmp_path):
     src_dir = tmp_path / "src"
-    write_folder_source(src_dir, 6)
+    write_folder_source(src_dir, 12)
     (src_dir / "s-000_image.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # corrupt
     data = (src_dir / "s-001_image.png").read_bytes()
     (src_dir / "s-001_image.png").write_bytes(data[: len(data) // 2])  # truncated
-    Image.new("L", (16, 16)).save(src_dir / "s-002_mask.png")  # size mismatch
-    Image.fromarray(np.full((32, 32), 200, np.uint8), mode="L").save(src_dir / "s-003_mask.png")  # id 200
-    spec = parse_spec(folder_spec(src_dir, tmp_path / "out", [{"kind": INVERT, "params": {"fail_ids": ["s-004"]}}]))
-    index = run_job(spec)
-    assert index["samples"] == 1 and index["failed"] == 5
-    reasons = {}
-    for shard in range(2):
-        stats = load_json(tmp_path / "out" / "stats" / f"shard-{shard:06d}.json")
-        reasons.update({f["source_id"]: f["reason"] for f in stats["failures"]})
+    Image.new("L", (16, 16)).save(src_dir / "s-004_mask.png")  # size mismatch
+    Image.fromarray(np.full((32, 32), 200, np.uint8), mode="L").save(src_dir / "s-005_mask.png")  # id 200
+    stage = {"kind": INVERT, "params": {"bad_ids": ["s-008"]}}
+    index = run_job(parse_spec(folder_spec(src_dir, tmp_path / "out", [stage])))
+    assert index["complete"] and index["samples"] == 7 and index["failed"] == 5
+    reasons = {f["source_id"]: (f["stage"], f["reason"]) for shard in range(3) for f in failures_of(tmp_path / "out", shard)}
     assert reasons == {
-        "s-000": "corrupt_image", "s-001": "corrupt_image", "s-002": "size_mismatch",
-        "s-003": "unknown_class_id", "s-004": "model_error",
+        "s-000": ("read", "corrupt_image"), "s-001": ("read", "corrupt_image"), "s-004": ("read", "size_mismatch"),
+        "s-005": ("read", "unknown_class_id"), "s-008": (INVERT, "uninvertible"),
     }
+    assert stats_of(tmp_path / "out", 0)["failures_by_reason"] == {"read:corrupt_image": 2}
 
 
 def test_resume_skips_committed_and_regenerates_the_rest_identically(ray_local, tmp_path):
@@ -96,14 +110,45 @@ def test_changed_spec_is_refused_and_can_go_elsewhere(ray_local, tmp_path):
     assert run_job(parse_spec(changed))["samples"] == 12
 
 
-def test_a_stage_failing_on_everything_stops_the_job(ray_local, tmp_path):
+def test_a_stage_failing_on_everything_stops_the_job_and_commits_nothing(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 40)
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": "stages_for_tests:AlwaysFailStage"}], shard_size=2)
+    spec["engine"] = {**FAST_RETRIES, "max_failed_shards": 2}
+    with pytest.raises(JobIncomplete) as e:
+        run_job(parse_spec(spec))
+    assert "stages_for_tests:AlwaysFailStage" in str(e.value) and "model weights are garbage" in str(e.value)
+    assert not list((tmp_path / "out" / "stats").glob("*.json")) if (tmp_path / "out" / "stats").exists() else True
+    index = load_json(tmp_path / "out" / "index.json")
+    assert (index["committed"], index["complete"]) == (0, False)
+
+
+def test_a_transient_stage_error_is_retried_and_nothing_is_lost(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 4)
+    (tmp_path / "markers").mkdir()
+    stage = {"kind": "stages_for_tests:FlakyStage", "params": {"marker_dir": str(tmp_path / "markers"), "failures": 2}}
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [stage])
+    spec["engine"] = FAST_RETRIES
+    index = run_job(parse_spec(spec))
+    assert (index["samples"], index["failed"]) == (4, 0)
+    assert stats_of(tmp_path / "out", 0)["stages"]["stages_for_tests:FlakyStage"]["retries"] == 2
+
+
+def test_out_of_memory_splits_the_batch(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 8)
-    spec = parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": "stages_for_tests:AlwaysFailStage"}]))
-    with pytest.raises(Exception) as e:
-        run_job(spec)
-    assert "failed on each of its first 4 samples" in str(e.value)
-    assert "model weights are garbage" in str(e.value)
-    assert not list((tmp_path / "out" / "shards").glob("*.tar")) if (tmp_path / "out" / "shards").exists() else True
+    stage = {"kind": "stages_for_tests:OomOverTwoStage", "resources": {"batch_size": 8}}
+    index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage], shard_size=8)))
+    assert (index["samples"], index["failed"]) == (8, 0)
+    assert stats_of(tmp_path / "out", 0)["stages"]["stages_for_tests:OomOverTwoStage"]["oom_splits"] == 3
+
+
+def test_a_shard_above_the_failure_ceiling_is_not_committed(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 8)
+    stage = {"kind": INVERT, "params": {"bad_ids": ["s-004", "s-005", "s-006"]}}
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [stage], max_failure_fraction=0.5)
+    with pytest.raises(JobIncomplete, match=r"shard 1 at stage commit: 3 of 4 rows failed .*max_failure_fraction"):
+        run_job(parse_spec(spec))
+    assert (tmp_path / "out" / "stats" / "shard-000000.json").exists()
+    assert not (tmp_path / "out" / "shards" / "shard-000001.tar").exists()
 
 
 def test_empty_source_is_a_clear_error(tmp_path):
@@ -121,8 +166,9 @@ def test_rejected_samples_are_counted_and_optionally_kept(ray_local, tmp_path):
         spec = parse_spec(folder_spec(tmp_path / "src", out, [stage], keep_rejected=keep))
         index = run_job(spec)
         assert (index["samples"], index["rejected"], index["failed"]) == (4, 4, 0)
-        stats = load_json(out / "stats" / "shard-000000.json")
+        stats = stats_of(out, 0)
         assert stats["rejected_by_reason"] == {f"{INVERT}:too_dark": 4}
+        assert [r["kind"] for r in failures_of(out, 0)] == ["rejected"] * 4
         assert len(read_tar(out / "shards" / "shard-000000.tar")) == 4
         if keep:
             kept = read_tar(out / "rejected" / "shard-000000.tar")
@@ -132,35 +178,38 @@ def test_rejected_samples_are_counted_and_optionally_kept(ray_local, tmp_path):
             assert not (out / "rejected").exists()
 
 
-def test_a_variant_rejected_before_a_second_expansion_still_completes_its_shard(ray_local, tmp_path):
+def test_two_expanding_stages_with_a_partial_rejection_between_them_never_collide(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 3)
     stages = [
-        {"kind": INVERT, "name": "first", "params": {"variants": 2, "reject_ids": ["s-001"]}},
+        {"kind": INVERT, "name": "first", "params": {"variants": 2, "reject_variants": ["1"]}},
         {"kind": INVERT, "name": "second", "params": {"variants": 3}},
     ]
-    index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", stages)))
-    # s-000 and s-002: 2 x 3 samples each; s-001: its 2 first-stage variants rejected, never expanded.
-    assert index["complete"] and (index["samples"], index["rejected"]) == (12, 2)
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", stages, keep_rejected=True)
+    index = run_job(parse_spec(spec))
+    # Per source: variant 1 rejected by the first stage; variant 0 expanded into 0-0, 0-1, 0-2.
+    assert index["complete"] and (index["samples"], index["rejected"]) == (9, 3)
+    written = read_tar(tmp_path / "out" / "shards" / "shard-000000.tar")
+    rejected = read_tar(tmp_path / "out" / "rejected" / "shard-000000.tar")
+    assert sorted(written) == [f"000000-{i:06d}-0-{j}" for i in range(3) for j in range(3)]
+    assert sorted(rejected) == [f"000000-{i:06d}-1" for i in range(3)]
 
 
-def test_shards_are_identical_however_rows_arrive(ray_local, tmp_path):
-    """Many small blocks and two actors per stage reorder rows; the tars must not depend on that."""
+def test_shards_are_identical_however_the_pools_are_sized(ray_local, tmp_path):
+    """Other pool sizes schedule shards and batches differently; the tars must not depend on that."""
     write_folder_source(tmp_path / "src", 24)
-    stage = {"kind": INVERT, "params": {"variants": 2}, "resources": {"batch_size": 2, "concurrency": 2}}
     tars = []
-    for run in ("a", "b"):
-        spec = folder_spec(tmp_path / "src", tmp_path / run, [stage], shard_size=24)
-        spec["engine"] = {"read_chunk": 3, "encode_batch_size": 2}
-        run_job(parse_spec(spec))
-        tars.append((tmp_path / run / "shards" / "shard-000000.tar").read_bytes())
+    for run, pool in (("a", 1), ("b", 2)):
+        stage = {"kind": INVERT, "params": {"variants": 2}, "resources": {"batch_size": 3, "concurrency": pool}}
+        run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / run, [stage], shard_size=8)))
+        tars.append([(tmp_path / run / "shards" / f"shard-{s:06d}.tar").read_bytes() for s in range(3)])
     assert tars[0] == tars[1]
     keys = list(read_tar(tmp_path / "a" / "shards" / "shard-000000.tar"))
-    assert keys == sorted(keys) and len(keys) == 48
+    assert keys == sorted(keys) and len(keys) == 16
 
 
 def test_one_bad_input_with_many_variants_does_not_stop_the_job(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 4)
-    stage = {"kind": INVERT, "params": {"variants": 5, "fail_ids": ["s-000"]}}
+    stage = {"kind": INVERT, "params": {"variants": 5, "bad_ids": ["s-000"]}}
     index = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
     assert (index["samples"], index["failed"]) == (15, 5)
 
@@ -168,16 +217,13 @@ def test_one_bad_input_with_many_variants_does_not_stop_the_job(ray_local, tmp_p
 def test_a_sample_the_writer_cannot_encode_fails_alone(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 2)
     stages = [{"kind": "stages_for_tests:FloatImageStage"}]
-    spec = folder_spec(tmp_path / "src", tmp_path / "out", stages)
-    spec["engine"] = {"stop_after_failures": 10}
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", stages, max_failure_fraction=1.0)
     index = run_job(parse_spec(spec))
-    stats = load_json(tmp_path / "out" / "stats" / "shard-000000.json")
-    assert index["failed"] == 2 and set(stats["failures_by_reason"]) == {"stages_for_tests:FloatImageStage:bad_output"}
+    assert index["failed"] == 2
+    assert set(stats_of(tmp_path / "out", 0)["failures_by_reason"]) == {"stages_for_tests:FloatImageStage:bad_output"}
 
 
 def test_a_class_map_error_is_a_spec_error_before_anything_is_written(tmp_path):
-    from factory.spec import SpecError
-
     write_folder_source(tmp_path / "src", 2)
     spec = folder_spec(tmp_path / "src", tmp_path / "out", [
         {"kind": "controlnet", "model": {"profile": "tiny"}, "params": {"class_map": {"wall": "Wal"}}},
@@ -185,3 +231,25 @@ def test_a_class_map_error_is_a_spec_error_before_anything_is_written(tmp_path):
     with pytest.raises(SpecError, match=r"stages\[0\]\.params\.class_map"):
         run_job(parse_spec(spec))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("resources, field", [
+    ({"num_gpus": 1}, r"stages\[0\]\.resources\.num_gpus: .* asks for 1 GPU per worker, but the largest node has 0"),
+    ({"num_cpus": 64}, r"stages\[0\]\.resources\.num_cpus: .* asks for 64 CPU"),
+    ({"num_cpus": 1, "concurrency": 3}, r"stages\[\]\.resources\.concurrency: .* need 3.5 CPU .* the cluster has 2"),
+])
+def test_resources_the_cluster_cannot_give_are_refused_before_planning(ray_local, tmp_path, resources, field):
+    write_folder_source(tmp_path / "src", 2)
+    stage = {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": resources}
+    with pytest.raises(SpecError, match=field):
+        run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_too_large_for_the_object_store_is_refused(ray_local, tmp_path):
+    write_folder_source(tmp_path / "src", 4, size=64)
+    stage = {"kind": INVERT, "params": {"variants": 50}}
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [stage], shard_size=1_000_000)
+    with pytest.raises(SpecError, match=r"output\.shard_size: a shard of 1000000 sources .* Use shard_size <= \d+"):
+        run_job(parse_spec(spec))
+    assert not (tmp_path / "out").exists()

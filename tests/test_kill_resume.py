@@ -8,6 +8,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from helpers import folder_spec, read_tar, write_folder_source
@@ -30,8 +31,6 @@ def test_sigkill_then_rerun_gives_every_shard_exactly_once(tmp_path, model_cache
     stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2, "sleep": 0.4},
              "resources": {"batch_size": 2}}
     spec = folder_spec(tmp_path / "src", tmp_path / "killed", [stage], shard_size=2)
-    # Small encode batches: shards commit one by one, so the kill lands between commits.
-    spec["engine"] = {"encode_batch_size": 2, "read_chunk": 2}
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
 
@@ -44,8 +43,14 @@ def test_sigkill_then_rerun_gives_every_shard_exactly_once(tmp_path, model_cache
     while not (stats.exists() and len(list(stats.glob("*.json"))) >= 1):
         assert time.time() < deadline and proc.poll() is None, "the job never committed a shard"
         time.sleep(0.2)
+    agents = [a for raylet in psutil.Process(proc.pid).children() if "raylet" in raylet.name()
+              for a in raylet.children() if "Agent" in " ".join(a.cmdline())]
+    assert agents, "the local Ray's agents were not found"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # Nothing of the killed driver's local Ray outlives it (its agents used to).
+    gone, alive = psutil.wait_procs(agents, timeout=30)
+    assert not alive, [a.cmdline() for a in alive]
     committed_before = len(list(stats.glob("*.json")))
     assert committed_before < 8, "the job finished before it could be killed; slow the stage down"
     # Whatever sits under a final name after the kill is a whole tar, never a partial one.

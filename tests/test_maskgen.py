@@ -252,7 +252,7 @@ def test_detector_hub_id_offline_error(monkeypatch, tmp_path):
 def test_folder_source_without_masks(tmp_path):
     for i, im in enumerate(images(3, shape=(12, 16))):
         Image.fromarray(im).save(tmp_path / f"p{i}.png")
-    spec = SourceSpec(kind="folder", path=str(tmp_path), classes="voc", image_suffix=".png", mask_suffix=None)
+    spec = SourceSpec(kind="folder", path=str(tmp_path), classes="voc", image_suffix=".png", mask_suffix=None, min_side=8)
     src = open_source(spec)
     assert list(src.list_ids()) == ["p0", "p1", "p2"]
     rec = src.load("p1")

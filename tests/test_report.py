@@ -40,7 +40,7 @@ def job(ray_local, tmp_path_factory):
          "params": {"auto_label": {"kind": "test_sense_stages:PaletteLabeler"}}, "resources": {"num_cpus": 0.25}},
         {"kind": "keep", "params": {"min": {"density.instances": MIN_INSTANCES}}, "resources": {"num_cpus": 0.25}},
     ]
-    spec = folder_spec(tmp / "scenes", tmp / "out", stages)
+    spec = folder_spec(tmp / "scenes", tmp / "out", stages, max_failure_fraction=1.0)  # a shard of one corrupt scene
     spec["name"] = "report_test"
     index = run_job(parse_spec(spec))
     store = OutputStore(str(tmp / "out"))

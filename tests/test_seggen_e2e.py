@@ -63,7 +63,7 @@ def test_imgsyn_keeps_the_human_masks_bit_for_bit(ray_local, scenes, tmp_path):
         assert decode_image(files["png"]).shape == (40, 40, 3)
         assert meta["image_kind"] == "synthetic" and meta["mask2img"]["models"]["mask2img"] == "tiny:seggen-mask2img-v1"
     variants = sorted(json.loads(f["json"])["variant"] for f in found.values())
-    assert variants == sorted(list(range(images)) * SCENES)
+    assert variants == sorted([str(j) for j in range(images)] * SCENES)
 
 
 def test_masksyn_stores_new_decoded_masks_with_new_images(ray_local, scenes, tmp_path):

@@ -31,7 +31,7 @@ def synthetic(index, variant, seed=0, shape=(24, 32)):
     rng = np.random.default_rng(seed)
     mask = np.zeros(shape, np.uint8)
     mask[4:20, 6:26] = VOC.index("sheep")
-    return Sample(shard=1, index=index, source_id=f"s{index}", variant=variant, variants=2,
+    return Sample(shard=1, index=index, source_id=f"s{index}", variant=str(variant),
                   image=rng.integers(0, 256, (*shape, 3), np.uint8),
                   source_image=np.random.default_rng(100 + index).integers(0, 256, (*shape, 3), np.uint8), mask=mask)
 
@@ -101,7 +101,7 @@ class FakeGenerator:
 def tagged(index, variant, real_tag, synth_tag, mask):
     real = np.full((*mask.shape, 3), real_tag, np.uint8)
     image = np.full((*mask.shape, 3), synth_tag, np.uint8)
-    return Sample(shard=0, index=index, source_id=f"s{index}", variant=variant, variants=3, image=image,
+    return Sample(shard=0, index=index, source_id=f"s{index}", variant=str(variant), image=image,
                   source_image=real, mask=mask)
 
 

@@ -89,7 +89,7 @@ def test_every_real_image_gives_one_image_per_generator(sense_run):
         assert meta["dense_caption"] and meta["prompt"] == meta["dense_caption"]
         synthesis = meta["synthesis"]
         assert synthesis["conditioning"] == "text"
-        assert synthesis["generator"] == ("sd35", "flux")[meta["variant"]]
+        assert synthesis["generator"] == ("sd35", "flux")[int(meta["variant"])]
         assert synthesis["text_encoders"]["tokenizer"]["limit"] == 77
         seen[key] = meta
     assert {m["synthesis"]["generator"] for m in seen.values()} == {"sd35", "flux"}
@@ -128,7 +128,8 @@ def test_threshold_rejections_are_counted_by_reason(sense_run):
         stats = load_json(out / "stats" / f"shard-{shard:06d}.json")
         for reason, n in stats["rejected_by_reason"].items():
             rejected[reason] = rejected.get(reason, 0) + n
-        assert all(r["stage"] == "keep" for r in stats["rejections"])
+        failures = (out / "failures" / f"shard-{shard:06d}.jsonl").read_text().splitlines()
+        assert all(json.loads(r)["stage"] == "keep" for r in failures)
     assert rejected == {"keep:fidelity.clip_score_below_min": index["rejected"]}
 
 

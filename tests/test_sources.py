@@ -279,7 +279,7 @@ def expected_coco(size=SIZE):
     seg = coco_segment_map(size)
     s = COCO_SEGMENTS
     semantic = np.full(size, 255, dtype=np.uint8)
-    instances = np.zeros(size, dtype=np.int32)
+    instances = np.zeros(size, dtype=np.uint16)
     for key, cls, inst in (("sky", 2, 0), ("grass", 3, 0), ("person_a", 0, 2), ("person_b", 0, 3),
                            ("car", 1, 1), ("crowd", 0, 0)):
         semantic[seg == s[key]] = cls
@@ -297,7 +297,7 @@ def test_coco_panoptic_listing_and_mapping(tmp_path, png_dir_at_root):
     check_record(rec, src, ids[1])
     semantic, instances = expected_coco()
     np.testing.assert_array_equal(rec.mask, semantic)
-    assert rec.instances.dtype == np.int32
+    assert rec.instances.dtype == np.uint16
     np.testing.assert_array_equal(rec.instances, instances)
     assert rec.mask[H - 1, 0] == 255 and rec.instances[H - 1, 0] == 0  # void
     assert rec.mask[0, W - 1] == 0 and rec.instances[0, W - 1] == 0  # crowd: person, no instance
@@ -399,8 +399,9 @@ def test_cityscapes_listing_and_mapping(tmp_path):
     assert names[13] == "car" and names[11] == "person" and names[0] == "road" and names[18] == "bicycle"
     # Instances: car 26000 (bottom), 26001 (top), person 24000 -> ascending order 24000, 26000, 26001.
     raw = cityscapes_instance_ids()
-    expected = np.zeros(SIZE, dtype=np.int32)
+    expected = np.zeros(SIZE, dtype=np.uint16)
     expected[raw == 24000], expected[raw == 26000], expected[raw == 26001] = 1, 2, 3
+    assert rec.instances.dtype == np.uint16
     np.testing.assert_array_equal(rec.instances, expected)
     assert list(source("cityscapes", tmp_path, limit=2).list_ids()) == ids[:2]
 

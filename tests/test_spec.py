@@ -1,9 +1,10 @@
 import copy
+import json
 
 import pytest
 import yaml
 
-from factory.spec import SpecError, load_spec, parse_spec
+from factory.spec import SpecError, load_spec, parse_spec, redacted_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,11 +72,29 @@ def test_gpu_on_cpu_only_stage_is_refused():
 def test_hash_ignores_where_and_how_but_not_what():
     a = parse_spec(copy.deepcopy(GOOD))
     moved = copy.deepcopy(GOOD)
-    moved["output"]["url"] = "s3://elsewhere"
-    moved["stages"][0]["resources"] = {"num_gpus": 1, "batch_size": 32, "concurrency": 8}
+    moved["output"].update(url="s3://elsewhere", shared_filesystem=True, endpoint_url="http://minio:9000",
+                           storage_options={"key": "AKIA", "secret": "s3cr3t"})
+    moved["source"]["storage_options"] = {"token": "abc"}
+    moved["stages"][0]["model"]["storage_options"] = {"secret": "other"}
+    moved["stages"][0]["resources"] = {"num_gpus": 1, "concurrency": 8}
+    moved["engine"] = {"retries": 9}
     assert parse_spec(moved).content_hash() == a.content_hash()
     assert parse_spec(bad("seed", 2)).content_hash() != a.content_hash()
     assert parse_spec(bad("stages.0.params", {"variants": 3})).content_hash() != a.content_hash()
+    # What shares a batch decides the bytes a batched model makes: the batch size is part of the job.
+    assert parse_spec(bad("stages.0.resources", {"batch_size": 32})).content_hash() != a.content_hash()
+
+
+def test_credentials_are_redacted_from_the_stored_spec():
+    data = copy.deepcopy(GOOD)
+    data["output"]["storage_options"] = {"key": "AKIA-ID", "secret": "s3cr3t",
+                                         "client_kwargs": {"endpoint_url": "http://s3", "aws_session_token": "sess-XYZ-123"}}
+    data["stages"][0]["model"]["storage_options"] = {"password": "hunter2", "anon": False}
+    stored = redacted_spec(parse_spec(data))
+    text = json.dumps(stored)
+    assert not any(secret in text for secret in ("AKIA-ID", "s3cr3t", "sess-XYZ-123", "hunter2"))
+    assert stored["output"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://s3"
+    assert stored["stages"][0]["model"]["storage_options"]["anon"] is False
 
 
 def test_load_spec_with_overrides_and_yaml_errors(tmp_path):

@@ -1,24 +1,91 @@
+"""The shard writer alone: commit order, idempotent rewrites, the failure ceiling, storage errors retried."""
+
+import json
+
+import numpy as np
 import pytest
 from helpers import read_tar
 
+from factory.sample import Sample, ShardWork
 from factory.store import OutputStore
-from factory.writer import EncodedSample, ShardWriter
+from factory.writer import WriteSettings, write_shard
 
 pytestmark = pytest.mark.timeout(60)
 
+SETTINGS = WriteSettings(image_format="png", quality=95, keep_rejected=False, max_failure_fraction=0.5,
+                         retries=2, backoff=0.0)
+JOB = {"job": "t", "spec_hash": "abc", "models": {}}
 
-def record(index, variant=0, variants=1):
-    key = f"000000-{index:06d}-{variant:03d}"
-    return EncodedSample(0, index, variant, variants, key, f"s-{index}", {"png": b"x", "json": b"{}"}, None, None)
+
+def shard_work(n: int, k: int = 2) -> ShardWork:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        src = Sample(shard=3, index=i, source_id=f"s-{i}", image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+                     mask=np.zeros((8, 8), np.uint8))
+        samples += src.expand(k)
+    return ShardWork(shard=3, samples=samples, started=0.0)
 
 
-def test_rows_are_written_in_key_order_and_retries_are_not_duplicated(tmp_path):
+def test_a_shard_commits_tar_failures_then_stats(tmp_path):
     store = OutputStore(str(tmp_path))
-    writer = ShardWriter(store, {0: 3}, {})
-    assert writer.add([record(2), record(1, 1, 2)]) == []
-    assert writer.add([record(1, 1, 2), record(0)]) == []  # a retried task sends (1, 1) again
-    assert writer.add([record(1, 0, 2)]) == [0]
-    assert writer.add([record(2)]) == []  # a retry after the commit changes nothing
-    assert list(read_tar(tmp_path / "shards" / "shard-000000.tar")) == [
-        "000000-000000-000", "000000-000001-000", "000000-000001-001", "000000-000002-000",
-    ]
+    work = shard_work(3)
+    work.samples[1].fail("synth", "bad_output", "nan")
+    work.samples[4].reject("select", "low_cosine")
+    result = write_shard(work, store, SETTINGS, JOB)
+    assert (result["status"], result["samples"], result["failed"], result["rejected"]) == ("committed", 4, 1, 1)
+    assert list(read_tar(tmp_path / "shards" / "shard-000003.tar")) == [
+        "000003-000000-0", "000003-000001-0", "000003-000001-1", "000003-000002-1"]
+    stats = json.loads((tmp_path / "stats" / "shard-000003.json").read_text())
+    assert stats["failures_by_reason"] == {"synth:bad_output": 1} and stats["rejected_by_reason"] == {"select:low_cosine": 1}
+    lines = [json.loads(x) for x in (tmp_path / "failures" / "shard-000003.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["kind"], r["reason"]) for r in lines] == [
+        ("000003-000000-1", "failed", "bad_output"), ("000003-000002-0", "rejected", "low_cosine")]
+    first = (tmp_path / "shards" / "shard-000003.tar").read_bytes()
+    # A retried or repeated write of the same shard (Ray re-ran the task) gives the same bytes.
+    assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB)["status"] == "committed"
+    assert (tmp_path / "shards" / "shard-000003.tar").read_bytes() == first
+
+
+def shard_work_with_marks() -> ShardWork:
+    work = shard_work(3)
+    work.samples[1].fail("synth", "bad_output", "nan")
+    work.samples[4].reject("select", "low_cosine")
+    return work
+
+
+def test_a_shard_over_the_failure_ceiling_writes_nothing(tmp_path):
+    store = OutputStore(str(tmp_path))
+    work = shard_work(2)
+    for s in work.samples[:3]:
+        s.fail("read", "corrupt_image")
+    result = write_shard(work, store, SETTINGS, JOB)
+    assert result["status"] == "failed" and "3 of 4 rows failed (read:corrupt_image 3)" in result["cause"]
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "stats").exists()
+
+
+def test_a_failed_shard_passes_its_cause_on(tmp_path):
+    work = shard_work(1)
+    work.failure = {"shard": 3, "stage": "synth", "cause": "RuntimeError: boom", "advice": "rerun"}
+    result = write_shard(work, OutputStore(str(tmp_path)), SETTINGS, JOB)
+    assert (result["status"], result["stage"], result["cause"]) == ("failed", "synth", "RuntimeError: boom")
+    assert not (tmp_path / "stats").exists()
+
+
+def test_storage_errors_are_retried_then_reported_without_a_commit(tmp_path, monkeypatch):
+    store = OutputStore(str(tmp_path))
+    calls = {"n": 0}
+    real_write_json = store.write_json
+
+    def flaky(data, *parts):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OSError(28, "No space left on device")
+        real_write_json(data, *parts)
+
+    monkeypatch.setattr(store, "write_json", flaky)
+    assert write_shard(shard_work(1), store, SETTINGS, JOB)["status"] == "committed"
+    calls["n"] = -10  # now every attempt fails
+    result = write_shard(shard_work(1), store, SETTINGS, JOB)
+    assert result["status"] == "failed" and result["stage"] == "write"
+    assert "No space left" in result["cause"] and "free space" in result["advice"]

@@ -1,0 +1,112 @@
+"""Failures by kind, and how they are told to the user.
+
+A data problem (`BadSample`: a corrupt input, an unknown class, a model output that fails its checks) is
+recorded on its sample and committed with the shard. Everything else is infrastructure (storage down,
+bad credentials, a full disk, a dead worker, a bug): retried with backoff a bounded number of times;
+if it persists, the shard stays uncommitted, the job ends non-zero, and a rerun retries it.
+
+`describe` turns any exception (also one wrapped by Ray) into one line and the advice that goes with
+it, so a failure ends with one `factory:` line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from factory.sample import BadSample
+
+log = logging.getLogger("factory")
+T = TypeVar("T")
+
+RERUN = "rerun the same command: it resumes from the committed shards"
+
+
+class ShardFailed(Exception):
+    """A step failed on a shard for a reason that is not the data, after its retries."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"{stage}: {one_line(cause)}")
+        self.stage = stage
+        self.cause = cause
+
+
+class JobIncomplete(RuntimeError):
+    """The job ended with shards that failed (after their retries) and stay uncommitted."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain, through Ray's wrappers (RayTaskError.cause) and __cause__."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    exc = root_cause(exc)
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:limit]
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def advice(exc: BaseException) -> str:
+    """What the user should do about an infrastructure failure, from its root cause."""
+    exc = root_cause(exc)
+    name = type(exc).__name__
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left" in text:
+        return f"no space left on the device: free space, then {RERUN}"
+    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return "the location is not writable: fix its permissions or pass --output elsewhere"
+    if name in ("NoCredentialsError", "PartialCredentialsError") or any(
+        word in text for word in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
+    ):
+        return "object storage refused the credentials: check key/secret (or AWS_* variables), then " + RERUN
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                "ConnectionRefusedError", "ConnectionResetError", "ReadTimeoutError") or isinstance(exc, ConnectionError):
+        return f"object storage is unreachable: check the endpoint is up, then {RERUN}"
+    if is_cuda_oom(exc):
+        return "a single sample does not fit in GPU memory: lower the stage's resolution or give it a whole GPU"
+    if name in ("ActorDiedError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError",
+                "ObjectLostError", "OwnerDiedError"):
+        return f"a Ray worker or node died (see the Ray logs for why); {RERUN}"
+    return RERUN
+
+
+def describe(exc: BaseException) -> dict:
+    return {"cause": one_line(exc), "advice": advice(exc)}
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int, backoff: float) -> T:
+    """`fn()`, tried again after `backoff`, 2 x `backoff`, ... seconds for every exception but BadSample;
+    the last failure is raised."""
+    for attempt in range(attempts + 1):
+        try:
+            return fn()
+        except BadSample:
+            raise
+        except Exception as e:
+            if attempt == attempts:
+                raise
+            delay = backoff * 2**attempt
+            log.warning("%s failed (%s); retry %d of %d in %.1fs", what, one_line(e), attempt + 1, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

@@ -1,0 +1,290 @@
+"""The fault matrix: each fault hits a real `factory run` (a subprocess with its own local Ray), and after it
+(and a rerun where the job stopped) every shard is committed exactly once, no partial tar exists, and
+the shards are byte-identical to those of an uninterrupted run.
+
+Driver SIGKILL is in test_kill_resume.py. Storage faults that no real device gives on demand are
+injected by tests/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import seaweed
+import yaml
+from helpers import folder_spec, write_folder_source
+
+pytestmark = pytest.mark.timeout(600)
+
+REPO = Path(__file__).resolve().parents[1]
+FACTORY = [sys.executable, "-m", "factory.cli"]
+SHARDS = 8
+FAST = {"retries": 2, "retry_backoff_s": 0.2}
+
+
+def job_spec(src: Path, out, sleep: float = 0.4, **output) -> dict:
+    """The job every fault hits: the same spec (its hash is in every sample) as the reference run."""
+    stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2, "sleep": sleep},
+             "resources": {"batch_size": 2}}
+    spec = folder_spec(src, out, [stage], shard_size=2, **output)
+    spec["engine"] = FAST
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def env_with(fault: str | None = None) -> dict:
+    env = dict(os.environ)
+    paths = [str(REPO / "tests" / "faults")] if fault else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
+    if fault:
+        env["FACTORY_TEST_FAULT"] = fault
+    return env
+
+
+def run_cli(*args, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=timeout, env=env_with(fault))
+
+
+def start_cli(*args, fault: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*FACTORY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with(fault))
+
+
+def tars_in(shards: dict[str, bytes]) -> dict[str, bytes]:
+    for name, data in shards.items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # a partial tar does not open
+            tar.getmembers()
+    return shards
+
+
+def local_tars(out: Path) -> dict[str, bytes]:
+    return tars_in({p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))})
+
+
+def assert_exactly_once(out: Path, reference: dict[str, bytes]) -> None:
+    assert local_tars(out) == reference
+    assert sorted(p.name for p in (out / "stats").glob("*.json")) == [f"shard-{s:06d}.json" for s in range(SHARDS)]
+    assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 240):
+    deadline = time.time() + timeout
+    while not (found := predicate()):
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert proc is None or proc.poll() is None, f"the run ended before {what}: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.1)
+    return found
+
+
+def committed(out: Path) -> int:
+    return len(list((out / "stats").glob("*.json"))) if (out / "stats").exists() else 0
+
+
+def ray_process(name_part: str):
+    """A Ray worker process whose title (set by Ray to the running actor or task) contains `name_part`."""
+    for p in psutil.process_iter(["cmdline"]):
+        if any(name_part in part for part in p.info["cmdline"] or ()):
+            return p
+    return None
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    src = tmp_path_factory.mktemp("fault-src")
+    write_folder_source(src, 2 * SHARDS)
+    return src
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory, model_cache):
+    out = tmp_path_factory.mktemp("fault-ref") / "out"
+    spec = write_spec(out.parent / "job.yaml", job_spec(source, out))
+    result = run_cli("run", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return local_tars(out)
+
+
+def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    proc = start_cli("run", str(spec))
+    wait_for(lambda: committed(out) >= 1, "a first commit", proc)
+    actor = wait_for(lambda: ray_process("StageStep"), "the stage actor", proc)
+    actor.send_signal(signal.SIGKILL)
+    code, err = finish(proc)
+    if code != 0:  # a clean stop is allowed; the rerun must then finish the job
+        assert last_line(err).startswith("factory:"), err[-2000:]
+        rerun = run_cli("run", str(spec))
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_exactly_once(out, reference)
+
+
+def test_a_write_task_killed_mid_write_is_retried(source, reference, tmp_path):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    proc = start_cli("run", str(spec), fault="slow:1.0")
+    writer = wait_for(lambda: ray_process("_write_step"), "a write task", proc)
+    writer.send_signal(signal.SIGKILL)
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
+    assert_exactly_once(out, reference)
+
+
+def test_a_transient_storage_error_is_retried_and_nothing_is_recorded_as_failed(source, reference, tmp_path):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    (tmp_path / "markers").mkdir()
+    result = run_cli("run", str(spec), fault=f"fail-once:{tmp_path / 'markers'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "markers" / "failed-once").exists()  # the fault did fire
+    assert "injected I/O error" in result.stderr and "retry 1 of 2" in result.stderr
+    assert ", 0 failed" in result.stdout and not (out / "failures").exists()
+    assert_exactly_once(out, reference)
+
+
+def test_a_second_run_on_the_same_output_is_refused(source, reference, tmp_path):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    first = start_cli("run", str(spec))
+    wait_for(lambda: (out / "_lease.json").exists(), "the first run's lease", first)
+    second = run_cli("run", str(spec), timeout=120)
+    assert second.returncode == 1
+    assert "is being written by another run" in last_line(second.stderr)
+    assert "Traceback" not in second.stderr
+    code, err = finish(first)
+    assert code == 0, err[-3000:]
+    assert_exactly_once(out, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KiB filesystem (tmpfs) for the output: the plan and a few shards fit, the job does not."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
+                             capture_output=True).returncode == 0
+    yield mount, mounted
+    if mounted:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, reference, tmp_path, small_disk):
+    mount, mounted = small_disk
+    out = mount / "out"
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    # A real full disk where this machine lets the test mount one; else every write fails with ENOSPC.
+    result = run_cli("run", str(spec), fault=None if mounted else "enospc")
+    assert result.returncode == 1
+    line = last_line(result.stderr)
+    assert line.startswith("factory: ") and "No space left on device" in line and "free space" in line, line
+    assert "Traceback" not in result.stderr
+    for tar in (out / "shards").glob("*.tar") if (out / "shards").exists() else ():
+        assert (out / "stats" / f"{tar.stem}.json").exists(), f"{tar.name} has no stats"
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
+    rerun = run_cli("run", str(spec))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_exactly_once(out, reference)
+
+
+def test_an_unwritable_output_ends_with_one_line(source, tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
+        readonly = tmp_path / "a-file"  # where a mount is not allowed: a path under a regular file
+        readonly.write_text("not a folder")
+    try:
+        spec = write_spec(tmp_path / "job.yaml", job_spec(source, readonly / "out"))
+        result = run_cli("run", str(spec))
+    finally:
+        subprocess.run(["umount", "-l", str(readonly)], check=False, capture_output=True)
+    assert result.returncode == 1
+    assert last_line(result.stderr).startswith("factory: ") and "Traceback" not in result.stderr
+    assert "not writable" in last_line(result.stderr) or "Not a directory" in last_line(result.stderr)
+
+
+def s3_tars(fs, prefix: str) -> dict[str, bytes]:
+    fs.invalidate_cache()
+    return tars_in({p.rsplit("/", 1)[-1]: fs.cat(p) for p in sorted(fs.ls(f"{prefix}/shards"))})
+
+
+def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path):
+    import s3fs
+
+    ports = seaweed.free_ports()
+    data = tmp_path / "weed"
+    server = seaweed.start(data, ports)
+    options = seaweed.options(ports)
+    fs = s3fs.S3FileSystem(**options)
+    spec = job_spec(source, "s3://test/faults", endpoint_url=seaweed.endpoint(ports),
+                    storage_options={"key": seaweed.KEY, "secret": seaweed.SECRET})
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    proc = start_cli("run", str(spec_path))
+    try:
+        def s3_committed():
+            fs.invalidate_cache()
+            return fs.exists("test/faults/stats") and len(fs.ls("test/faults/stats")) >= 1
+
+        wait_for(s3_committed, "a first commit on S3", proc)
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        time.sleep(8)
+        server = seaweed.start(data, ports)
+        code, err = finish(proc, timeout=400)  # it rides the outage out or stops cleanly; it never hangs
+        if code != 0:
+            assert last_line(err).startswith("factory:") and "Traceback" not in err, err[-3000:]
+            rerun = run_cli("run", str(spec_path))
+            assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert s3_tars(fs, "test/faults") == reference
+        fs.invalidate_cache()
+        assert len(fs.ls("test/faults/stats")) == SHARDS
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        seaweed.stop(server)
+
+
+def test_credentials_never_reach_a_file_or_a_log(source, tmp_path, s3_server):
+    import s3fs
+
+    endpoint, options = s3_server
+    secret = "factory-secret-7f3a9c"
+    # The test server checks no signatures: any secret is accepted, and this one is easy to grep for.
+    spec = job_spec(source, "s3://test/secrets", sleep=0.0, endpoint_url=endpoint,
+                    storage_options={"key": options["key"], "secret": secret})
+    spec["source"]["storage_options"] = {"token": secret}  # the local source ignores it, the spec keeps it
+    spec_path = write_spec(tmp_path / "job.yaml", spec)
+    result = run_cli("run", str(spec_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stdout + result.stderr
+    fs = s3fs.S3FileSystem(**options)
+    fs.invalidate_cache()
+    assert fs.find("test/secrets/shards")
+    for path in fs.find("test/secrets"):
+        assert secret.encode() not in fs.cat(path), path
+    session = Path("/tmp/ray/session_latest/logs")
+    for log in session.rglob("*") if session.exists() else ():
+        if log.is_file():
+            assert secret.encode() not in log.read_bytes(), log
