@@ -1,5 +1,7 @@
 """The ControlNet ImgSyn stage on the tiny pipeline: shapes, exact masks, seeds, prompts and failures."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -165,7 +167,7 @@ def test_batched_calls_match_single_source_calls(model_cache):
     """
     stage = make_stage(variants=2)
     inputs = [mask_sample(0), mask_sample(1, meta={"prompt": "a tall tower"}), mask_sample(2, shape=(32, 32))]
-    batched = stage.process([Sample.from_bytes(s.to_bytes()) for s in inputs])
+    batched = stage.process([replace(s, meta=dict(s.meta)) for s in inputs])
     single = [v for s in inputs for v in stage.process([s])]
     assert [(s.index, s.variant) for s in batched] == [(s.index, s.variant) for s in single]
     for a, b in zip(batched, single):
