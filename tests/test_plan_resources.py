@@ -60,8 +60,8 @@ def test_cli_with_a_bench_json(tmp_path, capsys):
     rates_file.write_text(json.dumps(bench))
     assert rates_from_bench(rates_file)[0]["controlnet-sd15"] == 4.0
     make_scenes(tmp_path / "scenes", count=3, size=32)
-    code = cli.main(["plan-resources", "jobs/diffusion_synthesis_tiny.yaml",
-                     "--set", f"source.path={tmp_path / 'scenes'}", "--gpus", "8", "--rates", str(rates_file), "--json"])
+    code = cli.main(["plan-resources", "jobs/diffusion_synthesis_tiny.yaml", "--set",
+                     f"source.path={tmp_path / 'scenes'}", "--gpus", "8", "--rates", str(rates_file), "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sources"] == 3 and out["gpus"] == 8
