@@ -271,6 +271,13 @@ def cmd_make_scenes(args) -> int:
     return 0
 
 
+def cmd_plan_resources(args) -> int:
+    from factory.plan_resources import main_plan_resources
+
+    return main_plan_resources(load_spec(args.spec, _overrides(args)), args.gpus, args.rates, args.sources,
+                               args.samples, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factory", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -345,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="captions.jsonl")
     q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
     q.set_defaults(func=cmd_captions)
+
+    q = sub.add_parser("plan-resources", help="GPU pool sizes that balance a spec's stages on N GPUs")
+    spec_args(q)
+    q.add_argument("--gpus", type=int, required=True, help="GPUs to split between the stages")
+    q.add_argument("--rates", help="a bench/bench_gpu.py JSON; default: a short calibration run of the spec")
+    q.add_argument("--sources", type=int, help="source samples in the job (default: the source's listing)")
+    q.add_argument("--samples", type=int, default=8, help="calibration: source samples to run")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_plan_resources)
 
     q = sub.add_parser("make-scenes", help="write procedural ADE150 scenes (the quickstart's input)")
     q.add_argument("dir")

@@ -170,6 +170,26 @@ def tiny_bert_tokenizer(extra_tokens: tuple[str, ...] = (), **kwargs):
     return BertTokenizer(vocab={w: i for i, w in enumerate(words)}, **kwargs)
 
 
+def tiny_t5_tokenizer():
+    """A T5 Unigram tokenizer over single characters: any ASCII text tokenizes, ids stay below 100."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def tiny_gemma_tokenizer():
+    """A Gemma BPE without merges (one token per character), with Gemma's pad/eos/bos ids 0/1/2."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5}
+    for c in string.ascii_letters + string.digits + string.punctuation + "\n":
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[])
+
+
 def _build_tiny_controlnet(target: Path) -> None:
     import torch
     from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline,
@@ -235,13 +255,23 @@ def torch_dtype(dtype_name: str, device: str):
 
 
 def load_controlnet_pipeline(model_cfg: Any, device: str, dtype_name: str):
-    """A StableDiffusionControlNetPipeline on `device`, real or tiny, loaded through `from_pretrained`.
+    """A StableDiffusionControlNetPipeline on `device`: real or tiny through `from_pretrained`, or random.
 
     `model_cfg` has `profile`, `base`, `controlnet` and `storage_options` (the stage's Model section).
     """
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     dtype = torch_dtype(dtype_name, device)
+    if model_cfg.profile == "random":
+        from factory import random_models
+
+        pipe = StableDiffusionControlNetPipeline(
+            **random_models.pipeline_components(random_models.SD15, device, dtype),
+            controlnet=random_models.diffusers_component(random_models.SD_CONTROLNET_SEG, "", device, dtype),
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     if model_cfg.profile == "tiny":
         base_ref = base = tiny_controlnet_pipeline_dir()
         controlnet_ref = controlnet = str(Path(base) / "controlnet")

@@ -16,16 +16,19 @@ and tiny Text2Mask / Mask2Img folders in the same layout, so tests load through 
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.classes import ClassSet, class_names_in, class_set
+from factory.classes import class_set
+from factory.diffusion import SpeedOptions
 from factory.models import (fill_once, from_pretrained, is_hub_id, model_cache_dir, resolve_model_path,
                             torch_dtype, write_tiny_clip_tokenizer)
 from factory.palettes import Palette
+from factory.random_models import PROFILE_HELP, Profile
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 TINY_SDXL = "sdxl-base-v1"
@@ -42,13 +45,14 @@ class SDXLModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Profile = Field("pretrained", description=PROFILE_HELP)
     base: str = Field(SDXL_BASE, description="SDXL base: hub id, local dir or s3:// URL (VAE, text encoders)")
     weights: str | None = Field(
         None, description="the model folder `factory train` wrote (<output>/final): local dir, s3:// URL or hub id",
     )
     vae: str | None = Field(None, description="optional VAE replacing the base's (e.g. an fp16-safe SDXL VAE)")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
     @model_validator(mode="after")
@@ -176,6 +180,10 @@ def base_ref(model: SDXLModelConfig) -> tuple[str, str]:
 
 
 def model_ids(model: SDXLModelConfig, kind: str) -> dict[str, str]:
+    if model.profile == "random":
+        from factory.random_models import SDXL, SDXL_CONTROLNET, random_id
+
+        return {"base": random_id(SDXL), kind: random_id(SDXL if kind == "text2mask" else SDXL_CONTROLNET)}
     if model.profile == "tiny":
         name = TINY_TEXT2MASK if kind == "text2mask" else TINY_MASK2IMG
         return {"base": f"tiny:{TINY_SDXL}", kind: f"tiny:{name}"}
@@ -195,6 +203,8 @@ def load_seggen_pipeline(model: SDXLModelConfig, kind: str, device: str) -> tupl
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
     dtype = torch_dtype(model.dtype, device)
+    if model.profile == "random":
+        return _random_seggen_pipeline(kind, device, dtype), Palette.for_classes(class_set("ade150"))
     base_name, base = base_ref(model)
     if model.profile == "tiny":
         weights_name, folder = f"tiny:{kind}", tiny_seggen_dir(kind)
@@ -218,6 +228,22 @@ def load_seggen_pipeline(model: SDXLModelConfig, kind: str, device: str) -> tupl
     return pipe, palette
 
 
+def _random_seggen_pipeline(kind: str, device: str, dtype) -> Any:
+    """The SDXL base with random weights; mask2img adds a full-size SDXL ControlNet (the UNet's encoder)."""
+    from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+
+    from factory import random_models
+
+    parts = random_models.pipeline_components(random_models.SDXL, device, dtype)
+    if kind == "text2mask":
+        pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    else:
+        controlnet = random_models.diffusers_component(random_models.SDXL_CONTROLNET, "", device, dtype)
+        pipe = StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def use_scheduler(pipe: Any, name: Scheduler) -> None:
     """Swap the sampler; the Karras ones take the base's noise schedule and space sigmas as in EDM."""
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -227,21 +253,6 @@ def use_scheduler(pipe: Any, name: Scheduler) -> None:
     elif name == "dpmpp_2m_karras":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(
             pipe.scheduler.config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)
-
-
-def size_multiple(pipe: Any) -> int:
-    """Latents are 1/vae_scale_factor of the image and the UNet halves them once per down block but
-    the last: a side must divide by both or the skip connections do not line up."""
-    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
-
-
-def prompt_for(meta: dict, mask, classes: ClassSet, template: str) -> str:
-    """An earlier stage's prompt or caption, else the template with {classes} = the mask's classes."""
-    for key in ("prompt", "caption"):
-        if meta.get(key):
-            return str(meta[key])
-    names = class_names_in(mask, classes) if mask is not None else []
-    return template.replace("{classes}", ", ".join(names))
 
 
 def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], device) -> tuple:
@@ -279,21 +290,29 @@ class TrainingModels:
         frozen = self.autocast_dtype or torch.float32
         # The SDXL VAE overflows in fp16; it stays fp32 then (bf16 has the range).
         self.vae_dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-        ref = model.base if model.profile == "pretrained" else f"tiny:{TINY_SDXL}"
-        base = tiny_sdxl_dir() if model.profile == "tiny" else resolve_model_path(ref, model.storage_options)
+        ref = {"pretrained": model.base, "tiny": f"tiny:{TINY_SDXL}", "random": "random"}[model.profile]
+        base = {"pretrained": lambda: resolve_model_path(ref, model.storage_options), "tiny": tiny_sdxl_dir,
+                "random": lambda: None}[model.profile]()
+        work = tempfile.TemporaryDirectory()
 
         def load(cls, folder: str, dtype=None, checkpoint: Path | None = None):
             """A part of the base model, or of the checkpoint folder when one is given."""
             kwargs = {"subfolder": folder} if dtype is None else {"subfolder": folder, "dtype": dtype}
             if checkpoint is not None:
                 return from_pretrained(cls, str(checkpoint), str(checkpoint), **kwargs)
+            if base is None:  # the random profile: built on the device, from the shipped SDXL configs
+                from factory import random_models
+
+                return random_models.component(random_models.SDXL, folder, str(device), dtype or torch.float32,
+                                               Path(work.name))
             return from_pretrained(cls, ref, base, **kwargs)
 
         self.tokenizers = [load(CLIPTokenizer, "tokenizer"), load(CLIPTokenizer, "tokenizer_2")]
         self.text_encoders = [load(CLIPTextModel, "text_encoder", frozen),
                               load(CLIPTextModelWithProjection, "text_encoder_2", frozen)]
         self.vae = load(AutoencoderKL, "vae", self.vae_dtype)
-        self.noise = load(DDPMScheduler, "scheduler")
+        self.noise = DDPMScheduler.from_config(load(DDPMScheduler, "scheduler").config)
+        work.cleanup()
         if kind == "text2mask":
             # The trained UNet stays fp32: autocast runs it in half precision, AdamW updates fp32 weights.
             self.unet = self.trainable = load(UNet2DConditionModel, "unet", torch.float32, resume)
@@ -301,6 +320,12 @@ class TrainingModels:
             if resume:
                 self.unet = load(UNet2DConditionModel, "unet", frozen)
                 self.trainable = load(ControlNetModel, "controlnet", torch.float32, resume)
+            elif base is None:  # random weights: nothing to copy, the ControlNet is built from its config
+                from factory import random_models
+
+                self.unet = load(UNet2DConditionModel, "unet", frozen)
+                self.trainable = random_models.diffusers_component(random_models.SDXL_CONTROLNET, "", str(device),
+                                                                   torch.float32)
             else:
                 # The ControlNet starts as a copy of the UNet's encoder: copy it from fp32 weights, then
                 # cast the frozen UNet down, so the trained model does not start from rounded weights.

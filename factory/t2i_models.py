@@ -12,13 +12,13 @@ Tokenizers for the tiny profile are written at run time from a small vocabulary:
 from __future__ import annotations
 
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
-                            write_tiny_clip_tokenizer)
+from factory.diffusion import unet_size_multiple
+from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_gemma_tokenizer,
+                            tiny_t5_tokenizer, torch_dtype, write_tiny_clip_tokenizer)
 
 TINY_VERSION = "v1"
 
@@ -60,7 +60,7 @@ def size_multiple(pipe: Any, family: str) -> int:
         return vae * pipe.transformer.config.patch_size
     if family == "sana":
         return max(32, vae * pipe.transformer.config.patch_size)  # SanaPipeline refuses other sizes
-    return max(8, vae * 2 ** (len(pipe.unet.config.down_block_types) - 1))  # SDXL checks for 8
+    return unet_size_multiple(pipe)
 
 
 def prompt_tokens(pipe: Any, family: str, prompt: str, max_sequence_length: int | None) -> dict[str, dict]:
@@ -75,15 +75,6 @@ def prompt_tokens(pipe: Any, family: str, prompt: str, max_sequence_length: int 
 
 
 # ---------------------------------------------------------------- tiny builders
-
-
-def _tiny_t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    chars = string.ascii_letters + string.digits + string.punctuation
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
 def _tiny_t5_encoder(vocab_size: int):
@@ -126,7 +117,7 @@ def _build_flux(target: Path):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    clip_tok, t5_tok = write_tiny_clip_tokenizer(target), _tiny_t5_tokenizer()
+    clip_tok, t5_tok = write_tiny_clip_tokenizer(target), tiny_t5_tokenizer()
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -143,7 +134,7 @@ def _build_sd3(target: Path):
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    clip_tok, t5_tok = write_tiny_clip_tokenizer(target), _tiny_t5_tokenizer()
+    clip_tok, t5_tok = write_tiny_clip_tokenizer(target), tiny_t5_tokenizer()
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
@@ -160,12 +151,10 @@ def _build_sd3(target: Path):
 def _build_sana(target: Path):
     import torch
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+    from transformers import Gemma2Config, Gemma2Model
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5}
-    for c in string.ascii_letters + string.digits + string.punctuation + "\n":
-        vocab.setdefault(c, len(vocab))
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=[])
+    tokenizer = tiny_gemma_tokenizer()
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(0)
     text_encoder = Gemma2Model(Gemma2Config(
         head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
@@ -242,7 +231,8 @@ def tiny_t2i_dir(family: str) -> str:
 
 def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: str, device: str,
                       storage_options: dict, variant: str | None = None, offload: bool = False):
-    """A family's pipeline on `device`: the tiny one, or `ref` (hub id, local dir, s3:// URL)."""
+    """A family's pipeline on `device`: tiny, random (the published architecture), or `ref` (hub id, local
+    dir, s3:// URL)."""
     import diffusers
 
     info = FAMILIES[family]
@@ -250,6 +240,13 @@ def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: st
     if dtype_name == "auto" and device.startswith("cuda"):
         dtype_name = info.dtype_on_gpu
     dtype = torch_dtype(dtype_name, device)
+    if profile == "random":
+        from factory.random_models import T2I, pipeline_components
+
+        build_on = "cpu" if offload and device.startswith("cuda") else device
+        extra = {"add_watermarker": False} if family == "sdxl" else {}
+        pipe = cls(**pipeline_components(T2I[family], build_on, dtype), **extra)
+        return _placed(pipe, cls, device, offload)
     if profile == "tiny":
         ref = path = tiny_t2i_dir(family)
         variant = None
@@ -259,7 +256,10 @@ def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: st
     kwargs = {"dtype": dtype}
     if variant:
         kwargs["variant"] = variant
-    pipe = from_pretrained(cls, ref, path, **kwargs)
+    return _placed(from_pretrained(cls, ref, path, **kwargs), cls, device, offload)
+
+
+def _placed(pipe: Any, cls: type, device: str, offload: bool):
     if offload and device.startswith("cuda"):
         pipe.enable_model_cpu_offload()  # each component visits the GPU only while it runs
     else:

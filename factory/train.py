@@ -36,6 +36,7 @@ import torch.utils.data
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.palettes import Palette
+from factory.random_models import SDXL, random_id
 from factory.sdxl import SDXL_BASE, SUBFOLDER, TINY_SDXL, TrainingModels, write_model_info
 from factory.spec import SourceSpec, SpecError, format_loc, read_yaml
 from factory.train_data import LoaderBatches, PairStream
@@ -51,7 +52,8 @@ class _Strict(BaseModel):
 
 
 class TrainModel(_Strict):
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Literal["pretrained", "tiny", "random"] = Field(
+        "pretrained", description="random: the SDXL base architecture with random weights (benchmarks only)")
     base: str = Field(SDXL_BASE, description="SDXL base: hub id, local dir or s3:// URL")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -200,7 +202,7 @@ def _step_dir(step: int) -> str:
 def _write_model(folder: Path, kind: str, module, palette: Palette, spec: TrainSpec, info: dict) -> None:
     module.save_pretrained(str(folder / SUBFOLDER[kind]))
     palette.save(folder)
-    base = spec.model.base if spec.model.profile == "pretrained" else f"tiny:{TINY_SDXL}"
+    base = {"pretrained": spec.model.base, "tiny": f"tiny:{TINY_SDXL}", "random": random_id(SDXL)}[spec.model.profile]
     write_model_info(folder, kind, base=base, resolution=spec.resolution, spec_hash=spec.content_hash(), **info)
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from factory.palettes import Palette
 from factory.sample import BadSample
-from factory.sdxl import prompt_for
+from factory.diffusion import prompt_for
 from factory.sources import open_source
 
 if TYPE_CHECKING:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
                             torch_dtype)
+from factory.random_models import BLIP, PROFILE_HELP, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -77,6 +78,32 @@ def _build_tiny_blip2(target: Path) -> None:
     processor.save_pretrained(str(target))
 
 
+def _random_captioner(family: str, device: str, dtype):
+    """BLIP-large or BLIP-2 OPT-2.7b at full size with random weights, and a processor at the real input
+    size with the tiny tokenizer (every id inside the real vocabulary)."""
+    from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BlipForConditionalGeneration,
+                              BlipProcessor)
+
+    from factory import random_models
+
+    name = random_models.BLIP[family]
+    config = random_models.transformers_config(name)
+    if family == "blip":
+        tokenizer = tiny_bert_tokenizer(("[DEC]",), bos_token="[DEC]")
+        processor = BlipProcessor(image_processor=random_models.image_processor(name), tokenizer=tokenizer)
+        random_models.align_special_tokens(config.text_config, tokenizer)
+        config.text_config.eos_token_id = tokenizer.sep_token_id
+        model = random_models.transformers_model(BlipForConditionalGeneration, config, device, dtype)
+    else:
+        tokenizer = tiny_bert_tokenizer(("<image>",), bos_token="[CLS]", eos_token="[SEP]")
+        processor = Blip2Processor(image_processor=random_models.image_processor(name), tokenizer=tokenizer,
+                                   num_query_tokens=config.num_query_tokens)
+        random_models.align_special_tokens(config.text_config, tokenizer)
+        config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+        model = random_models.transformers_model(Blip2ForConditionalGeneration, config, device, dtype)
+    return model, processor
+
+
 class CaptionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,7 +118,7 @@ class CaptionParams(BaseModel):
 class CaptionModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP)
     family: Literal["blip", "blip2"] = "blip"
     model: str | None = Field(
         None, description="hub id, local dir or s3:// URL; default Salesforce/blip-image-captioning-large "
@@ -102,7 +129,7 @@ class CaptionModelConfig(BaseModel):
 
 
 def load_captioner(cfg: CaptionModelConfig, device: str):
-    """(model, processor) for the configured family, real or tiny, through `from_pretrained`."""
+    """(model, processor) for the configured family: real or tiny through `from_pretrained`, or random."""
     from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BlipForConditionalGeneration,
                               BlipProcessor)
 
@@ -110,6 +137,9 @@ def load_captioner(cfg: CaptionModelConfig, device: str):
         "blip": (BlipForConditionalGeneration, BlipProcessor, TINY_BLIP, _build_tiny_blip),
         "blip2": (Blip2ForConditionalGeneration, Blip2Processor, TINY_BLIP2, _build_tiny_blip2),
     }[cfg.family]
+    if cfg.profile == "random":
+        model, processor = _random_captioner(cfg.family, device, torch_dtype(cfg.dtype, device))
+        return model.to(device).eval(), processor
     if cfg.profile == "tiny":
         ref = path = str(fill_once(model_cache_dir() / "tiny" / tiny_name, build))
     else:
@@ -133,6 +163,8 @@ class CaptionStage(Stage):
     def model_ids(self) -> dict[str, str]:
         if self.model.profile == "tiny":
             return {"captioner": f"tiny:{TINY_BLIP if self.model.family == 'blip' else TINY_BLIP2}"}
+        if self.model.profile == "random":
+            return {"captioner": random_id(BLIP[self.model.family])}
         return {"captioner": self.model.model or DEFAULT_MODELS[self.model.family]}
 
     def caption(self, images: list) -> list[str]:

@@ -19,6 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.random_models import PROFILE_HELP, VLM, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -42,7 +43,7 @@ class DenseCaptionParams(BaseModel):
 class DenseCaptionModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP + " (Gemma-3-4B)")
     vlm: str = Field("google/gemma-3-4b-it", description="hub id, local dir or s3:// URL of the VLM")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPU")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
@@ -50,20 +51,12 @@ class DenseCaptionModelConfig(BaseModel):
 
 def _build_tiny_vlm(target: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+                              LlavaForConditionalGeneration, LlavaProcessor)
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    # A BPE without merges is a character tokenizer; Fuse joins the characters back without spaces.
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = _char_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>"], pad_token="<pad>", bos_token="<s>",
+                                eos_token="</s>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    vocab = tokenizer.get_vocab()
     template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
         "{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
@@ -87,6 +80,47 @@ def _build_tiny_vlm(target: Path) -> None:
     processor.save_pretrained(str(target))
 
 
+def _char_tokenizer(specials: list[str], **named):
+    """A character-level fast tokenizer: a BPE without merges, whose decoder joins characters back."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+
+
+def _random_vlm(device: str, dtype):
+    """Gemma-3-4B-it at full size with random weights; its processor at the real 896 px with 256 image
+    tokens and a character tokenizer (ids inside the real vocabulary, special ids set in the config)."""
+    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
+
+    from factory import random_models
+
+    tokenizer = _char_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+         "<start_of_turn>", "<end_of_turn>"],
+        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+    )
+    template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    config = random_models.transformers_config(VLM)
+    processor = Gemma3Processor(image_processor=random_models.image_processor(VLM), tokenizer=tokenizer,
+                                chat_template=template, image_seq_length=config.mm_tokens_per_image)
+    ids = tokenizer.convert_tokens_to_ids
+    config.boi_token_index, config.eoi_token_index = ids("<start_of_image>"), ids("<end_of_image>")
+    config.image_token_index = ids("<image_soft_token>")
+    random_models.align_special_tokens(config.text_config, tokenizer)
+    return random_models.transformers_model(Gemma3ForConditionalGeneration, config, device, dtype), processor
+
+
 def tiny_vlm_dir() -> str:
     return str(fill_once(model_cache_dir() / "tiny" / TINY_VLM, _build_tiny_vlm))
 
@@ -101,24 +135,28 @@ class DenseCaptionStage(Stage):
     def setup(self) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if self.model.profile == "tiny":
-            ref = path = tiny_vlm_dir()
-        else:
-            ref = self.model.vlm
-            path = resolve_model_path(ref, self.model.storage_options)
         cuda = self.context.device.startswith("cuda")
         # fp16 overflows in Gemma-3 and Qwen-VL activations; bf16 is what these models are released in.
         dtype = torch_dtype("bf16" if self.model.dtype == "auto" and cuda else self.model.dtype, self.context.device)
+        if self.model.profile == "random":
+            self.vlm, self.processor = _random_vlm(self.context.device, dtype)
+        else:
+            ref = path = tiny_vlm_dir()
+            if self.model.profile == "pretrained":
+                ref = self.model.vlm
+                path = resolve_model_path(ref, self.model.storage_options)
+            self.processor = from_pretrained(AutoProcessor, ref, path)
+            self.vlm = from_pretrained(AutoModelForImageTextToText, ref, path, dtype=dtype)
         # Left padding: generation appends to the right end of every row of the batch.
-        self.processor = from_pretrained(AutoProcessor, ref, path, padding_side="left")
-        self.vlm = from_pretrained(AutoModelForImageTextToText, ref, path, dtype=dtype).to(self.context.device).eval()
+        self.processor.tokenizer.padding_side = "left"
+        self.vlm = self.vlm.to(self.context.device).eval()
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.params.prompt}]}]
         self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         tokenizer = self.processor.tokenizer
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
 
     def model_ids(self) -> dict[str, str]:
-        return {"vlm": f"tiny:{TINY_VLM}" if self.model.profile == "tiny" else self.model.vlm}
+        return {"vlm": {"tiny": f"tiny:{TINY_VLM}", "random": random_id(VLM)}.get(self.model.profile, self.model.vlm)}
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         import torch

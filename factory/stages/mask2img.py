@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.diffusion import MaskConditionedStage, resize_to
 from factory.sample import Sample
-from factory.sdxl import (SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, prompt_for, size_multiple,
-                          use_scheduler)
-from factory.stages import Stage, register_stage
+from factory.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
+from factory.stages import register_stage
 
 
 class Mask2ImgParams(BaseModel):
@@ -51,17 +51,19 @@ class Mask2ImgParams(BaseModel):
 
 
 @register_stage
-class Mask2ImgStage(Stage):
+class Mask2ImgStage(MaskConditionedStage):
     name = "mask2img"
-    uses_gpu = True
     Params = Mask2ImgParams
     Model = SDXLModelConfig
 
-    def setup(self) -> None:
+    def load(self):
         self.pipe, self.palette = load_seggen_pipeline(self.model, "mask2img", self.context.device)
+        return self.pipe
+
+    def setup(self) -> None:
+        super().setup()
         use_scheduler(self.pipe, self.params.scheduler)
         self.to_palette = self.palette.lookup_from(self.context.classes, self.params.class_map)
-        self.size_multiple = size_multiple(self.pipe)
 
     def variants_per_input(self) -> int:
         return self.params.images
@@ -69,61 +71,40 @@ class Mask2ImgStage(Stage):
     def model_ids(self) -> dict[str, str]:
         return model_ids(self.model, "mask2img")
 
-    def generation_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w): long side near `resolution`, the mask's aspect ratio, both multiples of the size multiple."""
-        m = self.size_multiple
-        scale = self.params.resolution / max(height, width)
-        return max(m, round(height * scale / m) * m), max(m, round(width * scale / m) * m)
-
     def condition(self, sample: Sample) -> np.ndarray:
         """The colour map the ControlNet sees, at the mask's size."""
         instances = sample.instances if self.palette.outlines else None
         return self.palette.encode(self.to_palette[sample.mask.astype(np.int64)], instances)
 
-    def process(self, samples: list[Sample]) -> list[Sample]:
-        out = []
-        for sample in samples:
-            if sample.mask is None:
-                out += [v.fail(self.context.label, "no_mask", "mask2img needs a mask to condition on")
-                        for v in sample.expand(self.params.images)]
-            else:
-                # One call per input mask: a variant's pixels depend only on its own seed.
-                out += self._generate(sample)
-        return out
-
-    def _generate(self, sample: Sample) -> list[Sample]:
-        import torch
-
-        h, w = sample.mask.shape[:2]
-        gh, gw = self.generation_size(h, w)
-        # NEAREST keeps every conditioning pixel an exact palette colour.
-        cond = Image.fromarray(self.condition(sample)).resize((gw, gh), Image.NEAREST)
-        prompt = prompt_for(sample.meta, sample.mask, self.context.classes, self.params.prompt)
-        variants = sample.expand(self.params.images)
-        seeds = [v.seed(self.context.job_seed, self.context.label) for v in variants]
-        result = self.pipe(
-            prompt=[prompt] * len(variants),
+    def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
+        gh, gw = size
+        prompts, conds, seeds, flat = [], [], [], []
+        for sample, variants in zip(sources, groups):
+            # NEAREST keeps every conditioning pixel an exact palette colour.
+            cond = Image.fromarray(self.condition(sample)).resize((gw, gh), Image.NEAREST)
+            prompt = self.prompt(sample, self.params.prompt)
+            for v in variants:
+                prompts.append(prompt)
+                conds.append(cond)
+                seeds.append(self.seed(v))
+                flat.append(v)
+        images = self.generate(
+            seeds,
+            prompt=prompts,
             # None, not "", for no negative prompt: SDXL then uses zeros, as training's dropped prompts did.
-            negative_prompt=[self.params.negative_prompt] * len(variants) if self.params.negative_prompt else None,
-            image=[cond] * len(variants),
+            negative_prompt=[self.params.negative_prompt] * len(prompts) if self.params.negative_prompt else None,
+            image=conds,
             num_inference_steps=self.params.steps,
             guidance_scale=self.params.guidance,
             controlnet_conditioning_scale=self.params.conditioning_scale,
-            generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
             height=gh,
             width=gw,
-            output_type="np",
         )
-        images = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
-        after_text2mask = sample.meta.get("image_kind") == "color_map"
-        for v, seed, image in zip(variants, seeds, images):
-            if (h, w) != (gh, gw):
-                # The image follows the mask, never the reverse: the mask is the label and stays exact.
-                image = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
-            if not after_text2mask:
+        for v, prompt, seed, image in zip(flat, prompts, seeds, images):
+            if v.meta.get("image_kind") != "color_map":
                 v.source_image = v.image
-            v.image = image
-            v.meta["prompt"], v.meta["variant"] = prompt, v.variant
+            v.image = resize_to(image, *v.mask.shape[:2])
+            v.meta["prompt"] = prompt
             v.meta["image_kind"] = "synthetic"
             v.meta["mask2img"] = {
                 "stage": self.context.label,
@@ -136,4 +117,3 @@ class Mask2ImgStage(Stage):
                 "palette": self.palette.kind,
                 "models": self.model_ids(),
             }
-        return variants

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from factory.classes import ClassSet
 from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
                             torch_dtype)
+from factory.random_models import GROUNDING_DINO, PROFILE_HELP, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -59,7 +60,8 @@ class DetectionParams(BaseModel):
 class MaskGenModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Literal["pretrained", "tiny", "random"] = Field(
+        "pretrained", description=PROFILE_HELP + " (GroundingDINO-B, SAM of sam_type)")
     detector: str = Field("IDEA-Research/grounding-dino-base", description="hub id, local dir or s3:// URL")
     sam: str = Field(SAM_VIT_H, description="SAM checkpoint .pth: local path or fsspec URL")
     sam_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="segment-anything registry size")
@@ -130,11 +132,30 @@ def _build_tiny_detector(target: Path) -> None:
     processor.save_pretrained(str(target))
 
 
-def build_sam(sam_type: str, checkpoint: str):
-    """A SAM model from a state-dict checkpoint: the registry sizes, or 'tiny'."""
+def _random_detector(device: str, dtype):
+    """GroundingDINO-B (Swin-B, BERT-base) with random weights; its processor at the real 800-1333 px."""
+    from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
+
+    from factory import random_models
+
+    tokenizer = tiny_bert_tokenizer()
+    config = random_models.transformers_config(GROUNDING_DINO)
+    random_models.align_special_tokens(config.text_config, tokenizer)
+    processor = GroundingDinoProcessor(image_processor=random_models.image_processor(GROUNDING_DINO),
+                                       tokenizer=tokenizer)
+    return random_models.transformers_model(GroundingDinoForObjectDetection, config, device, dtype), processor
+
+
+def build_sam(sam_type: str, checkpoint: str | None, device: str = "cpu"):
+    """A SAM model from a state-dict checkpoint: the registry sizes, or 'tiny'; no checkpoint: random weights."""
     import torch
     from segment_anything import sam_model_registry
 
+    if checkpoint is None:
+        from factory.random_models import building
+
+        with building(device, torch.float32):
+            return sam_model_registry[sam_type]().eval()
     if sam_type != "tiny":
         return sam_model_registry[sam_type](checkpoint=checkpoint).eval()
     sam = _tiny_sam()
@@ -183,7 +204,10 @@ class MaskGenerator:
 
         self.settings, self.classes, self.device = settings, classes, device
         self.dtype = torch_dtype(cfg.dtype, device)
-        if cfg.profile == "tiny":
+        if cfg.profile == "random":
+            self.detector, self.processor = _random_detector(device, self.dtype)
+            sam_type, sam_path = cfg.sam_type, None
+        elif cfg.profile == "tiny":
             det_ref = det_path = str(fill_once(model_cache_dir() / "tiny" / TINY_DETECTOR, _build_tiny_detector))
             sam_path = str(fill_once(model_cache_dir() / "tiny" / TINY_SAM, _build_tiny_sam) / "sam_tiny.pth")
             sam_type = "tiny"
@@ -191,10 +215,12 @@ class MaskGenerator:
             det_ref, sam_type = cfg.detector, cfg.sam_type
             det_path = resolve_model_path(cfg.detector, cfg.storage_options)
             sam_path = resolve_model_path(cfg.sam, cfg.storage_options)
-        self.processor = from_pretrained(GroundingDinoProcessor, det_ref, det_path)
-        self.detector = from_pretrained(GroundingDinoForObjectDetection, det_ref, det_path, dtype=self.dtype)
+        if cfg.profile != "random":
+            self.processor = from_pretrained(GroundingDinoProcessor, det_ref, det_path)
+            self.detector = from_pretrained(GroundingDinoForObjectDetection, det_ref, det_path, dtype=self.dtype)
         self.detector.to(device).eval()
-        self.predictor = SamPredictor(build_sam(sam_type, sam_path).to(device))
+        # Inference only: no parameter needs a gradient (and FLOP counting traces outputs that would).
+        self.predictor = SamPredictor(build_sam(sam_type, sam_path, device).to(device).requires_grad_(False))
         # SAM's checkpoints are fp32: lower precision is applied by autocast on GPUs only.
         self.autocast = partial(torch.autocast, device_type="cuda", dtype=self.dtype,
                                 enabled=device.startswith("cuda") and self.dtype != torch.float32)
@@ -204,6 +230,8 @@ class MaskGenerator:
     def model_ids(cfg: MaskGenModelConfig) -> dict[str, str]:
         if cfg.profile == "tiny":
             return {"detector": f"tiny:{TINY_DETECTOR}", "sam": f"tiny:{TINY_SAM}"}
+        if cfg.profile == "random":
+            return {"detector": random_id(GROUNDING_DINO), "sam": f"random:sam_{cfg.sam_type}"}
         return {"detector": cfg.detector, "sam": f"{cfg.sam_type}:{cfg.sam}"}
 
     def generate(self, images: list[np.ndarray], class_names: list[str] | list[list[str]]) -> list[PseudoLabel]:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
                             write_tiny_clip_tokenizer)
+from factory.random_models import CLIP_L, PROFILE_HELP, random_id
 from factory.sample import Sample
 from factory.scores import density, fidelity
 from factory.stages import Stage, StageContext, register_stage, resolve_stage
@@ -74,7 +75,7 @@ class ScoreParams(BaseModel):
 class ScoreModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = "pretrained"
+    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP)
     clip: str = Field("openai/clip-vit-large-patch14", description="hub id, local dir or s3:// URL of a CLIP model")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
@@ -103,6 +104,22 @@ def _build_tiny_clip(target: Path) -> None:
     processor.save_pretrained(str(target))
 
 
+def _random_clip(device: str, dtype):
+    """CLIP ViT-L/14 (both towers) at full size with random weights, and the tiny CLIP tokenizer."""
+    import tempfile
+
+    from transformers import CLIPModel, CLIPProcessor
+
+    from factory import random_models
+
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = write_tiny_clip_tokenizer(Path(work))
+    config = random_models.transformers_config(random_models.CLIP_L)
+    random_models.align_special_tokens(config.text_config, tokenizer)
+    processor = CLIPProcessor(image_processor=random_models.image_processor(random_models.CLIP_L), tokenizer=tokenizer)
+    return random_models.transformers_model(CLIPModel, config, device, dtype), processor
+
+
 def tiny_clip_dir() -> str:
     return str(fill_once(model_cache_dir() / "tiny" / TINY_CLIP, _build_tiny_clip))
 
@@ -125,12 +142,15 @@ class ScoreStage(Stage):
         if self.params.clip:
             from transformers import AutoProcessor, CLIPModel
 
+            dtype = torch_dtype(self.model.dtype, self.context.device)
+            if self.model.profile == "random":
+                self.clip, self.processor = _random_clip(self.context.device, dtype)
+                return
             if self.model.profile == "tiny":
                 ref = path = tiny_clip_dir()
             else:
                 ref = self.model.clip
                 path = resolve_model_path(ref, self.model.storage_options)
-            dtype = torch_dtype(self.model.dtype, self.context.device)
             self.processor = from_pretrained(AutoProcessor, ref, path)
             self.clip = from_pretrained(CLIPModel, ref, path, dtype=dtype).to(self.context.device).eval()
 
@@ -143,7 +163,8 @@ class ScoreStage(Stage):
     def model_ids(self) -> dict[str, str]:
         ids = {}
         if self.params.clip:
-            ids["clip"] = f"tiny:{TINY_CLIP}" if self.model.profile == "tiny" else self.model.clip
+            ids["clip"] = {"tiny": f"tiny:{TINY_CLIP}", "random": random_id(CLIP_L)}.get(self.model.profile,
+                                                                                      self.model.clip)
         if self.params.auto_label is not None:
             ids.update({f"auto_label.{k}": v for k, v in self._labeler().model_ids().items()})
         return ids

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from factory.classes import class_names_in
 from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.random_models import CLIP_L, DINOV2, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 from factory.stages.maskgen import DetectionParams, MaskGenerator, MaskGenModelConfig
@@ -54,6 +55,22 @@ def _build_tiny_dinov2(target: Path) -> None:
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(str(target))
 
 
+def _random_embedder(kind: str, device: str, dtype):
+    """(processor, model) of CLIP ViT-L/14's vision tower or DINOv2-base, at full size with random weights."""
+    from transformers import CLIPVisionModelWithProjection, Dinov2Model
+
+    from factory import random_models
+
+    name = random_models.CLIP_L if kind == "clip" else random_models.DINOV2
+    config = random_models.transformers_config(name)
+    if kind == "clip":
+        config.vision_config.projection_dim = config.projection_dim
+        model = random_models.transformers_model(CLIPVisionModelWithProjection, config.vision_config, device, dtype)
+    else:
+        model = random_models.transformers_model(Dinov2Model, config, device, dtype)
+    return random_models.image_processor(name), model
+
+
 def mean_iou(pred: np.ndarray, target: np.ndarray, ignore: int, skip_ids: frozenset[int] = frozenset()) -> float:
     """mIoU over the classes present in either mask, on the pixels `target` labels.
 
@@ -78,6 +95,9 @@ class Embedder:
         from transformers import AutoImageProcessor, CLIPVisionModelWithProjection, Dinov2Model
 
         model_cls = CLIPVisionModelWithProjection if kind == "clip" else Dinov2Model
+        if cfg.profile == "random":
+            self.processor, self.model = _random_embedder(kind, device, torch_dtype(cfg.dtype, device))
+            return
         if cfg.profile == "tiny":
             build = _build_tiny_clip if kind == "clip" else _build_tiny_dinov2
             ref = path = str(fill_once(model_cache_dir() / "tiny" / TINY_EMBEDDERS[kind], build))
@@ -137,8 +157,9 @@ class SelectStage(Stage):
         ids = {}
         if self.params.check_cosine and self.params.embedding != "pixels":
             kind = self.params.embedding
-            ids["embedding"] = (f"tiny:{TINY_EMBEDDERS[kind]}" if self.model.profile == "tiny"
-                                else getattr(self.model, kind))
+            ids["embedding"] = {"tiny": f"tiny:{TINY_EMBEDDERS[kind]}",
+                                "random": random_id(CLIP_L if kind == "clip" else DINOV2)}.get(
+                self.model.profile, getattr(self.model, kind))
         if self.params.check_miou:
             ids.update(MaskGenerator.model_ids(self.model))
         return ids

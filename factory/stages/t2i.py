@@ -19,9 +19,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.classes import class_names_in
+from factory.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by
+from factory.random_models import PROFILE_HELP, T2I, Profile, random_id
 from factory.sample import Sample
-from factory.stages import Stage, register_stage
+from factory.stages import register_stage
 from factory.t2i_models import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple, tiny_id
 
 
@@ -59,11 +60,6 @@ class T2IParams(BaseModel):
         "image's mask, most pixels first",
     )
     negative_prompt: str = Field("", description="passed to the families that take one (SD3, Sana, SDXL)")
-    sources_per_call: int = Field(
-        1, ge=1,
-        description="real images per pipeline call; with 1 a regenerated shard is bit-identical, larger "
-        "values batch more but make images depend on which samples share a call",
-    )
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -76,26 +72,23 @@ class T2IParams(BaseModel):
 class T2IModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    profile: Literal["pretrained", "tiny"] = Field(
-        "pretrained", description="tiny: every generator is its family's tiny random-weight pipeline")
+    profile: Profile = Field("pretrained", description=PROFILE_HELP + "; tiny and random apply to every generator")
     offload: bool = Field(False, description="model CPU offload on GPUs (diffusers enable_model_cpu_offload)")
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
 
 @register_stage
-class TextToImageStage(Stage):
+class TextToImageStage(DiffusionStage):
     name = "t2i"
-    uses_gpu = True
+    salt_seeds_with_label = False
     Params = T2IParams
     Model = T2IModelConfig
 
-    def setup(self) -> None:
-        self.pipes = {}
-        for g in self.params.generators:
-            self.pipes[g.name] = load_t2i_pipeline(
-                g.family, g.model, self.model.profile, g.dtype, self.context.device,
-                self.model.storage_options, g.variant, self.model.offload,
-            )
+    def load(self):
+        return {g.name: load_t2i_pipeline(g.family, g.model, self.model.profile, g.dtype, self.context.device,
+                                          self.model.storage_options, g.variant, self.model.offload)
+                for g in self.params.generators}
 
     def variants_per_input(self) -> int:
         return len(self.params.generators) * self.params.images_per_generator
@@ -103,54 +96,42 @@ class TextToImageStage(Stage):
     def model_ids(self) -> dict[str, str]:
         if self.model.profile == "tiny":
             return {g.name: f"tiny:{tiny_id(g.family)}" for g in self.params.generators}
+        if self.model.profile == "random":
+            return {g.name: random_id(T2I[g.family]) for g in self.params.generators}
         return {g.name: g.model or FAMILIES[g.family].default_model for g in self.params.generators}
 
     def generation_size(self, generator: GeneratorSpec, height: int, width: int) -> tuple[int, int]:
         """(h, w): long side at the generator's resolution, the real image's aspect ratio, sides rounded."""
-        m = size_multiple(self.pipes[generator.name], generator.family)
-        scale = generator.setting("resolution") / max(height, width)
-        return (max(m, round(height * scale / m) * m), max(m, round(width * scale / m) * m))
-
-    def prompt_for(self, sample: Sample) -> str | None:
-        if sample.meta.get("prompt"):
-            return str(sample.meta["prompt"])
-        if sample.mask is None:
-            return None
-        names = class_names_in(sample.mask, self.context.classes)
-        return self.params.prompt.replace("{classes}", ", ".join(names))
+        multiple = size_multiple(self.pipes[generator.name], generator.family)
+        return generation_size(height, width, generator.setting("resolution"), multiple)
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         n, k = self.params.images_per_generator, self.variants_per_input()
-        out: dict[int, list[Sample]] = {}
-        live: list[tuple[int, str, list[Sample]]] = []
+        out: list[list[Sample]] = []
+        live: list[tuple[int, str]] = []
         for i, sample in enumerate(samples):
-            prompt = self.prompt_for(sample)
+            prompt = self.prompt(sample, self.params.prompt)
             variants = sample.expand(k)
+            out.append(variants)
             if prompt is None:
-                out[i] = [v.fail(self.context.label, "no_prompt", "no meta['prompt'] and no mask for class names")
-                          for v in variants]
+                for v in variants:
+                    v.fail(self.context.label, "no_prompt", "no meta['prompt'], no meta['caption'] and no mask")
                 continue
-            out[i] = variants
             for v in variants:
                 # The real image stays for scoring; the mask it had does not describe the new image.
                 v.source_image, v.image, v.mask, v.instances = sample.image, None, None, None
-                v.meta["prompt"], v.meta["seed"], v.meta["variant"] = prompt, v.seed(self.context.job_seed), v.variant
-            live.append((i, prompt, variants))
+                v.meta["prompt"], v.meta["seed"] = prompt, self.seed(v)
+            live.append((i, prompt))
+        # Per generator, one pipeline call per generation size, holding every image of that size.
         for g_index, generator in enumerate(self.params.generators):
-            by_size: dict[tuple[int, int], list[tuple[str, list[Sample]]]] = {}
-            for i, prompt, variants in live:
-                size = self.generation_size(generator, *samples[i].image.shape[:2])
-                by_size.setdefault(size, []).append((prompt, variants[g_index * n:(g_index + 1) * n]))
-            step = self.params.sources_per_call
-            for size, group in by_size.items():
-                for start in range(0, len(group), step):
-                    self._generate(generator, size, group[start:start + step])
-        return [v for i in range(len(samples)) for v in out[i]]
+            sizes = [self.generation_size(generator, *samples[i].image.shape[:2]) for i, _ in live]
+            for size, members in group_by(sizes).items():
+                group = [(live[m][1], out[live[m][0]][g_index * n:(g_index + 1) * n]) for m in members]
+                self._generate(generator, size, group)
+        return [v for variants in out for v in variants]
 
     def _generate(self, generator: GeneratorSpec, size: tuple[int, int], group: list[tuple[str, list[Sample]]]):
         """One pipeline call for the N images of each real image in `group`; fills the variants in place."""
-        import torch
-
         pipe, family = self.pipes[generator.name], generator.family
         max_len = generator.setting("max_sequence_length")
         prompts = [p for p, variants in group for _ in variants]
@@ -160,17 +141,16 @@ class TextToImageStage(Stage):
             kwargs["max_sequence_length"] = max_len
         if family != "flux":  # guidance-distilled Flux reads a negative prompt only under true CFG (2x cost)
             kwargs["negative_prompt"] = [self.params.negative_prompt] * len(prompts)
-        result = pipe(
+        images = self.generate(
+            [v.meta["seed"] for v in flat],
+            pipe=pipe,
             prompt=prompts,
             num_inference_steps=generator.setting("steps"),
             guidance_scale=generator.setting("guidance"),
             height=size[0],
             width=size[1],
-            generator=[torch.Generator(self.context.device).manual_seed(v.meta["seed"]) for v in flat],
-            output_type="np",
             **kwargs,
         )
-        images = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         tokens = {p: prompt_tokens(pipe, family, p, max_len) for p, _ in group}
         for v, prompt, image in zip(flat, prompts, images):
             v.image = image

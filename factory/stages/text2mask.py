@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.diffusion import DiffusionStage
 from factory.sample import Sample
-from factory.sdxl import (SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, prompt_for, size_multiple,
-                          use_scheduler)
-from factory.stages import Stage, register_stage
+from factory.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
+from factory.stages import register_stage
 
 
 class Text2MaskParams(BaseModel):
@@ -52,17 +52,20 @@ class Text2MaskParams(BaseModel):
 
 
 @register_stage
-class Text2MaskStage(Stage):
+class Text2MaskStage(DiffusionStage):
     name = "text2mask"
-    uses_gpu = True
     Params = Text2MaskParams
     Model = SDXLModelConfig
 
-    def setup(self) -> None:
+    def load(self):
         self.pipe, self.palette = load_seggen_pipeline(self.model, "text2mask", self.context.device)
+        return self.pipe
+
+    def setup(self) -> None:
+        super().setup()
         use_scheduler(self.pipe, self.params.scheduler)
         self.to_source = self.palette.lookup_to(self.context.classes)
-        m = size_multiple(self.pipe)
+        m = self.size_multiple(self.pipe)
         self.side = max(m, round(self.params.resolution / m) * m)
 
     def variants_per_input(self) -> int:
@@ -72,36 +75,36 @@ class Text2MaskStage(Stage):
         return model_ids(self.model, "text2mask")
 
     def process(self, samples: list[Sample]) -> list[Sample]:
-        # One call per input: a variant's pixels depend only on its own seed and prompt, so a
-        # regenerated shard is identical whatever the batch size.
-        return [v for sample in samples for v in self._generate(sample)]
-
-    def _generate(self, sample: Sample) -> list[Sample]:
-        import torch
-
-        prompt = prompt_for(sample.meta, sample.mask, self.context.classes, self.params.prompt)
-        variants = sample.expand(self.params.maps)
-        seeds = [v.seed(self.context.job_seed, self.context.label) for v in variants]
-        result = self.pipe(
-            prompt=[prompt] * len(variants),
+        """Every map of the batch in one pipeline call: they all share the square size."""
+        out = [sample.expand(self.params.maps) for sample in samples]
+        prompts = [self.prompt(sample, self.params.prompt) for sample in samples]
+        for variants, prompt in zip(out, prompts):
+            if prompt is None:
+                for v in variants:
+                    v.fail(self.context.label, "no_prompt", "no meta['prompt'], no meta['caption'] and no mask")
+        flat = [v for variants in out for v in variants if v.error is None]
+        if not flat:
+            return [v for variants in out for v in variants]
+        seeds = [self.seed(v) for v in flat]
+        flat_prompts = [p for p, variants in zip(prompts, out) if p is not None for _ in variants]
+        maps = self.generate(
+            seeds,
+            prompt=flat_prompts,
             # None, not "", for no negative prompt: SDXL then uses zeros, as training's dropped prompts did.
-            negative_prompt=[self.params.negative_prompt] * len(variants) if self.params.negative_prompt else None,
+            negative_prompt=[self.params.negative_prompt] * len(flat) if self.params.negative_prompt else None,
             num_inference_steps=self.params.steps,
             guidance_scale=self.params.guidance,
-            generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
             height=self.side,
             width=self.side,
-            output_type="np",
         )
-        maps = (np.clip(result.images, 0.0, 1.0) * 255).round().astype(np.uint8)
         cap = self.params.cap  # None: each palette colour's own radius
         dtype = self.context.classes.mask_dtype
-        for v, seed, colour_map in zip(variants, seeds, maps):
+        for v, prompt, seed, colour_map in zip(flat, flat_prompts, seeds, maps):
             ids, instances = self.palette.decode(colour_map, cap)
             mask = self.to_source[ids].astype(dtype)
             v.source_image, v.image = v.image, colour_map
             v.mask, v.instances = mask, instances
-            v.meta["prompt"], v.meta["variant"] = prompt, v.variant
+            v.meta["prompt"] = prompt
             v.meta["image_kind"] = "color_map"
             v.meta["text2mask"] = {
                 "stage": self.context.label,
@@ -116,4 +119,4 @@ class Text2MaskStage(Stage):
                 "ignore_fraction": round(float(np.mean(mask == self.context.classes.ignore_index)), 4),
                 "models": self.model_ids(),
             }
-        return variants
+        return [v for variants in out for v in variants]
