@@ -65,17 +65,36 @@ def resource_problems(spec: JobSpec, nodes: list[dict]) -> list[str]:
     return problems
 
 
+def _bundles(spec: JobSpec) -> list[dict]:
+    """What the stages' pools need at their (minimum) sizes, one bundle per actor, for the autoscaler."""
+    bundles = []
+    for st in spec.stages:
+        r = st.resources
+        pool = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        bundle = {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0}
+        bundles += [bundle] * pool if bundle else []
+    return bundles
+
+
 def check_resources(spec: JobSpec) -> None:
+    """Refuse what the cluster cannot give; with `engine.resource_wait_s`, ask its autoscaler and wait first."""
+    problems = resource_problems(spec, _alive_nodes())
+    if not problems:
+        return
+    if spec.engine.resource_wait_s <= 0:
+        raise SpecError("; ".join(problems))
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("waiting up to %.0fs for the cluster to offer what the job needs: %s",
+             spec.engine.resource_wait_s, "; ".join(problems))
+    request_resources(bundles=_bundles(spec))
     deadline = time.time() + spec.engine.resource_wait_s
-    announced = False
     while problems := resource_problems(spec, _alive_nodes()):
         if time.time() >= deadline:
-            raise SpecError("; ".join(problems))
-        if not announced:
-            log.info("waiting up to %.0fs for the cluster to offer what the job needs: %s",
-                     spec.engine.resource_wait_s, "; ".join(problems))
-            announced = True
+            request_resources(bundles=[])  # withdraw the request: this job will not use it
+            raise SpecError(f"after waiting {spec.engine.resource_wait_s:.0f}s: " + "; ".join(problems))
         time.sleep(min(5.0, max(deadline - time.time(), 0.1)))
+    log.info("the cluster now offers what the job needs")
 
 
 def check_shared_output(spec: JobSpec, store: OutputStore) -> None:

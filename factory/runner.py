@@ -51,6 +51,7 @@ class StageRunner:
         self.retries = retries
         self.backoff = backoff
         self.progress = progress  # a Progress actor, or None
+        started = time.time()
         self.stage = cls(
             cls.Params.model_validate(spec.params),
             cls.Model.model_validate(spec.model),
@@ -58,6 +59,9 @@ class StageRunner:
         )
         self.stage.setup()
         self.k = self.stage.variants_per_input()
+        # Set-up (model loading) happens once per actor: reported with the first shard it processes.
+        self.setup_s: float | None = round(time.time() - started, 3)
+        log.info("stage %s ready in %.1fs (models loaded once per worker)", self.label, self.setup_s)
 
     def run(self, work: ShardWork) -> ShardWork:
         """Every live sample of the shard through the stage; failed and rejected ones pass untouched."""
@@ -83,6 +87,9 @@ class StageRunner:
         work.samples = [row for i, s in enumerate(work.samples) for row in produced.get(i, (s,))]
         counts["rows_in"], counts["rows_out"] = len(live), sum(len(rows) for rows in produced.values())
         work.stages[self.label] = {**counts, "seconds": round(time.time() - started, 3)}
+        if self.setup_s is not None:
+            work.stages[self.label]["worker_setup_s"] = self.setup_s
+            self.setup_s = None
         return work
 
     def process_batch(self, inputs: list[Sample], counts: dict) -> list[Sample]:

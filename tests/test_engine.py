@@ -43,6 +43,7 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
         assert stats["samples"] == len(samples) == 2 * stats["sources"]
         assert stats["models"] == {INVERT: {"invert": "none"}}
         assert stats["stages"][INVERT]["rows_in"] == stats["sources"] and stats["stages"][INVERT]["retries"] == 0
+        assert stats["stages"]["read"]["rows_out"] == stats["sources"]
         assert "failures" not in stats and stats["failures_url"] is None
         for key, files in samples.items():
             assert "." not in key and set(files) == {"png", "seg.png", "json"}
@@ -54,6 +55,8 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
             seen[key] = meta
     assert len(seen) == 20
     assert len({m["seed"] for m in seen.values()}) == 20
+    # The stage's one actor loaded its model once, reported with the first shard it processed.
+    assert sum("worker_setup_s" in stats_of(out, s)["stages"][INVERT] for s in range(3)) == 1
     assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
     assert not (out / "_lease.json").exists()
 
@@ -243,6 +246,18 @@ def test_resources_the_cluster_cannot_give_are_refused_before_planning(ray_local
     stage = {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": resources}
     with pytest.raises(SpecError, match=field):
         run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_autoscaling_wait_asks_for_the_pools_then_gives_up_with_the_field(ray_local, tmp_path, caplog):
+    write_folder_source(tmp_path / "src", 2)
+    spec = folder_spec(tmp_path / "src", tmp_path / "out", [
+        {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": {"num_gpus": 1, "concurrency": 2}}])
+    spec["engine"] = {"resource_wait_s": 1.0}
+    with caplog.at_level("INFO", logger="factory"):
+        with pytest.raises(SpecError, match=r"after waiting 1s: stages\[0\]\.resources\.num_gpus"):
+            run_job(parse_spec(spec))
+    assert "waiting up to 1s for the cluster" in caplog.text
     assert not (tmp_path / "out").exists()
 
 
