@@ -89,7 +89,7 @@ class Progress:
         eta = _duration(elapsed / self.committed * remaining) if self.committed else "?"
         width = 20
         filled = int(width * done / max(self.total_shards, 1))
-        stages = "  ".join(f"{s} {self.stage_rows.get(s, 0)} ({self.stage_rows.get(s, 0) / elapsed:.1f}/s)"
+        stages = "  ".join(f"{s} {self.stage_rows.get(s, 0)} in ({self.stage_rows.get(s, 0) / elapsed:.1f}/s)"
                            for s in self.stages)
         failed = f", {self.failed_shards} failed" if self.failed_shards else ""
         return (f"[{'#' * filled}{'.' * (width - filled)}] shards {done}/{self.total_shards}{failed}  "
