@@ -29,7 +29,7 @@ worker's share in tasks, the worker mixes).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterator, Literal, Union
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Union
 
 import numpy as np
 import torch
@@ -166,15 +166,18 @@ def slot_kinds(spec: MixSpec, rank: int, b: int) -> np.ndarray:
     return np.arange(n) >= n // 2  # sense: B/2 real, then B/2 synthetic
 
 
-def synthetic_draws(spec: MixSpec, rows: Iterator[dict], seed: list[int]) -> Iterator[dict]:
-    """The synthetic stream of a strategy: shuffled samples, or (Diffusion Synthesis) shuffled sources
-    with one of each source's variants drawn uniformly."""
-    if spec.strategy.kind != "diffusion_synthesis":
-        yield from shuffled(rows, spec.shuffle_buffer, seed)
-        return
-    pick = np.random.default_rng([*seed, 1])
-    for group in shuffled(source_groups(rows), spec.shuffle_buffer, seed):
-        yield group[int(pick.integers(len(group)))]
+def synthetic_draws(spec: MixSpec, epoch_rows: Callable[[int], Iterable[dict]], seed: list[int]) -> Iterator[dict]:
+    """The synthetic stream of a strategy, epoch after epoch: each epoch's samples shuffled, or (Diffusion
+    Synthesis) its sources shuffled with one of each source's variants drawn uniformly. The shuffle
+    buffer never spans two epochs, so an epoch draws every sample (or source) once."""
+    def epoch(e: int) -> Iterator[dict]:
+        if spec.strategy.kind != "diffusion_synthesis":
+            return shuffled(epoch_rows(e), spec.shuffle_buffer, [*seed, e])
+        pick = np.random.default_rng([*seed, e, 1])
+        groups = shuffled(source_groups(epoch_rows(e)), spec.shuffle_buffer, [*seed, e])
+        return (group[int(pick.integers(len(group)))] for group in groups)
+
+    return forever(epoch, "the synthetic outputs")
 
 
 def mixed_batches(spec: MixSpec, rank: int, batch_indices: Iterator[int], real: Iterator[dict],
@@ -264,8 +267,8 @@ class MixDataset(torch.utils.data.IterableDataset):
         real = forever(lambda e: real_rows(spec, self.ids, e, slot, slots), "the real dataset")
         synthetic = None
         if self.shards:
-            rows = forever(lambda e: synthetic_epoch(spec, self.shards, e, slot, slots), "the synthetic outputs")
-            synthetic = synthetic_draws(spec, rows, [spec.seed, slot])
+            synthetic = synthetic_draws(spec, lambda e: synthetic_epoch(spec, self.shards, e, slot, slots),
+                                        [spec.seed, slot])
         ignore_index, mask_dtype = _class_info(spec)
         indices = iter(range(self.start + w, 2**62, n))
         yield from mixed_batches(spec, self.rank, indices, real, synthetic, ignore_index, mask_dtype)
@@ -318,13 +321,13 @@ def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-
-    def epochs(name: str) -> Iterator[dict]:
-        shard = ray.train.get_dataset_shard(name)
-        return forever(lambda _: shard.iter_rows(), f"dataset {name}")
-
-    real = shuffled(epochs(f"real_{rank}"), spec.shuffle_buffer, [spec.seed, rank])
-    synthetic = synthetic_draws(spec, epochs(f"synthetic_{rank}"), [spec.seed, rank]) if spec.synthetic else None
+    real_shard = ray.train.get_dataset_shard(f"real_{rank}")
+    real = forever(lambda e: shuffled(real_shard.iter_rows(), spec.shuffle_buffer, [spec.seed, rank, e]),
+                   "this worker's real dataset")
+    synthetic = None
+    if spec.synthetic:
+        synthetic_shard = ray.train.get_dataset_shard(f"synthetic_{rank}")
+        synthetic = synthetic_draws(spec, lambda _: synthetic_shard.iter_rows(), [spec.seed, rank])
     ignore_index, mask_dtype = _class_info(spec)
     yield from mixed_batches(spec, rank, iter(range(start, 2**62)), real, synthetic, ignore_index, mask_dtype)
 
