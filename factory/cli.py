@@ -201,6 +201,12 @@ def cmd_train(args) -> int:
     return main_train(args.model, args.spec)
 
 
+def cmd_eval(args) -> int:
+    from factory.eval import main_eval
+
+    return main_eval(args.spec, address=args.address, check_only=args.check)
+
+
 def cmd_report(args) -> int:
     from factory.report import main_report
 
@@ -295,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", choices=["text2mask", "mask2img"])
     q.add_argument("spec", help="training spec YAML (jobs/train_*.yaml)")
     q.set_defaults(func=cmd_train)
+
+    q = sub.add_parser("eval", help="train a segmenter on real data and on mixes with synthetic data; compare mIoU")
+    q.add_argument("spec", help="eval spec YAML (jobs/eval_*.yaml)")
+    q.add_argument("--address", help="a running Ray cluster (ray://... or auto)")
+    q.add_argument("--check", action="store_true", help="check the spec and its inputs, run nothing")
+    q.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("report", help="an HTML report of a job's output: scores, pass rates, best and worst")
     q.add_argument("output", help="the job's output URL")

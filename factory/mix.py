@@ -189,17 +189,22 @@ def mixed_batches(spec: MixSpec, rank: int, batch_indices: Iterator[int], real: 
         yield collate([transform(spec, decode(r, ignore_index, mask_dtype), rng, ignore_index) for r in rows])
 
 
-def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: int) -> dict:
-    """Resize (short side), random crop (padded with ignore), flip: the same geometry for image and mask."""
+def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image bilinear, mask nearest (class ids stay ids), short side to `size`."""
     from PIL import Image
 
+    h, w = mask.shape
+    scale = size / min(h, w)
+    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR)),
+            np.asarray(Image.fromarray(mask).resize(shape, Image.NEAREST)))
+
+
+def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: int) -> dict:
+    """Resize (short side), random crop (padded with ignore), flip: the same geometry for image and mask."""
     image, mask = row["image"], row["mask"]
     if spec.resize:
-        h, w = mask.shape
-        scale = spec.resize / min(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+        image, mask = resize_short_side(image, mask, spec.resize)
     if spec.crop:
         c = spec.crop
         h, w = mask.shape

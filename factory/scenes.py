@@ -6,10 +6,11 @@ objects standing on the ground. Two looks, with the same layout and mask for a g
 
 - `palette` (default): each class in its ADE150 palette colour, with texture noise. Colour alone gives
   the class, which is what a ControlNet conditioned on palette masks expects to see.
-- `varied`: each class of a scene gets a random colour and a random texture (grain, stripes, checks or
-  blotches), drawn anew for every scene, so colour alone says nothing about the class and a segmenter
-  must learn shape and context (what stands on the ground, what is above the horizon, indoors or out).
-  `factory eval`'s positive control trains on these.
+- `varied`: each class of a scene gets a random colour, drawn anew for every scene, and its texture
+  family (plain, stripes, checks or blotches) with random angle, period, cell size and contrast. Every
+  family is shared by three to five classes, so neither colour nor texture gives the class: a
+  segmenter must learn shape and context (what stands on the ground, what is above the horizon, indoors
+  or out). `factory eval`'s positive control trains on these.
 
 Both add a vertical light gradient. Files are written as a `folder` source:
 
@@ -54,6 +55,14 @@ def _rect(mask: np.ndarray, value: int, top: float, left: float, bottom: float, 
 
 
 STYLES = ("palette", "varied")
+# The varied look's texture family of each class: every family is shared by several classes, so neither
+# the colour (random per scene) nor the texture alone gives the class.
+_TEXTURE_FAMILY = {_cid(name): family for family, names in (
+    ("plain", ("sky", "wall", "person", "car", "sofa")),
+    ("stripes", ("road", "painting", "table")),
+    ("checks", ("floor", "building", "chair")),
+    ("blotches", ("grass", "mountain", "tree")),
+) for name in names}
 
 
 def render_scene(size: int, seed: int, index: int, style: str = "palette") -> tuple[np.ndarray, np.ndarray]:
@@ -121,24 +130,24 @@ def render_scene(size: int, seed: int, index: int, style: str = "palette") -> tu
 
 
 def _varied_look(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each class present: a random colour and one of four random textures; then grain and light."""
+    """Each class present: a random colour and its texture family with random parameters; grain, light."""
     size = mask.shape[0]
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     image = np.empty((size, size, 3), dtype=np.float32)
     for c in np.unique(mask):
         colour = rng.uniform(20, 235, 3).astype(np.float32)
-        kind, amplitude = int(rng.integers(4)), rng.uniform(15, 45)
-        if kind == 1:  # stripes at a random angle and period
+        family, amplitude = _TEXTURE_FAMILY[int(c)], rng.uniform(15, 45)
+        if family == "stripes":  # at a random angle and period
             angle, period = rng.uniform(0, np.pi), rng.uniform(3, 9)
             pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
-        elif kind == 2:  # checks
+        elif family == "checks":
             cell = int(rng.integers(2, 7))
             pattern = ((yy // cell + xx // cell) % 2) * 2 - 1
-        elif kind == 3:  # blotches: coarse noise, blown up
+        elif family == "blotches":  # coarse noise, blown up
             cell = int(rng.integers(3, 9))
             coarse = rng.normal(0, 1, (size // cell + 1, size // cell + 1)).astype(np.float32)
             pattern = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:size, :size]
-        else:  # plain
+        else:
             pattern = np.zeros((size, size), dtype=np.float32)
         region = mask == c
         image[region] = colour + amplitude * pattern[region][:, None]
