@@ -25,14 +25,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.mix import MixSpec, Strategy, SyntheticInput
+from factory.mix import MixSpec, Strategy, SyntheticInput, validated
 from factory.segmenter import SegmenterConfig
-from factory.spec import SourceSpec, SpecError, format_loc, read_yaml
+from factory.spec import SourceSpec, SpecError, read_yaml
+from factory.train import TrainOutput
 
 log = logging.getLogger("factory")
 
@@ -47,7 +47,7 @@ class EvalArm(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="arm name: letters, digits, - and _")
     synthetic: list[SyntheticInput] = Field(min_length=1, description="factory outputs this arm mixes in")
     strategy: Strategy
-    teacher_threshold: float = Field(0.9, gt=0, le=1, description="sense: confidence a pseudo-label pixel needs")
+    teacher_threshold: float = Field(0.9, ge=0, le=1, description="sense: confidence a pseudo-label pixel needs")
 
 
 class EvalTrain(_Strict):
@@ -63,19 +63,6 @@ class EvalTrain(_Strict):
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker")
 
 
-class EvalOutput(_Strict):
-    url: str = Field(min_length=1, description="where results go: path or fsspec URL")
-    endpoint_url: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-    def filesystem(self):
-        options = dict(self.storage_options)
-        if self.endpoint_url:
-            options.setdefault("client_kwargs", {})["endpoint_url"] = self.endpoint_url
-        fs, root = fsspec.core.url_to_fs(self.url, **options)
-        return fs, root.rstrip("/")
-
-
 class EvalSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     seeds: int = Field(3, ge=2, description="runs per arm (at least 2, for an interval)")
@@ -88,7 +75,7 @@ class EvalSpec(_Strict):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    output: EvalOutput
+    output: TrainOutput = Field(description="where results go: path or fsspec URL")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -130,11 +117,7 @@ def _same_data(a: SourceSpec, b: SourceSpec) -> bool:
 
 
 def parse_eval_spec(data: Any, origin: str = "spec") -> EvalSpec:
-    try:
-        return EvalSpec.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+    return validated(EvalSpec, data, origin)
 
 
 def load_eval_spec(path: str | Path) -> EvalSpec:

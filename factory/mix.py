@@ -29,6 +29,8 @@ worker's share in tasks, the worker mixes).
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Union
 
 import numpy as np
@@ -124,12 +126,17 @@ class MixSpec(_Strict):
         return self
 
 
-def parse_mix_spec(data: Any, origin: str = "mix") -> MixSpec:
+def validated(model: type[BaseModel], data: Any, origin: str):
+    """`model` validated from plain data; the first error as a SpecError naming the field."""
     try:
-        return MixSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+
+
+def parse_mix_spec(data: Any, origin: str = "mix") -> MixSpec:
+    return validated(MixSpec, data, origin)
 
 
 def check_inputs(spec: MixSpec) -> None:
@@ -312,9 +319,16 @@ def ray_datasets(spec: MixSpec, world: int, num_cpus: float = 0.5) -> dict:
 
 def _load_real_row(item: dict, spec: dict) -> list[dict]:
     from factory.mix_streams import load_real
+
+    return load_real(_source(json.dumps(spec["real"], sort_keys=True)), item["id"])
+
+
+@functools.lru_cache(maxsize=4)
+def _source(real: str):
+    """One reader per Ray worker process: some build an index when opened (COCO's annotation file)."""
     from factory.sources import open_source
 
-    return load_real(open_source(SourceSpec.model_validate(spec["real"])), item["id"])
+    return open_source(SourceSpec.model_validate_json(real))
 
 
 def _read_shard_rows(item: dict, spec: dict, slot: int, slots: int, by_group: bool) -> list[dict]:
