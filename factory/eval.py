@@ -58,6 +58,7 @@ class EvalTrain(_Strict):
     resize: int | None = Field(None, gt=0, description="short side resized to this (train and held-out)")
     crop: int | None = Field(None, gt=0, description="random square training crop")
     flip: bool = True
+    photometric: bool = Field(False, description="random channel order, per-channel contrast and brightness")
     shuffle_buffer: int = Field(256, gt=0)
     mixed_precision: Literal["no", "bf16"] = Field("bf16", description="autocast on GPU (a CPU trains in fp32)")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker")
@@ -102,7 +103,7 @@ class EvalSpec(_Strict):
     def mix(self, arm: str, seed: int) -> MixSpec:
         t = self.train
         common = {"real": self.real, "batch_size": t.batch_size, "seed": seed, "resize": t.resize, "crop": t.crop,
-                  "flip": t.flip, "shuffle_buffer": t.shuffle_buffer}
+                  "flip": t.flip, "photometric": t.photometric, "shuffle_buffer": t.shuffle_buffer}
         if arm == BASELINE:
             return MixSpec(strategy={"kind": "real"}, **common)
         chosen = next(a for a in self.arms if a.name == arm)

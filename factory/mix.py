@@ -111,6 +111,7 @@ class MixSpec(_Strict):
     resize: int | None = Field(None, gt=0, description="resize the short side to this first")
     crop: int | None = Field(None, gt=0, description="random square crop (padded with ignore if smaller)")
     flip: bool = Field(False, description="random horizontal flips")
+    photometric: bool = Field(False, description="random colour: channel order, per-channel contrast, brightness")
     shuffle_buffer: int = Field(256, gt=0, description="synthetic samples (or sources) shuffled together")
 
     @model_validator(mode="after")
@@ -208,7 +209,8 @@ def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[n
 
 
 def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: int) -> dict:
-    """Resize (short side), random crop (padded with ignore), flip: the same geometry for image and mask."""
+    """Resize (short side), random crop (padded with ignore), flip: the same geometry for image and mask;
+    then, with `photometric`, random colours for the image alone."""
     image, mask = row["image"], row["mask"]
     if spec.resize:
         image, mask = resize_short_side(image, mask, spec.resize)
@@ -222,6 +224,9 @@ def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: 
         image, mask = padded_image[top:top + c, left:left + c], padded_mask[top:top + c, left:left + c]
     if spec.flip and rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
+    if spec.photometric:  # the image's colours say less: a segmenter has to rely on shape and context
+        gain, offset = rng.uniform(0.7, 1.3, 3).astype(np.float32), np.float32(rng.uniform(-32, 32))
+        image = np.clip(image[..., rng.permutation(3)] * gain + offset, 0, 255).astype(np.uint8)
     return {**row, "image": image, "mask": mask}
 
 

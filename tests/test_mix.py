@@ -284,3 +284,25 @@ def test_ray_data_variant_under_ray_train(data, ray_local, tmp_path):
         per_rank.append({key for key, kind in pairs if int(kind) == REAL})
     # Each worker reads its own share of the real ids: 12 each, so 8 real draws are all distinct.
     assert all(len(s) == 8 for s in per_rank) and not per_rank[0] & per_rank[1]
+
+
+def test_transforms_keep_image_and_mask_aligned(data):
+    from factory.mix import transform
+
+    rng = np.random.default_rng(0)
+    mask = np.tile(np.arange(20, dtype=np.uint8), (12, 1))  # class = column
+    image = np.stack([mask * 10] * 3, axis=-1).astype(np.uint8)  # a ramp: alignment and flips show
+    row = {"image": image, "mask": mask}
+    mixed = parse_mix_spec(spec(data, {"kind": "real"}, resize=24, crop=32, flip=True))
+    out = transform(mixed, row, rng, 255)
+    assert out["image"].shape == (32, 32, 3) and out["mask"].shape == (32, 32)
+    labelled = out["mask"] != 255
+    assert labelled.sum() == 24 * 32  # the resized 24 x 40 image, cropped to 32 wide, padded to 32 high
+    # Bilinear image, nearest mask: the same geometry within a column's width.
+    assert np.abs(out["image"][..., 0][labelled] / 10 - out["mask"][labelled]).max() <= 1
+    assert (out["image"][~labelled] == 0).all()  # padding: black image, ignore mask
+    photo = parse_mix_spec(spec(data, {"kind": "real"}, photometric=True))
+    a = transform(photo, row, np.random.default_rng(1), 255)
+    b = transform(photo, row, np.random.default_rng(1), 255)
+    assert np.array_equal(a["image"], b["image"]) and not np.array_equal(a["image"], image)
+    assert a["mask"] is mask
