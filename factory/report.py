@@ -56,8 +56,9 @@ def summarize_stats(stats: Iterable[dict]) -> StatsSummary:
     out = StatsSummary()
     for s in stats:
         out.shards += 1
-        out.samples, out.failed, out.rejected = out.samples + s["samples"], out.failed + s["failed"], \
-            out.rejected + s["rejected"]
+        out.samples += s["samples"]
+        out.failed += s["failed"]
+        out.rejected += s["rejected"]
         for table, by_reason in ((out.failed_by_stage, s["failures_by_reason"]),
                                  (out.rejected_by_stage, s["rejected_by_reason"])):
             for stage_reason, n in by_reason.items():
