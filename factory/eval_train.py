@@ -116,7 +116,7 @@ def train_run(spec: EvalSpec, arm: str, seed: int, model, teacher, rank: int, wo
         loss.backward()
         optimizer.step()
     del batches, loader
-    return float(loss)
+    return loss.item()
 
 
 @torch.no_grad()
