@@ -10,20 +10,14 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
 import yaml
 
+from factory.outputs import job_status, open_output
 from factory.spec import SpecError, dump_spec, load_spec, read_yaml
-from factory.store import OutputStore
 
 log = logging.getLogger("factory")
-
-
-def _store_for(url: str, endpoint_url: str | None) -> OutputStore:
-    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
-    return OutputStore(url, options)
 
 
 def _overrides(args) -> dict:
@@ -164,34 +158,8 @@ def cmd_logs(args) -> int:
     return 1 if args.follow and status != JobStatus.SUCCEEDED else 0
 
 
-def job_status(store: OutputStore) -> dict:
-    manifest = store.read_json("manifest.json")
-    if manifest is None:
-        raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
-    stats = dict(store.iter_stats())
-    reasons = Counter()
-    for s in stats.values():
-        reasons.update(s["failures_by_reason"])
-        reasons.update(s["rejected_by_reason"])
-    samples = sum(s["samples"] for s in stats.values())
-    span = (max(s["finished"] for s in stats.values()) - min(s["started"] for s in stats.values())) if stats else 0
-    return {
-        "job": manifest["name"],
-        "spec_hash": manifest["spec_hash"],
-        "shards_done": len(stats),
-        "shards_total": manifest["plan"]["num_shards"],
-        "sources_planned": manifest["plan"]["num_samples"],
-        "samples": samples,
-        "failed": sum(s["failed"] for s in stats.values()),
-        "rejected": sum(s["rejected"] for s in stats.values()),
-        "by_reason": dict(reasons),
-        "samples_per_second": round(samples / span, 3) if span > 0 else None,
-        "bytes": sum(s["bytes"] for s in stats.values()),
-    }
-
-
 def cmd_status(args) -> int:
-    status = job_status(_store_for(args.output, args.endpoint_url))
+    status = job_status(open_output(args.output, endpoint_url=args.endpoint_url))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -209,7 +177,7 @@ def cmd_status(args) -> int:
 def cmd_preview(args) -> int:
     from factory.preview import contact_sheet
 
-    path = contact_sheet(_store_for(args.output, args.endpoint_url), args.out, count=args.count)
+    path = contact_sheet(open_output(args.output, endpoint_url=args.endpoint_url), args.out, count=args.count)
     print(f"wrote {path}")
     return 0
 
@@ -234,6 +202,12 @@ def cmd_train(args) -> int:
     return main_train(args.model, args.spec)
 
 
+def cmd_eval(args) -> int:
+    from factory.eval import main_eval
+
+    return main_eval(args.spec, address=args.address, check_only=args.check)
+
+
 def cmd_report(args) -> int:
     from factory.report import main_report
 
@@ -248,25 +222,27 @@ def cmd_select(args) -> int:
 
 def cmd_captions(args) -> int:
     """Each source sample's caption from a job's shards, as the JSON lines training specs read."""
-    from factory.preview import iter_shard_samples
+    from factory.outputs import iter_samples, only_json, sample_meta
 
-    store = _store_for(args.output, args.endpoint_url)
-    seen = set()
+    written, shard_seen, last_shard = 0, set(), None
     with open(args.out, "w") as out:
-        for shard in sorted(store.committed_shards()):
-            for _, files in iter_shard_samples(store, store.shard_path(shard)):
-                meta = json.loads(files["json"])
-                if meta.get("caption") and meta["source_id"] not in seen:
-                    seen.add(meta["source_id"])
-                    out.write(json.dumps({"id": meta["source_id"], "caption": meta["caption"]}) + "\n")
-    print(f"{args.out}: {len(seen)} captions")
+        for shard, _, files in iter_samples(open_output(args.output, endpoint_url=args.endpoint_url),
+                                            select_files=only_json):
+            if shard != last_shard:  # every variant of a source lives in its source's shard
+                shard_seen, last_shard = set(), shard
+            meta = sample_meta(files)
+            if meta.get("caption") and meta["source_id"] not in shard_seen:
+                shard_seen.add(meta["source_id"])
+                out.write(json.dumps({"id": meta["source_id"], "caption": meta["caption"]}) + "\n")
+                written += 1
+    print(f"{args.out}: {written} captions")
     return 0
 
 
 def cmd_make_scenes(args) -> int:
     from factory.scenes import make_scenes
 
-    ids = make_scenes(args.dir, count=args.count, size=args.size, seed=args.seed)
+    ids = make_scenes(args.dir, count=args.count, size=args.size, seed=args.seed, style=args.style, start=args.start)
     print(f"{args.dir}: {len(ids)} scenes")
     return 0
 
@@ -333,9 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("spec", help="training spec YAML (jobs/train_*.yaml)")
     q.set_defaults(func=cmd_train)
 
+    q = sub.add_parser("eval", help="train a segmenter on real data and on mixes with synthetic data; compare mIoU")
+    q.add_argument("spec", help="eval spec YAML (jobs/eval_*.yaml)")
+    q.add_argument("--address", help="a running Ray cluster (ray://... or auto)")
+    q.add_argument("--check", action="store_true", help="check the spec and its inputs, run nothing")
+    q.set_defaults(func=cmd_eval)
+
     q = sub.add_parser("report", help="an HTML report of a job's output: scores, pass rates, best and worst")
     q.add_argument("output", help="the job's output URL")
-    q.add_argument("--out", default="report", help="folder for report.html and its plots")
+    q.add_argument("--out", help="folder for report.html and its plots (default: OUT/report, uploaded for s3://)")
     q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
     q.set_defaults(func=cmd_report)
 
@@ -367,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=16)
     q.add_argument("--size", type=int, default=64)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--start", type=int, default=0, help="first scene index (disjoint splits of one seed)")
+    q.add_argument("--style", choices=["palette", "varied"], default="palette",
+                   help="palette: each class in its ADE150 colour; varied: random colours and textures per scene")
     q.set_defaults(func=cmd_make_scenes)
     for q in sub.choices.values():
         q.add_argument("--verbose", action="store_true", help="print the traceback of a failure")

@@ -157,7 +157,8 @@ def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Pl
     ctx.execution_options.preserve_order = False
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
     job_info = {"job": spec.name, "spec_hash": spec.content_hash(), "models": models}
-    counter = StageCounter.remote()
+    # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
+    counter = StageCounter.remote() if spec.stages else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
     ds = build_pipeline(spec, store, storage_options(spec.output), classes, pending, job_info, counter)
     failed: list[dict] = []
@@ -171,7 +172,8 @@ def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Pl
                 log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
                 break
     progress.show(final=True)
-    ray.kill(counter)
+    if counter is not None:
+        ray.kill(counter)
     return failed
 
 

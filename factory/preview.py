@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import numpy as np
 from PIL import Image, ImageDraw
 
 from factory.classes import ade150_palette, colorize
+from factory.outputs import decode_image, decode_mask, iter_samples, read_manifest
 from factory.store import OutputStore
 
 CELL = 192
-
-
-def iter_shard_samples(store: OutputStore, url_or_path: str):
-    """(key, {ext: bytes}) for each sample of a shard tar, in tar order."""
-    current, files = None, {}
-    with store.fs.open(url_or_path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            if key != current and current is not None:
-                yield current, files
-                files = {}
-            current = key
-            files[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, files
 
 
 def display_palette(num_classes: int) -> np.ndarray:
@@ -47,25 +30,18 @@ def _cell(rgb: np.ndarray) -> Image.Image:
 
 
 def contact_sheet(store: OutputStore, out_path: str, count: int = 8) -> str:
-    manifest = store.read_json("manifest.json")
-    if manifest is None:
-        raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
+    manifest = read_manifest(store)
     palette = display_palette(len(manifest["classes"]))
     rows = []
-    for shard in sorted(store.committed_shards()):
-        for key, files in iter_shard_samples(store, store.shard_path(shard)):
-            image_ext = "jpg" if "jpg" in files else "png"
-            image = np.asarray(Image.open(io.BytesIO(files[image_ext])).convert("RGB"))
-            if "seg.png" in files:
-                mask = np.asarray(Image.open(io.BytesIO(files["seg.png"])))
-                colours = colorize(mask, palette)
-                labelled = (mask != manifest["ignore_index"])[..., None]
-                overlay = np.where(labelled, (image * 0.5 + colours * 0.5).astype(np.uint8), image)
-            else:  # unlabeled samples (text-to-image recipes) show the image alone
-                colours = overlay = np.zeros_like(image)
-            rows.append((key, [image, colours, overlay]))
-            if len(rows) == count:
-                break
+    for _, key, files in iter_samples(store):
+        image, mask = decode_image(files), decode_mask(files)
+        if mask is not None:
+            colours = colorize(mask, palette)
+            labelled = (mask != manifest["ignore_index"])[..., None]
+            overlay = np.where(labelled, (image * 0.5 + colours * 0.5).astype(np.uint8), image)
+        else:  # unlabeled samples (text-to-image recipes) show the image alone
+            colours = overlay = np.zeros_like(image)
+        rows.append((key, [image, colours, overlay]))
         if len(rows) == count:
             break
     if not rows:

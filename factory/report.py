@@ -8,71 +8,117 @@ the page and embedded in it as data URIs, so the HTML alone opens offline.
 Counts per stage are in output rows: a sample a stage expanded into K variants counts K times after it.
 Scores are read from the first `max_samples` written samples (all of them by default); the source's
 class frequency from up to `source_limit` of the source samples the output was made from.
+
+It streams: stats, samples and failures are read one file at a time, the scores are summarised in
+bounded histograms (`factory.streamstats`), the best and worst samples in bounded lists, so memory stays
+flat at millions of samples. By default the report goes beside the output, in `OUT/report/` (for an
+object-store output it is written locally first, then uploaded).
 """
 
 from __future__ import annotations
 
 import base64
+import bisect
 import html
-import io
-import json
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
-from PIL import Image
 
-from factory.preview import iter_shard_samples
+from factory.outputs import (committed_shards, decode_image, decode_mask, iter_failures, iter_samples, iter_stats,
+                             open_output, read_manifest, read_selection, sample_meta, selection_names)
 from factory.scores import SCORE_NAMES, flatten_scores
-from factory.stages.keep import SELECTIONS_DIR
 from factory.store import OutputStore
+from factory.streamstats import Extremes, ScoreSummary
 
 GRID_COUNT = 4  # best and worst samples shown per score
 TOP_CLASSES = 25
+FAILURE_ROWS = 20  # failed or rejected samples listed with their details
+REPORT_DIR = "report"
 
 
 @dataclass
-class _Row:
-    key: str
-    shard: int
-    scores: dict[str, float | None]
+class StatsSummary:
+    """The shards' stats summed as they stream."""
+
+    shards: int = 0
+    samples: int = 0
+    failed: int = 0
+    rejected: int = 0
+    failed_by_stage: dict[str, Counter] = field(default_factory=dict)
+    rejected_by_stage: dict[str, Counter] = field(default_factory=dict)
+
+
+def summarize_stats(stats: Iterable[dict]) -> StatsSummary:
+    out = StatsSummary()
+    for s in stats:
+        out.shards += 1
+        out.samples += s["samples"]
+        out.failed += s["failed"]
+        out.rejected += s["rejected"]
+        for table, by_reason in ((out.failed_by_stage, s["failures_by_reason"]),
+                                 (out.rejected_by_stage, s["rejected_by_reason"])):
+            for stage_reason, n in by_reason.items():
+                stage, _, reason = stage_reason.partition(":")
+                table.setdefault(stage, Counter())[reason] += n
+    return out
 
 
 @dataclass
 class _Scan:
-    rows: list[_Row] = field(default_factory=list)
+    rows: int = 0
     synthetic: int = 0
     labeled: int = 0
     pseudo_labeled: int = 0
     synthetic_classes: Counter = field(default_factory=Counter)  # class id -> synthetic images containing it
     synthetic_labeled: int = 0
-    source_ids: set = field(default_factory=set)
+    first_sources: list = field(default_factory=list)  # the smallest source ids seen, sorted, bounded
+    scores: dict = field(default_factory=lambda: {name: ScoreSummary() for name in SCORE_NAMES})
+    extremes: dict = field(default_factory=lambda: {name: Extremes(GRID_COUNT) for name in SCORE_NAMES})
 
 
-def _scan(store: OutputStore, max_samples: int | None) -> _Scan:
+def _scan(store: OutputStore, max_samples: int | None, source_limit: int) -> _Scan:
     scan = _Scan()
-    for shard in sorted(store.committed_shards()):
-        for key, files in iter_shard_samples(store, store.shard_path(shard)):
-            if max_samples is not None and len(scan.rows) >= max_samples:
-                return scan
-            meta = json.loads(files["json"])
-            scan.rows.append(_Row(key, shard, flatten_scores(meta.get("scores"))))
-            scan.source_ids.add(meta.get("source_id"))
-            # ControlNet and t2i record `synthesis`; SegGen's stages mark the image's kind instead.
-            synthetic = "synthesis" in meta or meta.get("image_kind") in ("synthetic", "color_map")
-            scan.synthetic += synthetic
-            if "seg.png" in files:
-                scan.labeled += 1
-                scan.pseudo_labeled += bool(meta.get("pseudo_label"))
-                if synthetic:
-                    scan.synthetic_labeled += 1
-                    mask = np.asarray(Image.open(io.BytesIO(files["seg.png"])))
-                    scan.synthetic_classes.update(np.unique(mask).tolist())
+    for _, key, files in iter_samples(store):
+        if max_samples is not None and scan.rows >= max_samples:
+            break
+        meta = sample_meta(files)
+        scan.rows += 1
+        scores = flatten_scores(meta.get("scores"))
+        for name, value in scores.items():
+            scan.scores[name].add(value)
+            if value is not None:
+                scan.extremes[name].add(value, key, files)
+        _remember_source(scan.first_sources, meta.get("source_id"), source_limit)
+        # ControlNet and t2i record `synthesis`; SegGen's stages mark the image's kind instead.
+        synthetic = "synthesis" in meta or meta.get("image_kind") in ("synthetic", "color_map")
+        scan.synthetic += synthetic
+        mask = decode_mask(files)
+        if mask is not None:
+            scan.labeled += 1
+            scan.pseudo_labeled += bool(meta.get("pseudo_label"))
+            if synthetic:
+                scan.synthetic_labeled += 1
+                scan.synthetic_classes.update(np.unique(mask).tolist())
     return scan
 
 
-def _source_classes(manifest: dict, source_ids: set, limit: int) -> tuple[Counter, int, str | None]:
+def _remember_source(first: list, source_id: str | None, limit: int) -> None:
+    """Keep the `limit` smallest distinct source ids: the same ones `sorted(all ids)[:limit]` gives."""
+    if not source_id or limit <= 0:
+        return
+    at = bisect.bisect_left(first, source_id)
+    if at < len(first) and first[at] == source_id:
+        return
+    if len(first) < limit or at < len(first):
+        first.insert(at, source_id)
+        del first[limit:]
+
+
+def _source_classes(manifest: dict, source_ids: list, limit: int) -> tuple[Counter, int, str | None]:
     """(class id -> source images containing it, images read, why none could be read)."""
     from factory.sources import open_source
     from factory.spec import SourceSpec
@@ -81,7 +127,7 @@ def _source_classes(manifest: dict, source_ids: set, limit: int) -> tuple[Counte
     read = 0
     try:
         source = open_source(SourceSpec.model_validate(manifest["spec"]["source"]))
-        for sample_id in sorted(i for i in source_ids if i)[:limit]:
+        for sample_id in source_ids[:limit]:
             rec = source.load(sample_id)
             if rec.mask is not None:
                 counts.update(np.unique(rec.mask).tolist())
@@ -91,18 +137,12 @@ def _source_classes(manifest: dict, source_ids: set, limit: int) -> tuple[Counte
     return counts, read, None
 
 
-def stage_table(manifest: dict, stats: dict[int, dict]) -> list[dict]:
+def stage_table(manifest: dict, stats: StatsSummary) -> list[dict]:
     """Per stage (read first): rows in, passed, failed and rejected, with the reasons."""
-    failed: dict[str, Counter] = {}
-    rejected: dict[str, Counter] = {}
-    for s in stats.values():
-        for table, by_reason in ((failed, s["failures_by_reason"]), (rejected, s["rejected_by_reason"])):
-            for stage_reason, n in by_reason.items():
-                stage, _, reason = stage_reason.partition(":")
-                table.setdefault(stage, Counter())[reason] += n
+    failed, rejected = stats.failed_by_stage, stats.rejected_by_stage
     stages = [("read", "read")] + [(st.get("name") or st["kind"], st["kind"]) for st in manifest["spec"]["stages"]]
     # Whatever left the pipeline after a stage passed it: written, or failed/rejected further on.
-    passed = sum(s["samples"] for s in stats.values())
+    passed = stats.samples
     out = []
     for label, kind in reversed(stages):
         f, r = sum(failed.get(label, {}).values()), sum(rejected.get(label, {}).values())
@@ -145,19 +185,19 @@ def _plot_stages(table: list[dict], out_dir: Path) -> Path:
     return _save(fig, out_dir, "stages.png")
 
 
-def _plot_histograms(rows: list[_Row], out_dir: Path) -> Path:
+def _plot_histograms(scores: dict[str, ScoreSummary], out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cols = 4
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 5.6))
     for ax, name in zip(axes.ravel(), SCORE_NAMES):
-        values = [r.scores[name] for r in rows if r.scores[name] is not None]
-        nulls = len(rows) - len(values)
-        if values:
-            ax.hist(values, bins=min(30, max(5, len(set(values)))), color="#4c72b0")
+        summary = scores[name]
+        if summary.n:
+            counts, edges = summary.histogram()
+            ax.stairs(counts, edges, fill=True, color="#4c72b0")
         else:
             ax.text(0.5, 0.5, "all null", ha="center", va="center", transform=ax.transAxes, color="grey")
-        ax.set_title(f"{name}\nn={len(values)}  null={nulls}", fontsize=9)
+        ax.set_title(f"{name}\nn={summary.n}  null={summary.nulls}", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in axes.ravel()[len(SCORE_NAMES):]:
         ax.axis("off")
@@ -188,34 +228,23 @@ def _plot_classes(names: list[str], synthetic: Counter, n_synthetic: int, source
     return _save(fig, out_dir, "classes.png")
 
 
-def _extremes(rows: list[_Row], name: str) -> tuple[list[tuple[float, _Row]], list[tuple[float, _Row]]]:
-    scored = sorted(((r.scores[name], r) for r in rows if r.scores[name] is not None), key=lambda t: (t[0], t[1].key))
-    return scored[::-1][:GRID_COUNT], scored[:GRID_COUNT]
-
-
-def _plot_grids(store: OutputStore, rows: list[_Row], out_dir: Path) -> dict[str, Path]:
+def _plot_grids(extremes: dict[str, Extremes], out_dir: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
-    wanted = {name: _extremes(rows, name) for name in SCORE_NAMES}
-    wanted = {name: ext for name, ext in wanted.items() if ext[0]}
-    needed = {(r.shard, r.key) for best, worst in wanted.values() for _, r in best + worst}
-    images: dict[str, np.ndarray] = {}
-    for shard in sorted({s for s, _ in needed}):
-        for key, files in iter_shard_samples(store, store.shard_path(shard)):
-            if (shard, key) in needed:
-                ext = "jpg" if "jpg" in files else "png"
-                images[key] = np.asarray(Image.open(io.BytesIO(files[ext])).convert("RGB"))
     paths = {}
-    for name, (best, worst) in wanted.items():
+    for name, kept in extremes.items():
+        best, worst = kept.best(), kept.worst()
+        if not best:
+            continue
         fig, axes = plt.subplots(2, GRID_COUNT, figsize=(2.2 * GRID_COUNT, 5), squeeze=False)
         for row, (label, picks) in enumerate((("best", best), ("worst", worst))):
             for col in range(GRID_COUNT):
                 ax = axes[row, col]
                 ax.axis("off")
                 if col < len(picks):
-                    value, r = picks[col]
-                    ax.imshow(images[r.key])
-                    ax.set_title(f"{label}: {value:.3g}\n{r.key}", fontsize=7)
+                    value, key, files = picks[col]
+                    ax.imshow(decode_image(files))
+                    ax.set_title(f"{label}: {value:.3g}\n{key}", fontsize=7)
         fig.suptitle(name, fontsize=10)
         paths[name] = _save(fig, out_dir, f"grid-{name}.png")
     return paths
@@ -243,13 +272,23 @@ def _reasons(by_reason: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items(), key=lambda kv: -kv[1])) or "-"
 
 
-def _score_stats(rows: list[_Row]) -> list[list]:
+def _score_stats(scores: dict[str, ScoreSummary]) -> list[list]:
     out = []
     for name in SCORE_NAMES:
-        v = np.array([r.scores[name] for r in rows if r.scores[name] is not None], dtype=float)
-        stats = [f"{f(v):.4g}" for f in (np.mean, np.min, np.median, np.max)] if len(v) else ["-"] * 4
-        out.append([name, len(v), len(rows) - len(v), *stats])
+        summary = scores[name]
+        values = (summary.mean, summary.low, summary.median(), summary.high)
+        out.append([name, summary.n, summary.nulls, *(f"{v:.4g}" if summary.n else "-" for v in values)])
     return out
+
+
+def _failure_rows(store: OutputStore, shards: list[int]) -> list[list]:
+    rows = []
+    for shard, record in iter_failures(store, shards):
+        rows.append([shard, record.get("key") or record.get("source_id", "-"), record.get("stage", "-"),
+                     record.get("reason", "-"), record.get("detail", "")])
+        if len(rows) == FAILURE_ROWS:
+            break
+    return rows
 
 
 _STYLE = """
@@ -264,42 +303,41 @@ img { max-width: 100%; margin: 0.5em 0; }
 
 def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | None = None,
                  source_limit: int = 200) -> Path:
-    """Write report.html and its PNG plots into `out_dir`; return the HTML file's path."""
+    """Write report.html and its PNG plots into the local folder `out_dir`; return the HTML file's path."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must be chosen before pyplot is imported
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = store.read_json("manifest.json")
-    if manifest is None:
-        raise FileNotFoundError(f"{store.url}: no manifest.json, so no job has been planned here")
-    stats = dict(store.iter_stats())
-    scan = _scan(store, max_samples)
+    manifest = read_manifest(store)
+    shards = committed_shards(store)
+    stats = summarize_stats(s for _, s in iter_stats(store))
+    scan = _scan(store, max_samples, source_limit)
     table = stage_table(manifest, stats)
-    source_counts, n_source, source_error = _source_classes(manifest, scan.source_ids, source_limit)
-    selections = _selections(store)
+    source_counts, n_source, source_error = _source_classes(manifest, scan.first_sources, source_limit)
+    selections = [read_selection(store, name) for name in selection_names(store)]
+    failures = _failure_rows(store, shards)
 
     stages_png = _plot_stages(table, out_dir)
-    scores_png = _plot_histograms(scan.rows, out_dir)
+    scores_png = _plot_histograms(scan.scores, out_dir)
     classes_png = _plot_classes(manifest["classes"], scan.synthetic_classes, scan.synthetic_labeled,
                                 source_counts, n_source, out_dir)
-    grids = _plot_grids(store, scan.rows, out_dir)
+    grids = _plot_grids(scan.extremes, out_dir)
 
-    total = {k: sum(s[k] for s in stats.values()) for k in ("samples", "failed", "rejected")}
     filters = [[r["stage"], r["in"], r["in"] - r["rejected"], _pct(1 - r["rejected"] / r["in"] if r["in"] else None),
                 _reasons(r["rejected_by_reason"])] for r in table if r["kind"] == "keep" or r["rejected"]]
     filters += [[f"selection {s['name']}", s["kept"] + s["dropped"], s["kept"],
                  _pct(s["kept"] / (s["kept"] + s["dropped"]) if s["kept"] + s["dropped"] else None),
                  _reasons(s["dropped_by_reason"])] for s in selections]
-    scanned = f"{len(scan.rows)} of {total['samples']}" if len(scan.rows) < total["samples"] else "all"
+    scanned = f"{scan.rows} of {stats.samples}" if scan.rows < stats.samples else "all"
+    binned = any(summary.binned for summary in scan.scores.values())
     parts = [
         f"<h1>Factory report: {html.escape(manifest['name'])}</h1>",
         f'<p class="note">{html.escape(store.url)} &middot; spec {html.escape(manifest["spec_hash"])}</p>',
         _table(["shards", "samples written", "failed", "rejected", "synthetic", "labelled (seg.png)",
                 "pseudo-labelled", "unlabelled"],
-               [[f"{len(stats)}/{manifest['plan']['num_shards']}", total["samples"], total["failed"],
-                 total["rejected"], scan.synthetic, scan.labeled, scan.pseudo_labeled,
-                 len(scan.rows) - scan.labeled]]),
+               [[f"{stats.shards}/{manifest['plan']['num_shards']}", stats.samples, stats.failed,
+                 stats.rejected, scan.synthetic, scan.labeled, scan.pseudo_labeled, scan.rows - scan.labeled]]),
         "<h2>Samples and failures per stage</h2>",
         _table(["stage", "kind", "rows in", "passed", "pass rate", "failed", "failures by reason", "rejected",
                 "rejections by reason"],
@@ -307,14 +345,20 @@ def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | Non
                  _reasons(r["failed_by_reason"]), r["rejected"], _reasons(r["rejected_by_reason"])]
                 for r in table]),
         _img(stages_png, "rows per stage"),
+        f"<h2>Failed and rejected samples</h2><p class=\"note\">The first {FAILURE_ROWS}, from "
+        "<code>failures/</code>.</p>",
+        _table(["shard", "sample", "stage", "reason", "detail"], failures)
+        if failures else '<p class="note">No failure details recorded.</p>',
         "<h2>Filter pass rates</h2>",
         '<p class="note">Selection stages (rows they let through, of the rows that reached them) and the '
         "top-fraction selections written by <code>factory select</code>.</p>",
         _table(["filter", "rows in", "kept", "pass rate", "dropped by reason"], filters)
         if filters else '<p class="note">This job has no filter.</p>',
         f"<h2>Scores</h2><p class=\"note\">From {scanned} written samples. Null means the score's input "
-        "was missing (no mask, no auto-label, no prompt).</p>",
-        _table(["score", "n", "null", "mean", "min", "median", "max"], _score_stats(scan.rows)),
+        "was missing (no mask, no auto-label, no prompt)."
+        + (" Past 1,024 values a score is summarised in a streamed histogram: its median is then the centre "
+           "of the bin holding it." if binned else "") + "</p>",
+        _table(["score", "n", "null", "mean", "min", "median", "max"], _score_stats(scan.scores)),
         _img(scores_png, "score histograms"),
         "<h2>Class frequency: synthetic vs source</h2>",
         f'<p class="note">Synthetic: {scan.synthetic_labeled} labelled synthetic samples. Source: {n_source} '
@@ -334,18 +378,25 @@ def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | Non
     return path
 
 
-def _selections(store: OutputStore) -> list[dict]:
-    store.fs.invalidate_cache()
-    try:
-        names = sorted(store.fs.ls(store.path(SELECTIONS_DIR), detail=False))
-    except FileNotFoundError:
-        return []
-    return [store.read_json(SELECTIONS_DIR, n.rsplit("/", 1)[-1]) for n in names if n.endswith(".json")]
+def publish_report(store: OutputStore, out_dir: str | Path | None = None, **options) -> str:
+    """Write the report into `out_dir`, or by default beside the output in `OUT/report/` (written locally,
+    then uploaded, for an object-store output); return where report.html is."""
+    if out_dir is not None:
+        return str(write_report(store, out_dir, **options))
+    if store.is_local():
+        return str(write_report(store, store.path(REPORT_DIR), **options))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = write_report(store, tmp, **options).parent
+        target = store.path(REPORT_DIR)
+        store.fs.invalidate_cache()
+        if store.fs.exists(target):
+            store.fs.rm(target, recursive=True)
+        for file in sorted(local.iterdir()):
+            store.fs.put_file(str(file), f"{target}/{file.name}")
+    return store.public_url(REPORT_DIR, "report.html")
 
 
-def main_report(output_url: str, out_dir: str, endpoint_url: str | None = None) -> int:
+def main_report(output_url: str, out_dir: str | None = None, endpoint_url: str | None = None) -> int:
     """`factory report OUT [--out DIR]`: write the report, print where it is."""
-    options = {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
-    path = write_report(OutputStore(output_url, options), out_dir)
-    print(f"wrote {path}")
+    print(f"wrote {publish_report(open_output(output_url, endpoint_url=endpoint_url), out_dir)}")
     return 0

@@ -2,8 +2,17 @@
 
 Each scene is a crude picture with a ground-truth mask in ADE150 class ids: a horizon (sky over road or
 grass outdoors, wall over floor indoors), a backdrop (mountains, buildings, trees, a painting), and a few
-objects standing on the ground. The image is the ADE150 palette colour of each class with texture noise
-and a vertical light gradient. Files are written as a `folder` source:
+objects standing on the ground. Two looks, with the same layout and mask for a given (seed, index):
+
+- `palette` (default): each class in its ADE150 palette colour, with texture noise. Colour alone gives
+  the class, which is what a ControlNet conditioned on palette masks expects to see.
+- `varied`: each class of a scene gets a random colour, drawn anew for every scene, and its texture
+  family (plain, stripes, checks or blotches) with random angle, period, cell size and contrast. Every
+  family is shared by three to five classes, so neither colour nor texture gives the class: a
+  segmenter must learn shape and context (what stands on the ground, what is above the horizon, indoors
+  or out). `factory eval`'s positive control trains on these.
+
+Both add a vertical light gradient. Files are written as a `folder` source:
 
     kind: folder, classes: ade150, image_suffix: _image.png, mask_suffix: _mask.png
 
@@ -45,8 +54,21 @@ def _rect(mask: np.ndarray, value: int, top: float, left: float, bottom: float, 
     mask[t:b, l:r] = value
 
 
-def render_scene(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+STYLES = ("palette", "varied")
+# The varied look's texture family of each class: every family is shared by several classes, so neither
+# the colour (random per scene) nor the texture alone gives the class.
+_TEXTURE_FAMILY = {_cid(name): family for family, names in (
+    ("plain", ("sky", "wall", "person", "car", "sofa")),
+    ("stripes", ("road", "painting", "table")),
+    ("checks", ("floor", "building", "chair")),
+    ("blotches", ("grass", "mountain", "tree")),
+) for name in names}
+
+
+def render_scene(size: int, seed: int, index: int, style: str = "palette") -> tuple[np.ndarray, np.ndarray]:
     """Scene `index` of set `seed`: ((size, size, 3) uint8 RGB image, (size, size) uint8 ADE150 ids)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; use one of {', '.join(STYLES)}")
     rng = np.random.default_rng([seed, index])
     outdoor = rng.random() < 0.6
     horizon = int(size * rng.uniform(0.35, 0.6))
@@ -93,6 +115,9 @@ def render_scene(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarr
         else:
             _rect(mask, _cid(name), bottom - height, cx - width / 2, bottom, cx + width / 2)
 
+    if style == "varied":
+        # Its own random stream, so the layout above is the same in both looks.
+        return _varied_look(mask, np.random.default_rng([seed, index, 1])), mask
     # Colour: palette colour per class, a coarse blotchy texture, fine grain, light from above.
     colour = ade150_palette()[mask].astype(np.float32)
     cell = 8
@@ -104,6 +129,33 @@ def render_scene(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarr
     return image, mask
 
 
+def _varied_look(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each class present: a random colour and its texture family with random parameters; grain, light."""
+    size = mask.shape[0]
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    image = np.empty((size, size, 3), dtype=np.float32)
+    for c in np.unique(mask):
+        colour = rng.uniform(20, 235, 3).astype(np.float32)
+        family, amplitude = _TEXTURE_FAMILY[int(c)], rng.uniform(15, 45)
+        if family == "stripes":  # at a random angle and period
+            angle, period = rng.uniform(0, np.pi), rng.uniform(3, 9)
+            pattern = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
+        elif family == "checks":
+            cell = int(rng.integers(2, 7))
+            pattern = ((yy // cell + xx // cell) % 2) * 2 - 1
+        elif family == "blotches":  # coarse noise, blown up
+            cell = int(rng.integers(3, 9))
+            coarse = rng.normal(0, 1, (size // cell + 1, size // cell + 1)).astype(np.float32)
+            pattern = np.repeat(np.repeat(coarse, cell, axis=0), cell, axis=1)[:size, :size]
+        else:
+            pattern = np.zeros((size, size), dtype=np.float32)
+        region = mask == c
+        image[region] = colour + amplitude * pattern[region][:, None]
+    image += rng.normal(0.0, 5.0, image.shape).astype(np.float32)
+    image *= np.linspace(1.1, 0.8, size, dtype=np.float32)[:, None, None]
+    return np.clip(image, 0, 255).round().astype(np.uint8)
+
+
 def _write_png(array: np.ndarray, path: Path) -> None:
     """Write through a temporary name, so an interrupted run never leaves a half file that looks done."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -111,20 +163,25 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_scenes(out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0) -> list[str]:
-    """Write `count` scenes to `out_dir` (skipping those already there); returns their ids, sorted."""
-    if count < 0 or size < 8:
-        raise ValueError(f"make_scenes: need count >= 0 and size >= 8, got count={count}, size={size}")
+def make_scenes(out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0, style: str = "palette",
+                start: int = 0) -> list[str]:
+    """Write scenes `start` .. `start + count - 1` to `out_dir` (skipping those already there); returns
+    their ids, sorted. Sets made with other `start`s hold other scenes of the same seed: disjoint splits."""
+    if count < 0 or size < 8 or start < 0:
+        raise ValueError(f"make_scenes: need count >= 0, size >= 8 and start >= 0, got count={count}, "
+                         f"size={size}, start={start}")
+    if style not in STYLES:
+        raise ValueError(f"make_scenes: unknown style {style!r}; use one of {', '.join(STYLES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = []
-    for i in range(count):
+    for i in range(start, start + count):
         sample_id = f"scene-{i:05d}"
         ids.append(sample_id)
         image_path, mask_path = out / f"{sample_id}{IMAGE_SUFFIX}", out / f"{sample_id}{MASK_SUFFIX}"
         if image_path.exists() and mask_path.exists():
             continue
-        image, mask = render_scene(size, seed, i)
+        image, mask = render_scene(size, seed, i, style)
         _write_png(mask, mask_path)
         _write_png(image, image_path)
     return ids

@@ -310,10 +310,6 @@ def _save_checkpoint(store: _Store, folder: Path, kind: str, models: TrainingMod
 
 def train(kind: str, spec: TrainSpec, address: str | None = None) -> dict:
     """Train (or resume, or find finished) a SegGen model; returns the final folder's seggen.json + url."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from factory.engine import _init_ray
     from factory.sources import open_source
 
     if kind not in KINDS:
@@ -338,21 +334,32 @@ def train(kind: str, spec: TrainSpec, address: str | None = None) -> dict:
         log.info("%s: %s already holds a model trained %d steps", kind, store.path("final"), done["steps"])
         return {**done, "url": store.path("final")}
 
-    _init_ray(address)
-    with tempfile.TemporaryDirectory() as ray_storage:
-        # Ray Train keeps only its run bookkeeping here: checkpoints go to the output, written by rank 0.
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={"spec": spec.model_dump(mode="json"), "kind": kind, "palette": palette.to_json()},
-            scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                         resources_per_worker={"CPU": spec.cpus_per_worker}),
-            run_config=RunConfig(name=f"{spec.name}-{kind}", storage_path=ray_storage),
-        )
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    fit_on_ray(_worker_loop, {"spec": spec.model_dump(mode="json"), "kind": kind, "palette": palette.to_json()},
+               spec, f"{spec.name}-{kind}", address)
     info = store.read_json("final", "seggen.json")
     return {**info, "url": store.path("final")}
+
+
+def fit_on_ray(loop, config: dict, spec, name: str, address: str | None) -> None:
+    """Run `loop(config)` on a TorchTrainer sized by the spec's num_workers, use_gpu and cpus_per_worker;
+    raise the workers' error if one failed."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from factory.engine import _init_ray
+
+    _init_ray(address)
+    with tempfile.TemporaryDirectory() as ray_storage:
+        # Ray Train keeps only its run bookkeeping here: models and results go to the output, from rank 0.
+        result = TorchTrainer(
+            loop,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                         resources_per_worker={"CPU": spec.cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=ray_storage),
+        ).fit()
+    if result.error is not None:
+        raise result.error
 
 
 def _with_absolute_paths(spec: TrainSpec) -> TrainSpec:

@@ -15,7 +15,8 @@ from helpers import folder_spec
 from PIL import Image
 
 from factory.engine import run_job
-from factory.report import main_report, stage_table, write_report
+from factory.outputs import read_manifest
+from factory.report import main_report, publish_report, stage_table, summarize_stats, write_report
 from factory.scenes import make_scenes
 from factory.scores import SCORE_NAMES, density
 from factory.spec import parse_spec
@@ -60,7 +61,8 @@ def report(job):
 def test_stage_table_counts_rows_through_the_pipeline(job):
     store, index, _, sparse = job
     assert index["failed"] == 1 and index["rejected"] == 2 * sparse > 0
-    table = {r["stage"]: r for r in stage_table(store.read_json("manifest.json"), dict(store.iter_stats()))}
+    stats = summarize_stats(s for _, s in store.iter_stats())
+    table = {r["stage"]: r for r in stage_table(read_manifest(store), stats)}
     assert list(table) == ["read", "synth", "score", "keep"]
     assert table["read"]["failed_by_reason"] == {"corrupt_image": 1}
     assert table["read"]["in"] == index["samples"] + index["rejected"] + 1
@@ -101,13 +103,34 @@ def test_report_is_self_contained(report):
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing fetched from anywhere
 
 
-def test_main_report_cli_entry(job, capsys):
+def test_main_report_cli_entry(job, capsys, tmp_path, monkeypatch):
     store, _, tmp, _ = job
     assert main_report(store.url, str(tmp / "cli-report")) == 0
     assert (tmp / "cli-report" / "report.html").is_file()
     assert "cli-report/report.html" in capsys.readouterr().out
+    # By default the report goes beside the output, not into the current directory.
+    monkeypatch.chdir(tmp_path)
+    assert main_report(store.url) == 0
+    assert (tmp / "out" / "report" / "report.html").is_file() and not (tmp_path / "report").exists()
+    assert f"{tmp / 'out' / 'report' / 'report.html'}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no manifest"):
         main_report(str(tmp / "nowhere"), str(tmp / "nope"))
+
+
+def test_report_of_an_s3_output_is_uploaded_beside_it(job, s3_server):
+    import s3fs
+
+    store, _, tmp, _ = job
+    _, options = s3_server
+    fs = s3fs.S3FileSystem(**options)
+    fs.put(str(tmp / "out" / "manifest.json"), "test/report-job/manifest.json")
+    for folder in ("shards", "stats", "selections"):
+        fs.put(str(tmp / "out" / folder), f"test/report-job/{folder}", recursive=True)
+    where = publish_report(OutputStore("s3://test/report-job", options))
+    assert where == "s3://test/report-job/report/report.html"
+    uploaded = {p.rsplit("/", 1)[-1] for p in fs.ls("test/report-job/report")}
+    assert {"report.html", "stages.png", "scores.png", "classes.png"} <= uploaded
+    assert b"Factory report: report_test" in fs.cat("test/report-job/report/report.html")
 
 
 def test_report_renders_in_a_headless_browser(report, tmp_path):

@@ -102,3 +102,51 @@ def test_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError):
         make_scenes(tmp_path, count=1, size=4)
     assert make_scenes(tmp_path / "none", count=0) == []
+
+
+def colour_lookup_accuracy(style: str) -> tuple[float, float]:
+    """Pixel accuracy of the best colour-only classifier fitted on 150 scenes (each quantised colour ->
+    its most frequent class), on 100 other scenes; and the accuracy of always answering the most
+    frequent class."""
+    def pixels(indices):
+        scenes = [render_scene(32, 0, i, style) for i in indices]
+        colours = np.concatenate([im.reshape(-1, 3) for im, _ in scenes]) // 32
+        bins = colours[:, 0] * 64 + colours[:, 1] * 8 + colours[:, 2]
+        return bins, np.concatenate([m.ravel() for _, m in scenes]).astype(np.int64)
+
+    bins, labels = pixels(range(150))
+    majority = np.bincount(labels).argmax()
+    table = np.full(512, majority)
+    counts = np.zeros((512, 256), np.int64)
+    np.add.at(counts, (bins, labels), 1)
+    seen = counts.sum(axis=1) > 0
+    table[seen] = counts[seen].argmax(axis=1)
+    test_bins, test_labels = pixels(range(1000, 1100))
+    return float((table[test_bins] == test_labels).mean()), float((test_labels == majority).mean())
+
+
+def test_varied_scenes_colour_does_not_give_the_class():
+    palette, baseline = colour_lookup_accuracy("palette")
+    varied, _ = colour_lookup_accuracy("varied")
+    assert palette > 0.8  # the palette look: colour nearly is the label
+    assert varied < baseline + 0.05  # the varied look: colour is no better than guessing the commonest class
+
+
+def test_varied_look_keeps_the_layout_and_is_deterministic():
+    for index in range(5):
+        image, mask = render_scene(32, 3, index, style="varied")
+        palette_image, palette_mask = render_scene(32, 3, index)
+        assert np.array_equal(mask, palette_mask) and not np.array_equal(image, palette_image)
+        again = render_scene(32, 3, index, style="varied")
+        assert np.array_equal(again[0], image)
+    with pytest.raises(ValueError, match="unknown scene style"):
+        render_scene(32, 0, 0, style="neon")
+
+
+def test_start_makes_disjoint_splits_of_one_set(tmp_path):
+    ids = make_scenes(tmp_path / "b", count=2, size=16, start=5, style="varied")
+    assert ids == ["scene-00005", "scene-00006"]
+    whole = make_scenes(tmp_path / "a", count=7, size=16, style="varied")
+    assert read_files(tmp_path / "b", ids) == read_files(tmp_path / "a", whole[5:])
+    with pytest.raises(ValueError, match="style"):
+        make_scenes(tmp_path / "c", count=1, style="neon")

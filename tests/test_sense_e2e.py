@@ -16,6 +16,7 @@ import yaml
 from helpers import decode_image, decode_mask, load_json, read_tar
 
 from factory.engine import run_job
+from factory.outputs import selected_keys
 from factory.report import write_report
 from factory.scenes import make_scenes
 from factory.spec import parse_spec
@@ -143,7 +144,8 @@ def test_top_fraction_selection_over_the_output(sense_run, capsys):
                                               "missing_score": 0}
     on_disk = load_json(out / "selections" / "top-density.instances-0.5.json")
     assert on_disk == selection
-    kept = {k for keys in selection["keys"].values() for k in keys}
+    kept = {k for shard in range(2) for k in selected_keys(OutputStore(str(out)), selection["name"], shard)}
+    assert len(kept) == selection["kept"]
     values = {key: json.loads(files["json"])["scores"]["density"]["instances"] for key, files in samples(out).items()}
     assert min(values[k] for k in kept) == selection["threshold"] >= max(
         (v for k, v in values.items() if k not in kept), default=0)
