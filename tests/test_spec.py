@@ -112,12 +112,15 @@ def test_load_spec_with_overrides_and_yaml_errors(tmp_path):
 def test_every_shipped_job_spec_validates():
     from pathlib import Path
 
-    # train_*.yaml are training specs, validated by their own schema in test_train.py.
-    jobs = [p for p in sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
-            if not p.name.startswith("train_")]
-    assert jobs
+    from factory.eval import load_eval_spec
+    from factory.train import load_train_spec
+
+    # Each kind of spec has its own schema: train_*.yaml for `factory train`, eval_*.yaml for `factory eval`.
+    loaders = {"train": load_train_spec, "eval": load_eval_spec}
+    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    assert {job.stem.split("_")[0] for job in jobs} >= {"train", "eval", "quickstart"}
     for job in jobs:
-        load_spec(job)
+        loaders.get(job.stem.split("_")[0], load_spec)(job)
 
 
 def test_set_steps_into_lists_and_names_bad_paths(tmp_path):
