@@ -1,7 +1,7 @@
 """The engine at scale and under load, on this machine: planning, memory while processing, a stalled sample,
 the engine against a plain loop, and resume over many committed shards on a real S3 server.
 
-    .venv/bin/python bench/bench_scale.py [--only plan,listing,loop,process,stall,resume] [--process 100000]
+    .venv/bin/python bench/bench_scale.py [--only plan,listing,loop,process,stall,stall_every_shard,resume] [--process 100000]
 
 Writes bench/results/scale-<date>.json and prints a table. Each part:
 - plan:    plan a `scenes` source of 10M ids (no files) in a child process: seconds, peak RSS.
@@ -9,9 +9,11 @@ Writes bench/results/scale-<date>.json and prints a table. Each part:
 - process: N scenes at 32 px through two cheap stages (K=2 expansion, 25% rejection), shard_size 100:
            samples/s, driver RSS after 10% of the shards and at the end, largest worker RSS, spill.
 - stall:   2,000 scenes, one sample sleeps 30 s in a pool of two: shards committed during the stall.
+- stall_every_shard: 8 shards, one sample of each sleeps 30 s in a pool of two: the job's seconds against
+           the sleeps' lower bound (8 x 30 / 2), and memory.
 - loop:    a zero-stage job (read, encode, tar) against a single-process loop doing the same, in one run,
-           at 128 px (2,000 scenes) and 512 px (400); the job runs twice: the first job on a fresh Ray
-           also pays Ray Data's one-time start (its internal actors, imports in new workers).
+           at 128 px (2,000 scenes) and 512 px (400); each runs twice, alternating: the first job on a
+           fresh Ray also pays Ray Data's one-time start (its internal actors, imports in new workers).
 - resume:  an output on SeaweedFS holding 10,000 committed shards: seconds from start to the first new commit.
 """
 
@@ -232,6 +234,29 @@ def plain_loop(spec, out: Path) -> int:
     return n
 
 
+def bench_stall_every_shard(tmp: Path, shards: int = 8, sleep_s: float = 30.0, pool: int = 2) -> dict:
+    """One sample of every shard sleeps: the sleeps overlap over the pool, so the job takes about
+    shards x sleep / pool, and memory stays bounded (a shard waits in its actor, nothing piles up)."""
+    from factory.engine import run_job
+
+    stages = [
+        {"kind": "bench_stages:ExpandStage", "params": {"variants": 2}},
+        {"kind": "bench_stages:RejectStage", "resources": {"concurrency": pool, "num_cpus": 0.25},
+         "params": {"fraction": 0.25, "sleep_s": sleep_s, "sleep_index": 50}},
+    ]
+    with MemorySampler() as mem:
+        start = time.perf_counter()
+        index = run_job(_spec(_scenes(shards * 100, 32), str(tmp / "stall-every"), stages, shard_size=100))
+        seconds = time.perf_counter() - start
+    assert index["num_shards"] == shards and index["complete"]
+    return {
+        "shards": shards, "sleep_s_per_shard": sleep_s, "pool": pool, "seconds": round(seconds, 1),
+        "sleeps_over_pool_s": shards * sleep_s / pool,
+        "driver_peak_rss_mib": round(mem.driver_peak / 2**20, 1),
+        "largest_worker_rss_mib": round(mem.worker_peak / 2**20, 1),
+    }
+
+
 def bench_loop(tmp: Path) -> dict:
     from factory.engine import run_job
     from factory.scenes import make_scenes
@@ -243,19 +268,24 @@ def bench_loop(tmp: Path) -> dict:
         source = {"kind": "folder", "path": str(scenes), "classes": "ade150",
                   "image_suffix": "_image.png", "mask_suffix": "_mask.png"}
         spec = _spec(source, str(tmp / f"engine-{size}"), [], shard_size=100, read_cpus=1.0, write_cpus=1.0)
-        start = time.perf_counter()
-        n_loop = plain_loop(spec, tmp / f"loop-{size}")
-        loop_s = time.perf_counter() - start
-        timings = {}
-        for run in ("first", "second"):  # the first job on a fresh Ray also pays Ray Data's one-time start
+        # Each side runs twice, alternating: the first engine job on a fresh Ray also pays Ray Data's one-time
+        # start, the first loop its imports and a cold page cache. Ratios pair first with first, second
+        # with second.
+        loop_s, engine_s = {}, {}
+        for run in ("first", "second"):
+            start = time.perf_counter()
+            n_loop = plain_loop(spec, tmp / f"loop-{size}-{run}")
+            loop_s[run] = time.perf_counter() - start
             spec.output.url = str(tmp / f"engine-{size}-{run}")
             start = time.perf_counter()
             n_engine = run_job(spec)["samples"]
-            timings[run] = time.perf_counter() - start
+            engine_s[run] = time.perf_counter() - start
+        assert n_loop == n_engine, (n_loop, n_engine)
         results[f"{size}px"] = {
-            "samples": n_engine, "loop_s": round(loop_s, 2), "loop_samples_per_s": round(n_loop / loop_s, 1),
-            **{f"engine_{run}_job_s": round(s, 2) for run, s in timings.items()},
-            **{f"engine_{run}_job_vs_loop": round(loop_s / s, 2) for run, s in timings.items()},
+            "samples": n_engine,
+            **{f"loop_{run}_s": round(s, 2) for run, s in loop_s.items()},
+            **{f"engine_{run}_job_s": round(s, 2) for run, s in engine_s.items()},
+            **{f"engine_vs_loop_{run}": round(loop_s[run] / engine_s[run], 2) for run in loop_s},
         }
     return results
 
@@ -306,7 +336,7 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
 
 
 def main() -> None:
-    parts = ("plan", "listing", "loop", "process", "stall", "resume")
+    parts = ("plan", "listing", "loop", "process", "stall", "stall_every_shard", "resume")
     p = argparse.ArgumentParser()
     p.add_argument("--only", default=",".join(parts), help=f"comma-separated parts of: {', '.join(parts)}")
     p.add_argument("--process", type=int, default=100_000, help="scenes in the process part")

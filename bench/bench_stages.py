@@ -38,19 +38,23 @@ class ExpandStage(Stage):
 class RejectParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     fraction: float = 0.25
-    sleep_s: float = 0.0  # sleep this long on the source `sleep_id`
+    sleep_s: float = 0.0  # sleep this long on the source `sleep_id`, or on every shard's `sleep_index`th
     sleep_id: str = ""
+    sleep_index: int = -1
     marker_dir: str = ""  # where the sleep writes when it starts and ends
 
 
 class RejectStage(Stage):
-    """Rejects a fixed fraction of rows (by a hash of the key); optionally sleeps on one source sample."""
+    """Rejects a fixed fraction of rows (by a hash of the key); optionally sleeps on one source sample, or on
+    one sample of every shard."""
 
     name = "bench-reject"
     Params = RejectParams
 
     def process(self, samples):
         for s in samples:
+            if s.index == self.params.sleep_index and s.variant.endswith("0"):
+                time.sleep(self.params.sleep_s)
             if s.source_id == self.params.sleep_id and s.variant.endswith("0"):
                 Path(self.params.marker_dir, "sleep-start").write_text(str(time.time()))
                 time.sleep(self.params.sleep_s)

@@ -13,8 +13,9 @@ Strategies, each named as in its paper, as laws over the B slots of a batch:
 - `seggen_pretrain` (SegGen): the first `pretrain_batches` batches are all synthetic, then all real.
 - `diffusion_synthesis` (Diffusion Synthesis): each slot is synthetic with probability alpha (0.5); the
   synthetic one is a uniformly chosen variant of a uniformly drawn source (a real index with variants).
-- `sense` (SENSE): each batch is B/2 real then B/2 synthetic samples; synthetic images without a mask
-  are labelled on the fly by a teacher (`pseudo_label`), keeping only confident pixels.
+- `sense` (SENSE): B real then B synthetic samples per batch (`batch_size` = 2B, as in the paper);
+  synthetic images without a mask are labelled on the fly by a teacher (`pseudo_label`), keeping only
+  confident pixels.
 - `real`: real samples only (the baseline `factory eval` compares against).
 
 Batch b's slot kinds are drawn from a generator seeded by (seed, rank, b): the law holds exactly for
