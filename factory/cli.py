@@ -358,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_ray() -> None:
+    """Stop this process's Ray before the last line: workers' log lines reach stderr asynchronously, and
+    none may come after the line that says what happened and what to do."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # the job has failed already; its message matters more than a clean shutdown
+            log.debug("ray.shutdown failed", exc_info=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; any failure ends in one `factory:` line with what to do (the traceback with --verbose)."""
     from factory.errors import advice, one_line
@@ -370,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"factory: bad job spec: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _stop_ray()
         print("factory: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
+        _stop_ray()
         if args.verbose:
             traceback.print_exc()
         if type(e).__name__ in ("ResumeError", "LeaseError", "JobIncomplete", "PlanError"):
