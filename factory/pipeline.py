@@ -168,10 +168,15 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
         retries=engine.retries, backoff=engine.retry_backoff_s,
     )
     writer = ShardWriter(store.url, options, settings, job_info)
+    # One block per shard: without the override, Ray Data splits the output of too few read tasks into
+    # empty blocks that every later step would schedule.
+    blocks = len(pending)
     if not spec.stages:
         source = ShardDatasource(pending, reader, writer)
-        return ray.data.read_datasource(source, num_cpus=max(engine.read_cpus, engine.write_cpus))
-    ds = ray.data.read_datasource(ShardDatasource(pending, reader), num_cpus=engine.read_cpus)
+        return ray.data.read_datasource(source, override_num_blocks=blocks,
+                                        num_cpus=max(engine.read_cpus, engine.write_cpus))
+    ds = ray.data.read_datasource(ShardDatasource(pending, reader), override_num_blocks=blocks,
+                                  num_cpus=engine.read_cpus)
     for stage in spec.stages:
         r = stage.resources
         ds = ds.map_batches(
