@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from abc import abstractmethod
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -185,8 +186,9 @@ class DiffusionStage(Stage):
     # noise). ControlNet and t2i predate the salt and keep their seeds, so their images stay the same.
     salt_seeds_with_label: ClassVar[bool] = True
 
+    @abstractmethod
     def load(self) -> Any:
-        raise NotImplementedError
+        """The stage's diffusers pipeline, or a dict of named pipelines."""
 
     def setup(self) -> None:
         started = time.perf_counter()
@@ -241,8 +243,9 @@ class MaskConditionedStage(DiffusionStage):
     def generation_size(self, height: int, width: int) -> tuple[int, int]:
         return generation_size(height, width, self.params.resolution, self.multiple)
 
+    @abstractmethod
     def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
-        raise NotImplementedError
+        """One pipeline call at `size` for these sources; fills each source's group of variants."""
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         out = [sample.expand(self.variants_per_input()) for sample in samples]
