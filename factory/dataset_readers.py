@@ -32,6 +32,14 @@ def _apply_lut(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
     return mapped
 
 
+def _image_and_mapped_mask(source: FileSource, image_path: str, mask_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image, and its label map read as raw ids, size-checked and mapped through `source._lut`."""
+    image = source._image(image_path)
+    raw = id_array(source._mask_image(mask_path), mask_path)
+    source._check_size(image, raw, mask_path)
+    return image, _apply_lut(raw, source._lut, mask_path).astype(source.classes.mask_dtype)
+
+
 class ADE20KSource(FileSource):
     """ADEChallengeData2016: images/<split>/*.jpg, annotations/<split>/*.png with 0 = unlabeled, 1..150."""
 
@@ -52,10 +60,7 @@ class ADE20KSource(FileSource):
     def _load(self, sample_id: str) -> SourceRecord:
         image_path = self._path("images", self.split, sample_id + ".jpg")
         mask_path = self._path("annotations", self.split, sample_id + ".png")
-        image = self._image(image_path)
-        raw = id_array(self._mask_image(mask_path), mask_path)
-        self._check_size(image, raw, mask_path)
-        mask = _apply_lut(raw, self._lut, mask_path).astype(self.classes.mask_dtype)
+        image, mask = _image_and_mapped_mask(self, image_path, mask_path)
         meta = {"image_path": self._rel(image_path), "mask_path": self._rel(mask_path)}
         return SourceRecord(sample_id, image, mask, None, meta)
 
@@ -225,10 +230,7 @@ class CityscapesSource(FileSource):
         image_path = self._path("leftImg8bit", self.split, sample_id + self.image_suffix)
         label_path = self._path("gtFine", self.split, sample_id + "_gtFine_labelIds.png")
         instance_path = self._path("gtFine", self.split, sample_id + "_gtFine_instanceIds.png")
-        image = self._image(image_path)
-        raw = id_array(self._mask_image(label_path), label_path)
-        self._check_size(image, raw, label_path)
-        mask = _apply_lut(raw, self._lut, label_path).astype(self.classes.mask_dtype)
+        image, mask = _image_and_mapped_mask(self, image_path, label_path)
         meta = {"image_path": self._rel(image_path), "mask_path": self._rel(label_path)}
 
         instances = None
