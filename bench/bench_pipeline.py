@@ -22,7 +22,7 @@ import torch
 from webdataset import TarWriter
 
 from factory.engine import run_job
-from factory.pipeline import ShardReader
+from factory.reader import ShardReader
 from factory.scenes import make_scenes
 from factory.sources import open_source
 from factory.spec import load_spec

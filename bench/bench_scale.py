@@ -12,8 +12,8 @@ Writes bench/results/scale-<date>.json and prints a table. Each part:
 - stall_every_shard: 8 shards, one sample of each sleeps 30 s in a pool of two: the job's seconds against
            the sleeps' lower bound (8 x 30 / 2), and memory.
 - loop:    a zero-stage job (read, encode, tar) against a single-process loop doing the same, in one run,
-           at 128 px (2,000 scenes) and 512 px (400); each runs twice, alternating: the first job on a
-           fresh Ray also pays Ray Data's one-time start (its internal actors, imports in new workers).
+           at 128 px (2,000 scenes) and 512 px (400), shard_size 100; each runs twice, alternating: the
+           first job on a fresh Ray also pays the imports of its new workers.
 - resume:  an output on SeaweedFS holding 10,000 committed shards: seconds from start to the first new commit.
 """
 
@@ -210,7 +210,7 @@ def plain_loop(spec, out: Path) -> int:
     """What a user writes by hand, in one process: list, read, encode, and write one tar per shard."""
     from webdataset import TarWriter
 
-    from factory.pipeline import ShardReader
+    from factory.reader import ShardReader
     from factory.sources import open_source
     from factory.writer import encode_files
 
@@ -268,9 +268,9 @@ def bench_loop(tmp: Path) -> dict:
         source = {"kind": "folder", "path": str(scenes), "classes": "ade150",
                   "image_suffix": "_image.png", "mask_suffix": "_mask.png"}
         spec = _spec(source, str(tmp / f"engine-{size}"), [], shard_size=100, read_cpus=1.0, write_cpus=1.0)
-        # Each side runs twice, alternating: the first engine job on a fresh Ray also pays Ray Data's one-time
-        # start, the first loop its imports and a cold page cache. Ratios pair first with first, second
-        # with second.
+        # Each side runs twice, alternating: the first engine job on a fresh Ray also pays its workers'
+        # imports, the first loop its own imports and a cold page cache. Ratios pair first with first,
+        # second with second.
         loop_s, engine_s = {}, {}
         for run in ("first", "second"):
             start = time.perf_counter()

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from contextlib import closing
 
 import ray
 
@@ -24,7 +25,7 @@ from factory.checks import check_resources, check_shard_size, check_shared_outpu
 from factory.classes import ClassSet
 from factory.errors import JobIncomplete
 from factory.lease import LEASE_FILE, Lease
-from factory.pipeline import build_pipeline
+from factory.pipeline import shard_results
 from factory.plan import PLAN_DIR, Plan, plan_shards
 from factory.progress import Progress, StageCounter
 from factory.reaper import watch_local_ray
@@ -160,17 +161,19 @@ def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Pl
     # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
     counter = StageCounter.remote() if spec.stages else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
-    ds = build_pipeline(spec, store, storage_options(spec.output), classes, pending, job_info, counter)
     failed: list[dict] = []
-    for result in ds.iter_rows():
-        progress.shard_done(result)
-        lease.check()
-        if result["status"] != "committed":
-            failed.append(result)
-            log.error("shard %d failed at stage %s: %s", result["shard"], result["stage"], result["cause"])
-            if len(failed) >= spec.engine.max_failed_shards:
-                log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
-                break
+    # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
+    with closing(shard_results(spec, store, storage_options(spec.output), classes, pending, job_info,
+                               counter)) as results:
+        for result in results:
+            progress.shard_done(result)
+            lease.check()
+            if result["status"] != "committed":
+                failed.append(result)
+                log.error("shard %d failed at stage %s: %s", result["shard"], result["stage"], result["cause"])
+                if len(failed) >= spec.engine.max_failed_shards:
+                    log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
+                    break
     progress.show(final=True)
     if counter is not None:
         ray.kill(counter)

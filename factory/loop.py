@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from factory.pipeline import ShardReader
+from factory.reader import ShardReader
 from factory.runner import StageRunner
 from factory.sample import Sample, ShardWork
 from factory.sources import open_source

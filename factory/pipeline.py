@@ -7,14 +7,14 @@ actor runs them in batches of its `batch_size`, and the write task encodes them 
 tar and stats from wherever it runs. There is no central writer, no reassembly and no per-sample
 accounting: a shard is complete when its row reaches the write step, and what shares a batch depends
 only on the shard's contents. The row's one binary column also gives Ray Data exact block sizes, which
-its memory back-pressure relies on.
+its memory back-pressure relies on. A job without stages has nothing to pipeline: each shard is one
+plain Ray task from read to commit (`factory/shard_tasks.py`).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from functools import lru_cache, partial
+from collections.abc import Iterator
+from functools import partial
 
 import pyarrow as pa
 import ray
@@ -22,16 +22,14 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from factory.classes import ClassSet
-from factory.errors import describe, one_line, retry
-from factory.plan import PLAN_DIR, part_name, read_shard_ids
+from factory.plan import PLAN_DIR
+from factory.reader import ShardReader
 from factory.runner import StageRunner
-from factory.sample import BadSample, Sample, ShardWork
-from factory.sources import Source, open_source
-from factory.spec import JobSpec, SourceSpec
+from factory.sample import ShardWork
+from factory.shard_tasks import commit_shards
+from factory.spec import JobSpec
 from factory.store import OutputStore
-from factory.writer import WriteSettings, write_shard
-
-log = logging.getLogger("factory")
+from factory.writer import ShardWriter, WriteSettings
 
 
 def _row(work: ShardWork) -> pa.Table:
@@ -44,97 +42,26 @@ def _works(table: pa.Table) -> list[ShardWork]:
     return [ShardWork.from_bytes(raw) for raw in table.column("work").to_pylist()]
 
 
-@lru_cache(maxsize=4)
-def _cached_source(source_json: str) -> Source:
-    return open_source(SourceSpec.model_validate_json(source_json))
-
-
-class ShardReader:
-    """The read step: a shard's ids from its plan part, each sample from the source."""
-
-    def __init__(self, source_json: str, plan_url: str, plan_options: dict, retries: int, backoff: float):
-        self.source_json = source_json
-        self.plan_url = plan_url
-        self.plan_options = plan_options
-        self.retries = retries
-        self.backoff = backoff
-
-    def ids(self, shard: int) -> list[str]:
-        import fsspec
-
-        def read() -> list[str]:
-            with fsspec.open(f"{self.plan_url}/{part_name(shard)}", "rb", **self.plan_options) as f:
-                return read_shard_ids(f, shard)
-
-        return retry(read, f"reading the plan of shard {shard}", self.retries, self.backoff)
-
-    def load(self, source: Source, shard: int, index: int, sample_id: str) -> Sample:
-        """One source sample; bad data becomes a failed sample, anything else is retried, then raised."""
-        sample = Sample(shard=shard, index=index, source_id=sample_id)
-        try:
-            rec = retry(lambda: source.load(sample_id), f"reading {sample_id}", self.retries, self.backoff)
-        except BadSample as e:
-            return sample.fail("read", e.reason, e.detail)
-        sample.image, sample.mask, sample.instances = rec.image, rec.mask, rec.instances
-        sample.meta.update(rec.meta)
-        return sample
-
-    def read(self, shard: int) -> ShardWork:
-        work = ShardWork(shard=shard, samples=[], started=time.time())
-        try:
-            source = _cached_source(self.source_json)
-            work.samples = [self.load(source, shard, i, sample_id) for i, sample_id in enumerate(self.ids(shard))]
-        except Exception as e:
-            log.error("shard %d failed at read: %s", shard, one_line(e))
-            work.failure = {"shard": shard, "stage": "read", **describe(e)}
-        work.stages["read"] = {"rows_out": len(work.samples), "seconds": round(time.time() - work.started, 3)}
-        return work
-
-
-class ShardWriter:
-    """The write step: encode and commit a shard from wherever its row is; returns its summary row."""
-
-    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job_info: dict):
-        self.store_url = store_url
-        self.options = options
-        self.settings = settings
-        self.job_info = job_info
-
-    def __call__(self, works: list[ShardWork]) -> pa.Table:
-        store = OutputStore(self.store_url, self.options)
-        results = [write_shard(work, store, self.settings, self.job_info) for work in works]
-        return pa.Table.from_pylist(
-            [{"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
-              "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
-             for r in results]
-        )
-
-
 class ShardDatasource(Datasource):
-    """One read task per pending shard; a task's closure holds only its shard number.
+    """One read task per pending shard; a task's closure holds only its shard number."""
 
-    With no stage in between, the read task writes its shard too (`writer`): one task from read to commit.
-    """
-
-    def __init__(self, pending: list[int], reader: ShardReader, writer: ShardWriter | None = None):
+    def __init__(self, pending: list[int], reader: ShardReader):
         super().__init__()
         self.pending = pending
         self.reader = reader
-        self.writer = writer
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(partial(_read_shard, self.reader, self.writer, shard), BlockMetadata(1, None, None, None))
+            ReadTask(partial(_read_shard, self.reader, shard), BlockMetadata(1, None, None, None))
             for shard in self.pending
         ]
 
 
-def _read_shard(reader: ShardReader, writer: ShardWriter | None, shard: int):
-    work = reader.read(shard)
-    yield _row(work) if writer is None else writer([work])
+def _read_shard(reader: ShardReader, shard: int):
+    yield _row(reader.read(shard))
 
 
 class StageStep(StageRunner):
@@ -145,7 +72,7 @@ class StageStep(StageRunner):
 
 
 def _write_step(table: pa.Table, writer: ShardWriter) -> pa.Table:
-    return writer(_works(table))
+    return pa.Table.from_pylist([writer.commit(work) for work in _works(table)])
 
 
 def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -156,9 +83,9 @@ def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
                                       max_tasks_in_flight_per_actor=2)
 
 
-def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int],
-                   job_info: dict, counter) -> ray.data.Dataset:
-    """The lazy dataset whose rows are the summaries of the pending shards' commits."""
+def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int],
+                  job_info: dict, counter) -> Iterator[dict]:
+    """Run the pending shards; yields each one's summary row (committed or failed) as it finishes."""
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), store.public_url(PLAN_DIR), options,
                          engine.retries, engine.retry_backoff_s)
@@ -168,14 +95,13 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
         retries=engine.retries, backoff=engine.retry_backoff_s,
     )
     writer = ShardWriter(store.url, options, settings, job_info)
+    if not spec.stages:
+        # One step from read to commit: plain Ray tasks (factory/shard_tasks.py says why not Ray Data).
+        yield from commit_shards(pending, reader, writer, max(engine.read_cpus, engine.write_cpus))
+        return
     # One block per shard: without the override, Ray Data splits the output of too few read tasks into
     # empty blocks that every later step would schedule.
-    blocks = len(pending)
-    if not spec.stages:
-        source = ShardDatasource(pending, reader, writer)
-        return ray.data.read_datasource(source, override_num_blocks=blocks,
-                                        num_cpus=max(engine.read_cpus, engine.write_cpus))
-    ds = ray.data.read_datasource(ShardDatasource(pending, reader), override_num_blocks=blocks,
+    ds = ray.data.read_datasource(ShardDatasource(pending, reader), override_num_blocks=len(pending),
                                   num_cpus=engine.read_cpus)
     for stage in spec.stages:
         r = stage.resources
@@ -192,11 +118,11 @@ def build_pipeline(spec: JobSpec, store: OutputStore, options: dict, classes: Cl
             compute=_pool(r.concurrency),
             zero_copy_batch=True,
         )
-    return ds.map_batches(
+    yield from ds.map_batches(
         _write_step,
         fn_kwargs={"writer": writer},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=engine.write_cpus,
         zero_copy_batch=True,
-    )
+    ).iter_rows()

@@ -127,7 +127,7 @@ def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
     """
     import itertools
 
-    from factory.pipeline import ShardReader
+    from factory.reader import ShardReader
     from factory.runner import StageRunner
     from factory.sample import ShardWork
     from factory.sources import open_source

@@ -105,6 +105,22 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
     return {"shard": work.shard, "status": "committed", **counts, "bytes": stats["bytes"]}
 
 
+class ShardWriter:
+    """Commits whole shards from whichever worker holds them: picklable, opens the store per call."""
+
+    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job_info: dict):
+        self.store_url = store_url
+        self.options = options
+        self.settings = settings
+        self.job_info = job_info
+
+    def commit(self, work: ShardWork) -> dict:
+        """The shard's summary row, with the same keys whether it committed or failed."""
+        r = write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job_info)
+        return {"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
+                "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
+
+
 def _write_tar(store: OutputStore, members, *parts: str) -> None:
     """A WebDataset tar: each sample's files as `KEY.EXT` members, extensions sorted, fixed metadata.
 

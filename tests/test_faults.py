@@ -152,6 +152,24 @@ def test_a_write_task_killed_mid_write_is_retried(source, reference, tmp_path):
     assert_exactly_once(out, reference)
 
 
+def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_path):
+    def run(out: Path, fault: str | None = None) -> dict[str, bytes]:
+        spec = folder_spec(source, out, [], shard_size=2)
+        spec["engine"] = FAST
+        proc = start_cli("run", str(write_spec(out.parent / f"{out.name}.yaml", spec)), fault=fault)
+        if fault:
+            wait_for(lambda: ray_process("read_and_commit"), "a read-and-commit task", proc).send_signal(signal.SIGKILL)
+        code, err = finish(proc)
+        assert code == 0, err[-3000:]
+        return local_tars(out)
+
+    reference = run(tmp_path / "reference")
+    out = tmp_path / "out"
+    assert run(out, fault="slow:1.0") == reference
+    assert len(reference) == SHARDS and committed(out) == SHARDS
+    assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
+
+
 def test_a_transient_storage_error_is_retried_and_nothing_is_recorded_as_failed(source, reference, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))

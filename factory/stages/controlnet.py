@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from factory.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by
