@@ -15,7 +15,7 @@ import ray
 
 from factory.errors import describe
 from factory.reader import ShardReader
-from factory.writer import ShardWriter
+from factory.writer import ShardWriter, summary_row
 
 TASKS_PER_SLOT = 2
 
@@ -55,8 +55,7 @@ def commit_shards(pending: list[int], reader: ShardReader, writer: ShardWriter, 
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as e:
-                result = {"shard": shard, "status": "failed", "samples": 0, "failed": 0, "rejected": 0,
-                          "stage": "worker", **describe(e)}
+                result = summary_row({"shard": shard, "status": "failed", "stage": "worker", **describe(e)})
             yield result
     finally:
         for ref in in_flight:

@@ -115,10 +115,14 @@ class ShardWriter:
         self.job_info = job_info
 
     def commit(self, work: ShardWork) -> dict:
-        """The shard's summary row, with the same keys whether it committed or failed."""
-        r = write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job_info)
-        return {"shard": r["shard"], "status": r["status"], "samples": r["samples"], "failed": r["failed"],
-                "rejected": r["rejected"], "stage": r.get("stage"), "cause": r.get("cause"), "advice": r.get("advice")}
+        return summary_row(write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job_info))
+
+
+def summary_row(result: dict) -> dict:
+    """What the driver counts of a shard, with the same keys whether it committed or failed."""
+    return {"shard": result["shard"], "status": result["status"],
+            **{k: result.get(k, 0) for k in ("samples", "failed", "rejected")},
+            **{k: result.get(k) for k in ("stage", "cause", "advice")}}
 
 
 def _write_tar(store: OutputStore, members, *parts: str) -> None:
