@@ -6,7 +6,7 @@
 Sections, in order (`--sections` picks some): `stages` (each stage alone: images/s, FLOPs counted on the
 warm-up call, TFLOP/s, MFU, memory), `training` (one `factory train mask2img` / `text2mask` step at 768 px,
 bf16, largest batch that fits), `recipes` (Diffusion Synthesis, SegGen ImgSyn and SENSE through
-`factory.engine.run_job`, pools from `factory.plan_resources` on the stage rates just measured, GPU busy
+`factory.engine.driver.run_job`, pools from `factory.tools.pool_sizes` on the stage rates just measured, GPU busy
 fraction from NVML) and `fast_paths` (the ControlNet workload with each `model.speed` option on).
 `--minutes` is the time budget: a section that would start after it is recorded as skipped, never
 estimated. Writes `bench/results/<gpu>-<date>.json` (or `--out DIR`) and prints a table. docs/gpu.md
@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 # Ray's workers (the recipes) import factory too: from this checkout, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
-from factory.benchmark import Workload, device_info, measure_recipe, measure_stage, measure_training  # noqa: E402
-from factory.plan_resources import plan  # noqa: E402
+from measure import Workload, device_info, measure_recipe, measure_stage, measure_training  # noqa: E402
+from factory.tools.pool_sizes import plan  # noqa: E402
 
 ADE_SUBSET = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "grass", "cabinet",
               "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car"]

@@ -16,9 +16,9 @@ import tracemalloc
 
 import fsspec
 
-import factory.listing
+import factory.sources.listing
 from factory.sources import open_source
-from factory.spec import SourceSpec
+from factory.sources.spec import SourceSpec
 
 SUFFIX = "_image.png"
 
@@ -68,8 +68,8 @@ def main() -> None:
 
         results["find_and_sort"] = measure(find_and_sort)
         results["stream"] = measure(stream)
-        factory.listing.RUN_SIZE = max(1, args.files // args.dirs // 5)  # every directory spilled in 5 runs
-        results["stream_spilled"] = {"run_size": factory.listing.RUN_SIZE, **measure(stream)}
+        factory.sources.listing.RUN_SIZE = max(1, args.files // args.dirs // 5)  # every directory spilled in 5 runs
+        results["stream_spilled"] = {"run_size": factory.sources.listing.RUN_SIZE, **measure(stream)}
     scenes = open_source(SourceSpec(kind="scenes", count=args.scenes))
     start = time.perf_counter()
     results["scenes"] = {"ids": sum(1 for _ in scenes.list_ids()), "seconds": round(time.perf_counter() - start, 3)}

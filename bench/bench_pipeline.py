@@ -21,13 +21,13 @@ import ray
 import torch
 from webdataset import TarWriter
 
-from factory.engine import run_job
-from factory.reader import ShardReader
-from factory.scenes import make_scenes
+from factory.engine.driver import run_job
+from factory.engine.reader import ShardReader
+from factory.sources.scenes import make_scenes
 from factory.sources import open_source
-from factory.spec import load_spec
+from factory.engine.spec import load_spec
 from factory.stages import StageContext, resolve_stage
-from factory.writer import encode_files
+from factory.engine.writer import encode_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), str(REPO), 
 
 
 def _spec(source: dict, out: str, stages: list, shard_size: int, image_format: str = "png", **engine) -> dict:
-    from factory.spec import parse_spec
+    from factory.engine.spec import parse_spec
 
     return parse_spec({"name": "bench", "seed": 0, "source": source, "stages": stages,
                        "output": {"url": out, "shard_size": shard_size, "image_format": image_format},
@@ -62,8 +62,8 @@ def _plan_in_child(source: dict, shard_size: int, out: Path) -> dict:
     """Plan in a fresh process, so its peak RSS is the planner's alone (imports included)."""
     code = (
         "import json, sys, time\n"
-        "from factory.plan import plan_shards\nfrom factory.sources import open_source\n"
-        "from factory.spec import SourceSpec\n"
+        "from factory.engine.shard_plan import plan_shards\nfrom factory.sources.base import open_source\n"
+        "from factory.engine.spec import SourceSpec\n"
         f"source = open_source(SourceSpec.model_validate({source!r}))\n"
         "start = time.perf_counter()\n"
         f"plan = plan_shards(source.list_ids(), {shard_size}, lambda name: open({str(out)!r} + '/' + name, 'wb'))\n"
@@ -134,7 +134,7 @@ def _spilled_mib() -> float:
 
 
 def bench_process(tmp: Path, count: int) -> dict:
-    from factory.engine import run_job
+    from factory.engine.driver import run_job
 
     out = tmp / "process"
     stages = [
@@ -168,7 +168,7 @@ def _mark_when(mem: MemorySampler, out: Path, shards: int, name: str) -> None:
 
 
 def bench_stall(tmp: Path) -> dict:
-    from factory.engine import run_job
+    from factory.engine.driver import run_job
 
     out, markers = tmp / "stall", tmp / "stall-markers"
     markers.mkdir()
@@ -210,9 +210,9 @@ def plain_loop(spec, out: Path) -> int:
     """What a user writes by hand, in one process: list, read, encode, and write one tar per shard."""
     from webdataset import TarWriter
 
-    from factory.reader import ShardReader
+    from factory.engine.reader import ShardReader
     from factory.sources import open_source
-    from factory.writer import encode_files
+    from factory.engine.writer import encode_files
 
     source = open_source(spec.source)
     reader = ShardReader(spec.source.model_dump_json(), "", {}, retries=0, backoff=0.0)
@@ -237,7 +237,7 @@ def plain_loop(spec, out: Path) -> int:
 def bench_stall_every_shard(tmp: Path, shards: int = 8, sleep_s: float = 30.0, pool: int = 2) -> dict:
     """One sample of every shard sleeps: the sleeps overlap over the pool, so the job takes about
     shards x sleep / pool, and memory stays bounded (a shard waits in its actor, nothing piles up)."""
-    from factory.engine import run_job
+    from factory.engine.driver import run_job
 
     stages = [
         {"kind": "bench_stages:ExpandStage", "params": {"variants": 2}},
@@ -258,8 +258,8 @@ def bench_stall_every_shard(tmp: Path, shards: int = 8, sleep_s: float = 30.0, p
 
 
 def bench_loop(tmp: Path) -> dict:
-    from factory.engine import run_job
-    from factory.scenes import make_scenes
+    from factory.engine.driver import run_job
+    from factory.sources.scenes import make_scenes
 
     results = {}
     for size, count in ((128, 2000), (512, 400)):
@@ -294,9 +294,9 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
     import s3fs
     import seaweed
 
-    from factory.engine import _plan, run_job
+    from factory.engine.driver import _plan, run_job
     from factory.sources import open_source
-    from factory.store import OutputStore, storage_options
+    from factory.output.layout import OutputStore
 
     ports = seaweed.free_ports()
     server = seaweed.start(tmp / "weed", ports)
@@ -317,7 +317,7 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
         times: dict[str, float] = {}
 
         def watch() -> None:
-            probe = s3fs.S3FileSystem(**storage_options(spec.output))
+            probe = s3fs.S3FileSystem(**spec.output.options())
             while "first" not in times:
                 probe.invalidate_cache()
                 if probe.exists(first_new):

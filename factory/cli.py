@@ -1,21 +1,21 @@
-"""The `factory` command: run and resume jobs, submit them to a cluster, inspect their output, train models."""
+"""The `factory` command: run and resume jobs, submit them to a cluster, inspect their output, train models.
+
+A thin layer: each command parses its arguments and calls the function that does the work, where that
+work lives (the engine, the tools, SegGen training, the consumer side). Modules are imported by the
+command that needs them, so `factory status` never starts Ray or imports torch.
+"""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
-import tempfile
-import time
 import traceback
-from pathlib import Path
 
 import yaml
 
-from factory.outputs import job_status, open_output
-from factory.spec import SpecError, dump_spec, load_spec, read_yaml
+from factory.output.layout import open_output
+from factory.schema import SpecError, read_yaml
 
 log = logging.getLogger("factory")
 
@@ -34,36 +34,34 @@ def _overrides(args) -> dict:
     return out
 
 
-def _load_with_absolute_paths(args):
-    """The spec with local paths made absolute against the current directory.
+def _job_spec(args, absolute: bool = True):
+    from factory.engine.spec import load_spec, with_absolute_paths
 
-    `run` and `submit` both do this, so the same spec hashes the same whichever way it was started.
-    """
     spec = load_spec(args.spec, _overrides(args))
-    if spec.source.path and "://" not in spec.source.path:
-        spec.source.path = str(Path(spec.source.path).expanduser().resolve())
-    if "://" not in spec.output.url:
-        spec.output.url = str(Path(spec.output.url).expanduser().resolve())
-    return spec
+    return with_absolute_paths(spec) if absolute else spec
+
+
+def _output(args):
+    return open_output(args.output, endpoint_url=args.endpoint_url)
 
 
 def cmd_validate(args) -> int:
     data = read_yaml(args.spec)
     if isinstance(data, dict) and "stages" not in data and "steps" in data:  # a training spec
-        from factory.train import load_train_spec
+        from factory.seggen.spec import load_train_spec
 
         train_spec = load_train_spec(args.spec)
         print(f"{args.spec}: ok (training spec {train_spec.name}, {train_spec.steps} steps)")
         return 0
-    spec = _load_with_absolute_paths(args)
+    spec = _job_spec(args)
     print(f"{args.spec}: ok (job {spec.name}, {len(spec.stages)} stages, spec hash {spec.content_hash()})")
     return 0
 
 
 def cmd_run(args) -> int:
-    from factory.engine import run_job
+    from factory.engine.driver import run_job
 
-    spec = _load_with_absolute_paths(args)
+    spec = _job_spec(args)
     index = run_job(spec, address=args.address, overwrite=args.overwrite)
     print(
         f"{spec.output.url}: {index['committed']}/{index['num_shards']} shards, {index['samples']} samples, "
@@ -72,175 +70,75 @@ def cmd_run(args) -> int:
     return 0
 
 
-def submission_id(spec) -> str:
-    """Deterministic: the same spec submitted twice names the same Ray job, so two writers never race.
-
-    The job name keeps it readable in the dashboard; the spec hash (which covers everything that decides
-    the output bytes, source path included) keeps two different jobs of one name apart, and a short hash
-    of the output URL two runs of one spec writing to different places.
-    """
-    where = hashlib.sha256(spec.output.url.encode()).hexdigest()[:6]
-    return f"{spec.name}-{spec.content_hash()}-{where}"
-
-
 def cmd_submit(args) -> int:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from factory.engine.submit import submit
 
     # The job's driver runs in a fresh directory on the head node, so a relative path would point into
     # it; absolute paths must then name storage every node mounts at that same path.
-    spec = _load_with_absolute_paths(args)
-
-    client = JobSubmissionClient(args.address)
-    base_id = submission_id(spec)
-    attempt, sid = 0, base_id
-    # Walk this spec's earlier submissions: a live one means no new writer; a failed one is kept
-    # (its logs stay readable) and the next attempt gets the next `-retryN` id and resumes its output.
-    while True:
-        try:
-            info = client.get_job_info(sid)
-        except RuntimeError as e:
-            if "404" not in str(e) and "does not exist" not in str(e):
-                raise  # the cluster answered something else: say so rather than submit blindly
-            break
-        if not info.status.is_terminal():
-            print(f"job {sid} is already {info.status.value}; not submitting it twice")
-            return 0
-        if info.status == JobStatus.SUCCEEDED and not args.again:
-            print(f"job {sid} already succeeded; pass --again to run it once more (it resumes and skips done shards)")
-            return 0
-        attempt += 1
-        sid = f"{base_id}-retry{attempt}"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spec.yaml").write_text(yaml.safe_dump(dump_spec(spec), sort_keys=False))
-        try:
-            client.submit_job(
-                # `python` is the cluster's interpreter (the one Ray runs on), so this needs no `factory`
-                # script on the driver's PATH, only the package importable where Ray is.
-                entrypoint="python -m factory.cli run spec.yaml",
-                submission_id=sid,
-                runtime_env={"working_dir": tmp},
-                metadata={"factory_job": spec.name, "spec_hash": spec.content_hash(), "output": spec.output.url},
-            )
-        except RuntimeError as e:
-            # Two `factory submit`s racing past the check above: the cluster accepts only one of them.
-            if "already exists" not in str(e):
-                raise
-            print(f"job {sid} was submitted by someone else just now; not submitting it twice")
-            return 0
-    print(f"submitted {sid} to {args.address}; follow it with: factory logs {sid} --address {args.address} --follow")
-    if args.wait:
-        while not client.get_job_status(sid).is_terminal():
-            time.sleep(5)
-        status = client.get_job_status(sid)
-        print(f"job {sid}: {status.value}")
-        return 0 if status == JobStatus.SUCCEEDED else 1
-    return 0
+    return submit(_job_spec(args), args.address, again=args.again, wait=args.wait)
 
 
 def cmd_logs(args) -> int:
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from factory.engine.submit import print_logs
 
-    client = JobSubmissionClient(args.address)
-    if args.follow:
-        import asyncio
-
-        async def follow() -> None:
-            # The stream starts at the beginning of the log and ends when the job does.
-            async for chunk in client.tail_job_logs(args.job_id):
-                print(chunk, end="", flush=True)
-
-        asyncio.run(follow())
-    else:
-        print(client.get_job_logs(args.job_id), end="")
-    status = client.get_job_status(args.job_id)
-    print(f"[{status.value}]")
-    # Following a job ends with the job: its exit code is the job's, so scripts can wait on it.
-    return 1 if args.follow and status != JobStatus.SUCCEEDED else 0
+    return print_logs(args.job_id, args.address, follow=args.follow)
 
 
 def cmd_status(args) -> int:
-    status = job_status(open_output(args.output, endpoint_url=args.endpoint_url))
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(f"job {status['job']} (spec {status['spec_hash']})")
-    print(f"shards   {status['shards_done']}/{status['shards_total']}")
-    print(f"samples  {status['samples']} written from {status['sources_planned']} planned sources")
-    print(f"failed   {status['failed']}   rejected {status['rejected']}")
-    for reason, n in sorted(status["by_reason"].items()):
-        print(f"  {reason}: {n}")
-    rate = status["samples_per_second"]
-    print(f"rate     {rate if rate is not None else '-'} samples/s   size {status['bytes'] / 1e6:.1f} MB")
-    return 0
+    from factory.tools.status import main_status
+
+    return main_status(_output(args), as_json=args.json)
 
 
 def cmd_preview(args) -> int:
-    from factory.preview import contact_sheet
+    from factory.tools.preview import contact_sheet
 
-    path = contact_sheet(open_output(args.output, endpoint_url=args.endpoint_url), args.out, count=args.count)
-    print(f"wrote {path}")
+    print(f"wrote {contact_sheet(_output(args), args.out, count=args.count)}")
     return 0
 
 
 def cmd_stage(args) -> int:
     """One stage of a spec, alone, in this process, on the spec's source (or --input): for debugging."""
-    from factory.loop import run_in_process, write_files
+    from factory.engine.executors.in_process import run_stage_alone
 
-    spec = load_spec(args.spec, _overrides(args))
-    chosen = [s for s in spec.stages if s.label == args.stage]
-    if not chosen:
-        raise SpecError(f"{args.spec}: no stage named {args.stage!r}; stages: {[s.label for s in spec.stages]}")
-    spec.stages = chosen
-    counts = write_files(run_in_process(spec, limit=args.limit), args.out)
+    counts = run_stage_alone(_job_spec(args, absolute=False), args.stage, args.out, args.limit, origin=args.spec)
     print(f"{args.out}: {counts['written']} written, {counts['rejected']} rejected, {counts['failed']} failed")
     return 0
 
 
 def cmd_train(args) -> int:
-    from factory.train import main_train
+    from factory.seggen.train import main_train
 
     return main_train(args.model, args.spec)
 
 
 def cmd_eval(args) -> int:
-    from factory.eval import main_eval
+    from factory.downstream.eval import main_eval
 
     return main_eval(args.spec, address=args.address, check_only=args.check)
 
 
 def cmd_report(args) -> int:
-    from factory.report import main_report
+    from factory.tools.report import main_report
 
     return main_report(args.output, args.out, endpoint_url=args.endpoint_url)
 
 
 def cmd_select(args) -> int:
-    from factory.stages.keep import main_select
+    from factory.tools.top_fraction import main_select
 
-    return main_select(args.output, args.score, args.top, lowest=args.lowest, endpoint_url=args.endpoint_url)
+    return main_select(_output(args), args.score, args.top, lowest=args.lowest)
 
 
 def cmd_captions(args) -> int:
-    """Each source sample's caption from a job's shards, as the JSON lines training specs read."""
-    from factory.outputs import iter_samples, only_json, sample_meta
+    from factory.tools.captions import export_captions
 
-    written, shard_seen, last_shard = 0, set(), None
-    with open(args.out, "w") as out:
-        for shard, _, files in iter_samples(open_output(args.output, endpoint_url=args.endpoint_url),
-                                            select_files=only_json):
-            if shard != last_shard:  # every variant of a source lives in its source's shard
-                shard_seen, last_shard = set(), shard
-            meta = sample_meta(files)
-            if meta.get("caption") and meta["source_id"] not in shard_seen:
-                shard_seen.add(meta["source_id"])
-                out.write(json.dumps({"id": meta["source_id"], "caption": meta["caption"]}) + "\n")
-                written += 1
-    print(f"{args.out}: {written} captions")
+    print(f"{args.out}: {export_captions(_output(args), args.out)} captions")
     return 0
 
 
 def cmd_make_scenes(args) -> int:
-    from factory.scenes import make_scenes
+    from factory.sources.scenes import make_scenes
 
     ids = make_scenes(args.dir, count=args.count, size=args.size, seed=args.seed, style=args.style, start=args.start)
     print(f"{args.dir}: {len(ids)} scenes")
@@ -248,10 +146,10 @@ def cmd_make_scenes(args) -> int:
 
 
 def cmd_plan_resources(args) -> int:
-    from factory.plan_resources import main_plan_resources
+    from factory.tools.pool_sizes import main_plan_resources
 
-    return main_plan_resources(load_spec(args.spec, _overrides(args)), args.gpus, args.rates, args.sources,
-                               args.samples, args.json)
+    return main_plan_resources(_job_spec(args, absolute=False), args.gpus, args.rates, args.sources, args.samples,
+                               args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,7 +269,7 @@ def _stop_ray() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; any failure ends in one `factory:` line with what to do (the traceback with --verbose)."""
-    from factory.errors import advice, one_line
+    from factory.engine.errors import advice, one_line
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="factory: %(message)s", stream=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from factory.classes import voc_palette
+from factory.sources.classes import voc_palette
 
 SIZE = (24, 32)  # (H, W)
 VOC_BOUNDARY_COLOUR = (224, 224, 192)

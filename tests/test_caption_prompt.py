@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.classes import IGNORE, class_set
-from factory.models import model_cache_dir
+from factory.sources.classes import IGNORE, class_set
+from factory.models.loading import model_cache_dir
 from factory.sample import Sample
 from factory.stages import StageContext, resolve_stage
 from factory.stages.caption import TINY_BLIP, CaptionStage

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA
 
-from factory.classes import (
+from factory.sources.classes import (
     IGNORE, ade150_lookup, ade150_palette, class_names_in, class_set, colorize, decode_palette_mask, voc_palette,
 )
 

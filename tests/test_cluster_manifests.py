@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from factory.cli import build_parser
-from factory.spec import parse_spec
+from factory.engine.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.classes import IGNORE, ade150_palette, class_set
+from factory.sources.classes import IGNORE, ade150_palette, class_set
 from factory.sample import Sample
 from factory.stages import StageContext, resolve_stage
 from factory.stages.controlnet import ControlNetStage
@@ -99,7 +99,7 @@ def test_prompt_and_meta(stage):
     given = stage.process([mask_sample(meta={"prompt": "a cosy attic", "caption": "not this"})])
     assert {s.meta["prompt"] for s in given} == {"a cosy attic"}
     captioned = stage.process([mask_sample(meta={"caption": "a captioned attic"})])
-    assert {s.meta["prompt"] for s in captioned} == {"a captioned attic"}  # the precedence of factory.diffusion
+    assert {s.meta["prompt"] for s in captioned} == {"a captioned attic"}  # the precedence of factory.stages.diffusion
 
     custom = make_stage(prompt="{classes} under a grey sky, photo", negative_prompt="blurry")
     custom.pipe = Recorder(custom.pipe)

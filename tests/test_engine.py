@@ -7,10 +7,11 @@ import pytest
 from helpers import decode_image, decode_mask, folder_spec, load_json, read_tar, write_folder_source
 from PIL import Image
 
-from factory.engine import ResumeError, run_job
-from factory.errors import JobIncomplete
-from factory.plan import PlanError
-from factory.spec import SpecError, parse_spec
+from factory.engine.driver import ResumeError, run_job
+from factory.engine.errors import JobIncomplete
+from factory.engine.shard_plan import PlanError
+from factory.schema import SpecError
+from factory.engine.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,14 +21,15 @@ from PIL import Image
 from scipy import stats
 
 from factory.cli import main
-from factory.engine import run_job
-from factory.eval import (BASELINE, class_iou, confusion, load_eval_spec, paired_difference, parse_eval_spec,
+from factory.engine.driver import run_job
+from factory.downstream.eval import (BASELINE, class_iou, confusion, load_eval_spec, paired_difference, parse_eval_spec,
                           run_eval)
-from factory.eval_train import _teacher, baseline_path, train_run
-from factory.scenes import make_scenes
-from factory.segmenter import SegmenterConfig, build_segmenter
-from factory.spec import SpecError, parse_spec
-from factory.store import OutputStore
+from factory.downstream.eval_worker import _teacher, baseline_path, train_run
+from factory.sources.scenes import make_scenes
+from factory.downstream.segmenter import SegmenterConfig, build_segmenter
+from factory.schema import SpecError
+from factory.engine.spec import parse_spec
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(900)
 

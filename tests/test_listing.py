@@ -9,10 +9,10 @@ import fsspec
 import pytest
 from fixtures_data import make_ade20k, make_cityscapes, make_voc
 
-import factory.listing
-from factory.listing import sorted_ids, sorted_unique
+import factory.sources.listing
+from factory.sources.listing import sorted_ids, sorted_unique
 from factory.sources import open_source
-from factory.spec import SourceSpec
+from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,7 +37,7 @@ def touch_all(root, rel_ids, suffix=".png"):
 @pytest.fixture
 def run_size(monkeypatch):
     def set_size(n):
-        monkeypatch.setattr(factory.listing, "RUN_SIZE", n)
+        monkeypatch.setattr(factory.sources.listing, "RUN_SIZE", n)
 
     return set_size
 

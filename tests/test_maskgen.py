@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from factory.classes import IGNORE, ClassSet, class_set
-from factory.models import model_cache_dir
+from factory.sources.classes import IGNORE, ClassSet, class_set
+from factory.models.loading import model_cache_dir
 from factory.sample import Sample
 from factory.sources import open_source
-from factory.spec import SourceSpec
+from factory.sources.spec import SourceSpec
 from factory.stages import StageContext, resolve_stage
 from factory.stages.maskgen import (TINY_DETECTOR, TINY_SAM, DetectionParams, MaskGenerator, MaskGenModelConfig,
                                     MaskGenStage, build_sam, merge_masks)

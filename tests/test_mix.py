@@ -1,4 +1,4 @@
-"""The mixing loader (factory.mix): each strategy's sampling law, exact masks, the split of shards across
+"""The mixing loader (factory.downstream.mix): each strategy's sampling law, exact masks, the split of shards across
 DataLoader workers and ranks, filters, S3, SENSE's teacher, and the Ray Data variant under Ray Train.
 
 Laws are checked on counts from a fixed seed: a binomial test on the synthetic share, a chi-square test on
@@ -13,12 +13,12 @@ from output_builder import Item, build_output
 from PIL import Image
 from scipy import stats
 
-from factory.mix import (PSEUDO, REAL, SYNTHETIC, MixDataset, parse_mix_spec, pseudo_label, ray_datasets,
+from factory.downstream.mix import (PSEUDO, REAL, SYNTHETIC, MixDataset, parse_mix_spec, pseudo_label, ray_datasets,
                          ray_train_batches, slot_kinds)
-from factory.scenes import make_scenes
-from factory.spec import SpecError
+from factory.sources.scenes import make_scenes
+from factory.schema import SpecError
 from factory.stages.keep import select_top
-from factory.store import OutputStore
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -249,7 +249,7 @@ def test_selection_and_s3(data, s3_server, tmp_path):
 def _ray_worker(config):
     import ray.train
 
-    from factory.mix import MixSpec
+    from factory.downstream.mix import MixSpec
 
     spec = MixSpec.model_validate(config["spec"])
     it = ray_train_batches(spec)
@@ -287,7 +287,7 @@ def test_ray_data_variant_under_ray_train(data, ray_local, tmp_path):
 
 
 def test_transforms_keep_image_and_mask_aligned(data):
-    from factory.mix import transform
+    from factory.downstream.mix import transform
 
     rng = np.random.default_rng(0)
     mask = np.tile(np.arange(20, dtype=np.uint8), (12, 1))  # class = column

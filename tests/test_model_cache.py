@@ -17,9 +17,9 @@ import pytest
 import s3fs
 from helpers import folder_spec, load_json, read_tar, write_folder_source
 
-from factory import models
-from factory.engine import run_job
-from factory.spec import parse_spec
+from factory.models import loading as models
+from factory.engine.driver import run_job
+from factory.engine.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -90,7 +90,7 @@ def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
 RESOLVE = """
 import json, sys, time
 from pathlib import Path
-from factory.models import resolve_model_path
+from factory.models.loading import resolve_model_path
 ready, go, url, options = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 ready.touch()
 while not go.exists():

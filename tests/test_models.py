@@ -12,7 +12,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from factory import models
+from factory.models import loading as models
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -143,7 +143,7 @@ def test_dtype_choice(caplog):
     assert models.torch_dtype("auto", "cuda") == torch.float16
     assert models.torch_dtype("auto", "cpu") == torch.float32
     assert models.torch_dtype("bf16", "cpu") == torch.bfloat16
-    with caplog.at_level(logging.WARNING, logger="factory.models"):
+    with caplog.at_level(logging.WARNING, logger="factory.models.loading"):
         assert models.torch_dtype("fp16", "cpu") == torch.float32
     assert "fp32" in caplog.text
     with pytest.raises(ValueError, match="unknown dtype"):

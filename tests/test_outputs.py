@@ -1,4 +1,4 @@
-"""Reading outputs (factory.outputs): samples, stats, failures, status, selections; `factory select` and
+"""Reading outputs (factory.output.samples): samples, stats, failures, status, selections; `factory select` and
 the report's scan stream, with memory that does not grow with the number of samples."""
 
 import json
@@ -10,12 +10,13 @@ import pytest
 from output_builder import Item, build_output, scored_items
 
 from factory.cli import main
-from factory.outputs import (decode_image, decode_mask, iter_failures, iter_samples, iter_shard_samples, job_status,
-                             only_json, read_selection, selected_keys, selection_names)
-from factory.report import _scan, summarize_stats
+from factory.output.samples import (decode_image, decode_mask, iter_failures, iter_samples, iter_shard_samples, only_json)
+from factory.tools.status import job_status
+from factory.output.selections import read_selection, selected_keys, selection_names
+from factory.tools.report import _scan, summarize_stats
 from factory.stages.keep import select_top
-from factory.store import OutputStore
-from factory.streamstats import Extremes, ScoreSummary
+from factory.output.layout import OutputStore
+from factory.tools.streamstats import Extremes, ScoreSummary
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from factory import palettes
-from factory.classes import IGNORE, IGNORE_UINT16, ClassSet, ade150_palette, class_set
-from factory.palettes import EDGE_COLOR, IGNORE_COLOR, Palette, PaletteError, rgb_to_lab, separated_palette
+from factory.sources import palettes
+from factory.sources.classes import IGNORE, IGNORE_UINT16, ClassSet, ade150_palette, class_set
+from factory.sources.palettes import EDGE_COLOR, IGNORE_COLOR, Palette, PaletteError, rgb_to_lab, separated_palette
 
 pytestmark = pytest.mark.timeout(120)
 

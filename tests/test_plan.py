@@ -2,7 +2,8 @@ import tracemalloc
 
 import pytest
 
-from factory.plan import SHARDS_PER_PART, Plan, PlanError, part_name, plan_shards, read_shard_ids
+from factory.output.layout import SHARDS_PER_PART, plan_part_name
+from factory.engine.shard_plan import Plan, PlanError, plan_shards, read_shard_ids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -16,7 +17,7 @@ def test_shards_are_row_groups(tmp_path):
     plan = plan_shards(iter(ids), 4, opener(tmp_path))
     assert plan == Plan(num_samples=10, shard_size=4)
     assert (plan.num_shards, plan.shard_count(0), plan.shard_count(2)) == (3, 4, 2)
-    assert [read_shard_ids(str(tmp_path / part_name(s)), s) for s in range(3)] == [ids[:4], ids[4:8], ids[8:]]
+    assert [read_shard_ids(str(tmp_path / plan_part_name(s)), s) for s in range(3)] == [ids[:4], ids[4:8], ids[8:]]
 
 
 @pytest.mark.parametrize("ids", [["b", "a"], ["a", "a"]])
@@ -42,5 +43,5 @@ def test_million_sample_plan_streams_in_bounded_memory(tmp_path):
     assert peak < 16 * 2**20, f"planning peaked at {peak / 2**20:.1f} MiB"
     # Parts of SHARDS_PER_PART shards: reading a shard opens one bounded footer, whatever the plan's size.
     assert len(list(tmp_path.glob("part-*.parquet"))) == -(-1000 // SHARDS_PER_PART)
-    assert read_shard_ids(str(tmp_path / part_name(999)), 999)[-1] == f"ADE_train_{n - 1:08d}"
-    assert read_shard_ids(str(tmp_path / part_name(256)), 256)[0] == "ADE_train_00256000"
+    assert read_shard_ids(str(tmp_path / plan_part_name(999)), 999)[-1] == f"ADE_train_{n - 1:08d}"
+    assert read_shard_ids(str(tmp_path / plan_part_name(256)), 256)[0] == "ADE_train_00256000"

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from factory import random_models as rm
-from factory.classes import class_set
+from factory.models import random_weights as rm
+from factory.sources.classes import class_set
 from factory.sample import Sample
 from factory.stages import StageContext, resolve_stage
 
@@ -139,8 +139,8 @@ def test_full_size_blip_and_clip_run_on_cpu(model_cache):
 
 
 def test_seggen_training_models_at_full_size():
-    from factory.sdxl import TrainingModels
-    from factory.train import TrainModel
+    from factory.models.sdxl import TrainingModels
+    from factory.seggen.train import TrainModel
 
     for kind, trainable in (("text2mask", 2567.5), ("mask2img", 1251.0)):
         models = TrainingModels(kind, TrainModel(profile="random"), "bf16", torch.device("meta"), None)

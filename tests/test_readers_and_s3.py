@@ -10,9 +10,9 @@ from helpers import decode_mask, folder_spec, write_folder_source
 from PIL import Image
 
 from factory.cli import job_status
-from factory.engine import run_job
-from factory.spec import parse_spec
-from factory.store import OutputStore
+from factory.engine.driver import run_job
+from factory.engine.spec import parse_spec
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -14,14 +14,13 @@ import pytest
 from helpers import folder_spec
 from PIL import Image
 
-from factory.engine import run_job
-from factory.outputs import read_manifest
-from factory.report import main_report, publish_report, stage_table, summarize_stats, write_report
-from factory.scenes import make_scenes
-from factory.scores import SCORE_NAMES, density
-from factory.spec import parse_spec
+from factory.engine.driver import run_job
+from factory.tools.report import main_report, publish_report, stage_table, summarize_stats, write_report
+from factory.sources.scenes import make_scenes
+from factory.output.scores import SCORE_NAMES, density
+from factory.engine.spec import parse_spec
 from factory.stages.keep import select_top
-from factory.store import OutputStore
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,7 +61,7 @@ def test_stage_table_counts_rows_through_the_pipeline(job):
     store, index, _, sparse = job
     assert index["failed"] == 1 and index["rejected"] == 2 * sparse > 0
     stats = summarize_stats(s for _, s in store.iter_stats())
-    table = {r["stage"]: r for r in stage_table(read_manifest(store), stats)}
+    table = {r["stage"]: r for r in stage_table(store.read_manifest(), stats)}
     assert list(table) == ["read", "synth", "score", "keep"]
     assert table["read"]["failed_by_reason"] == {"corrupt_image": 1}
     assert table["read"]["in"] == index["samples"] + index["rejected"] + 1

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.classes import ade150_palette, class_set
-from factory.scenes import IMAGE_SUFFIX, MASK_SUFFIX, make_scenes, render_scene
+from factory.sources.classes import ade150_palette, class_set
+from factory.sources.scenes import IMAGE_SUFFIX, MASK_SUFFIX, make_scenes, render_scene
 from factory.sources import open_source
-from factory.spec import SourceSpec
+from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from factory.classes import IGNORE, class_set
-from factory.engine import run_job
-from factory.scenes import make_scenes
-from factory.spec import parse_spec
+from factory.sources.classes import IGNORE, class_set
+from factory.engine.driver import run_job
+from factory.sources.scenes import make_scenes
+from factory.engine.spec import parse_spec
 from helpers import decode_image, decode_mask, read_tar
 
 pytestmark = pytest.mark.timeout(600)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from factory.classes import IGNORE, class_set
-from factory.models import model_cache_dir
+from factory.sources.classes import IGNORE, class_set
+from factory.models.loading import model_cache_dir
 from factory.sample import Sample
 from factory.stages import StageContext, resolve_stage
 from factory.stages.maskgen import PseudoLabel
-from factory.stages.select import TINY_EMBEDDERS, Embedder, SelectModelConfig, SelectStage, mean_iou
+from factory.stages.image_selection import TINY_EMBEDDERS, Embedder, SelectModelConfig, SelectStage, mean_iou
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,13 +15,13 @@ import pytest
 import yaml
 from helpers import decode_image, decode_mask, load_json, read_tar
 
-from factory.engine import run_job
-from factory.outputs import selected_keys
-from factory.report import write_report
-from factory.scenes import make_scenes
-from factory.spec import parse_spec
+from factory.engine.driver import run_job
+from factory.output.selections import selected_keys
+from factory.tools.report import write_report
+from factory.sources.scenes import make_scenes
+from factory.engine.spec import parse_spec
 from factory.stages.keep import main_select, select_top
-from factory.store import OutputStore
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -1,4 +1,4 @@
-"""A job without stages runs as plain Ray tasks (factory/shard_tasks.py): every shard once, a bounded
+"""A job without stages runs as plain Ray tasks (factory/engine/executors/ray_tasks.py): every shard once, a bounded
 queue, and a shard whose worker keeps dying comes back as a failed row instead of ending the job."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from factory.sample import ShardWork
-from factory.shard_tasks import _in_flight_limit, commit_shards
+from factory.engine.executors.ray_tasks import _in_flight_limit, commit_shards
 
 pytestmark = pytest.mark.timeout(300)
 

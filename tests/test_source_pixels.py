@@ -12,7 +12,7 @@ from PIL import Image
 
 from factory.sample import BadSample
 from factory.sources import open_source
-from factory.spec import SourceSpec
+from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(300)
 

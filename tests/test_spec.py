@@ -4,7 +4,8 @@ import json
 import pytest
 import yaml
 
-from factory.spec import SpecError, load_spec, parse_spec, redacted_spec
+from factory.schema import SpecError
+from factory.engine.spec import load_spec, parse_spec, redacted_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,8 +113,8 @@ def test_load_spec_with_overrides_and_yaml_errors(tmp_path):
 def test_every_shipped_job_spec_validates():
     from pathlib import Path
 
-    from factory.eval import load_eval_spec
-    from factory.train import load_train_spec
+    from factory.downstream.eval import load_eval_spec
+    from factory.seggen.train import load_train_spec
 
     # Each kind of spec has its own schema: `factory train` specs are train_*.yaml, `factory eval` specs
     # have arms; every other file is a job spec (eval_toy_true_scenes.yaml makes an eval input).

@@ -1,6 +1,6 @@
 import pytest
 
-from factory.store import OutputStore
+from factory.output.layout import OutputStore
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,7 +22,7 @@ import yaml
 from helpers import folder_spec, write_folder_source
 
 from factory.cli import submission_id
-from factory.spec import parse_spec
+from factory.engine.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(600)
 

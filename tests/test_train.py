@@ -9,18 +9,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from factory.classes import class_set
-from factory.palettes import Palette
+from factory.sources.classes import class_set
+from factory.sources.palettes import Palette
 from factory.sample import Sample
-from factory.scenes import make_scenes
-from factory.sdxl import tiny_sdxl_dir
-from factory.spec import SpecError
+from factory.sources.scenes import make_scenes
+from factory.models.sdxl import tiny_sdxl_dir
+from factory.schema import SpecError
 from factory.stages import StageContext
 from factory.stages.mask2img import Mask2ImgStage
 from factory.stages.text2mask import Text2MaskStage
-from factory.train import (TrainResumeError, load_train_spec, main_train, parse_train_spec, train, train_mask2img,
+from factory.seggen.train import (TrainResumeError, load_train_spec, main_train, parse_train_spec, train, train_mask2img,
                            train_text2mask)
-from factory.train_data import LoaderBatches, PairStream
+from factory.seggen.data import LoaderBatches, PairStream
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -7,8 +7,8 @@ import pytest
 from helpers import read_tar
 
 from factory.sample import Sample, ShardWork
-from factory.store import OutputStore
-from factory.writer import WriteSettings, write_shard
+from factory.output.layout import OutputStore
+from factory.engine.writer import WriteSettings, write_shard
 
 pytestmark = pytest.mark.timeout(60)
 

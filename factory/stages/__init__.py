@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from factory.classes import ClassSet
+from factory.sources.classes import ClassSet
 from factory.sample import Sample
 
 _REGISTRY: dict[str, type["Stage"]] = {}

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
+from factory.models.loading import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
                             torch_dtype)
-from factory.random_models import BLIP, PROFILE_HELP, random_id
+from factory.models.random_weights import BLIP, PROFILE_HELP, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -84,23 +84,23 @@ def _random_captioner(family: str, device: str, dtype):
     from transformers import (Blip2ForConditionalGeneration, Blip2Processor, BlipForConditionalGeneration,
                               BlipProcessor)
 
-    from factory import random_models
+    from factory.models import random_weights
 
-    name = random_models.BLIP[family]
-    config = random_models.transformers_config(name)
+    name = random_weights.BLIP[family]
+    config = random_weights.transformers_config(name)
     if family == "blip":
         tokenizer = tiny_bert_tokenizer(("[DEC]",), bos_token="[DEC]")
-        processor = BlipProcessor(image_processor=random_models.image_processor(name), tokenizer=tokenizer)
-        random_models.align_special_tokens(config.text_config, tokenizer)
+        processor = BlipProcessor(image_processor=random_weights.image_processor(name), tokenizer=tokenizer)
+        random_weights.align_special_tokens(config.text_config, tokenizer)
         config.text_config.eos_token_id = tokenizer.sep_token_id
-        model = random_models.transformers_model(BlipForConditionalGeneration, config, device, dtype)
+        model = random_weights.transformers_model(BlipForConditionalGeneration, config, device, dtype)
     else:
         tokenizer = tiny_bert_tokenizer(("<image>",), bos_token="[CLS]", eos_token="[SEP]")
-        processor = Blip2Processor(image_processor=random_models.image_processor(name), tokenizer=tokenizer,
+        processor = Blip2Processor(image_processor=random_weights.image_processor(name), tokenizer=tokenizer,
                                    num_query_tokens=config.num_query_tokens)
-        random_models.align_special_tokens(config.text_config, tokenizer)
+        random_weights.align_special_tokens(config.text_config, tokenizer)
         config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-        model = random_models.transformers_model(Blip2ForConditionalGeneration, config, device, dtype)
+        model = random_weights.transformers_model(Blip2ForConditionalGeneration, config, device, dtype)
     return model, processor
 
 

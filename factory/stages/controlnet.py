@@ -13,10 +13,10 @@ from typing import Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.classes import ade150_lookup, ade150_palette, colorize
-from factory.diffusion import MaskConditionedStage, SpeedOptions, resize_to
-from factory.models import TINY_CONTROLNET, load_controlnet_pipeline
-from factory.random_models import PROFILE_HELP, SD15, SD_CONTROLNET_SEG, Profile, random_id
+from factory.sources.classes import ade150_lookup, ade150_palette, colorize
+from factory.stages.diffusion import MaskConditionedStage, SpeedOptions, resize_to
+from factory.models.loading import TINY_CONTROLNET, load_controlnet_pipeline
+from factory.models.random_weights import PROFILE_HELP, SD15, SD_CONTROLNET_SEG, Profile, random_id
 from factory.sample import Sample
 from factory.stages import register_stage
 

@@ -18,8 +18,8 @@ from typing import Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
-from factory.random_models import PROFILE_HELP, VLM, random_id
+from factory.models.loading import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models.random_weights import PROFILE_HELP, VLM, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -97,7 +97,7 @@ def _random_vlm(device: str, dtype):
     tokens and a character tokenizer (ids inside the real vocabulary, special ids set in the config)."""
     from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 
-    from factory import random_models
+    from factory.models import random_weights
 
     tokenizer = _char_tokenizer(
         ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
@@ -111,14 +111,14 @@ def _random_vlm(device: str, dtype):
         "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
-    config = random_models.transformers_config(VLM)
-    processor = Gemma3Processor(image_processor=random_models.image_processor(VLM), tokenizer=tokenizer,
+    config = random_weights.transformers_config(VLM)
+    processor = Gemma3Processor(image_processor=random_weights.image_processor(VLM), tokenizer=tokenizer,
                                 chat_template=template, image_seq_length=config.mm_tokens_per_image)
     ids = tokenizer.convert_tokens_to_ids
     config.boi_token_index, config.eoi_token_index = ids("<start_of_image>"), ids("<end_of_image>")
     config.image_token_index = ids("<image_soft_token>")
-    random_models.align_special_tokens(config.text_config, tokenizer)
-    return random_models.transformers_model(Gemma3ForConditionalGeneration, config, device, dtype), processor
+    random_weights.align_special_tokens(config.text_config, tokenizer)
+    return random_weights.transformers_model(Gemma3ForConditionalGeneration, config, device, dtype), processor
 
 
 def tiny_vlm_dir() -> str:

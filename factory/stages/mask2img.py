@@ -17,9 +17,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.diffusion import MaskConditionedStage, resize_to
+from factory.stages.diffusion import MaskConditionedStage, resize_to
 from factory.sample import Sample
-from factory.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
+from factory.models.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
 from factory.stages import register_stage
 
 

@@ -24,10 +24,10 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.classes import ClassSet
-from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
+from factory.sources.classes import ClassSet
+from factory.models.loading import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, tiny_bert_tokenizer,
                             torch_dtype)
-from factory.random_models import GROUNDING_DINO, PROFILE_HELP, random_id
+from factory.models.random_weights import GROUNDING_DINO, PROFILE_HELP, random_id
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
 
@@ -136,14 +136,14 @@ def _random_detector(device: str, dtype):
     """GroundingDINO-B (Swin-B, BERT-base) with random weights; its processor at the real 800-1333 px."""
     from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor
 
-    from factory import random_models
+    from factory.models import random_weights
 
     tokenizer = tiny_bert_tokenizer()
-    config = random_models.transformers_config(GROUNDING_DINO)
-    random_models.align_special_tokens(config.text_config, tokenizer)
-    processor = GroundingDinoProcessor(image_processor=random_models.image_processor(GROUNDING_DINO),
+    config = random_weights.transformers_config(GROUNDING_DINO)
+    random_weights.align_special_tokens(config.text_config, tokenizer)
+    processor = GroundingDinoProcessor(image_processor=random_weights.image_processor(GROUNDING_DINO),
                                        tokenizer=tokenizer)
-    return random_models.transformers_model(GroundingDinoForObjectDetection, config, device, dtype), processor
+    return random_weights.transformers_model(GroundingDinoForObjectDetection, config, device, dtype), processor
 
 
 def build_sam(sam_type: str, checkpoint: str | None, device: str = "cpu"):
@@ -152,7 +152,7 @@ def build_sam(sam_type: str, checkpoint: str | None, device: str = "cpu"):
     from segment_anything import sam_model_registry
 
     if checkpoint is None:
-        from factory.random_models import building
+        from factory.models.random_weights import building
 
         with building(device, torch.float32):
             return sam_model_registry[sam_type]().eval()

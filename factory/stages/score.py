@@ -3,7 +3,7 @@
 Any recipe can end with this stage. It writes `meta["scores"]` (named fields, `null` where an input is
 missing, never 0) and `meta["scoring"]` (what the scores were computed from):
 
-    density    from the sample's mask and instance map (`factory.scores.density`); a sample without a mask
+    density    from the sample's mask and instance map (`factory.output.scores.density`); a sample without a mask
                is measured on its auto-label instead, when there is one
     fidelity   miou and boundary_f between the sample's mask (the target, e.g. the mask a ControlNet was
                conditioned on) and the auto-label of its image; clip_score between the image and
@@ -28,11 +28,11 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from factory.models import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
+from factory.models.loading import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
                             write_tiny_clip_tokenizer)
-from factory.random_models import CLIP_L, PROFILE_HELP, random_id
+from factory.models.random_weights import CLIP_L, PROFILE_HELP, random_id
 from factory.sample import Sample
-from factory.scores import density, fidelity
+from factory.output.scores import density, fidelity
 from factory.stages import Stage, StageContext, register_stage, resolve_stage
 
 TINY_CLIP = "score-clip-v1"
@@ -110,14 +110,14 @@ def _random_clip(device: str, dtype):
 
     from transformers import CLIPModel, CLIPProcessor
 
-    from factory import random_models
+    from factory.models import random_weights
 
     with tempfile.TemporaryDirectory() as work:
         tokenizer = write_tiny_clip_tokenizer(Path(work))
-    config = random_models.transformers_config(random_models.CLIP_L)
-    random_models.align_special_tokens(config.text_config, tokenizer)
-    processor = CLIPProcessor(image_processor=random_models.image_processor(random_models.CLIP_L), tokenizer=tokenizer)
-    return random_models.transformers_model(CLIPModel, config, device, dtype), processor
+    config = random_weights.transformers_config(random_weights.CLIP_L)
+    random_weights.align_special_tokens(config.text_config, tokenizer)
+    processor = CLIPProcessor(image_processor=random_weights.image_processor(random_weights.CLIP_L), tokenizer=tokenizer)
+    return random_weights.transformers_model(CLIPModel, config, device, dtype), processor
 
 
 def tiny_clip_dir() -> str:

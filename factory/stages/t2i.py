@@ -18,11 +18,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by
-from factory.random_models import PROFILE_HELP, T2I, Profile, random_id
+from factory.stages.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by
+from factory.models.random_weights import PROFILE_HELP, T2I, Profile, random_id
 from factory.sample import Sample
 from factory.stages import register_stage
-from factory.t2i_models import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple, tiny_id
+from factory.models.t2i import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple, tiny_id
 
 
 class GeneratorSpec(BaseModel):

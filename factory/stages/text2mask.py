@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.diffusion import DiffusionStage
+from factory.stages.diffusion import DiffusionStage
 from factory.sample import Sample
-from factory.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
+from factory.models.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
 from factory.stages import register_stage
 
 

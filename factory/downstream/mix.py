@@ -1,0 +1,391 @@
+"""Training on real + synthetic data: the mixing loader, with the three published mixing laws.
+
+A `MixSpec` names the real dataset (any source kind, read by the factory's own readers), the factory
+outputs to mix in (any fsspec URL, optionally filtered by score bounds or by a `factory select`
+selection), the strategy and the batch size. The loader yields whole batches:
+
+    {"image": uint8 (B, 3, H, W), "mask": int64 (B, H, W) class ids (ignore = the class set's, 255 for
+     up to 254 classes), "kind": int64 (B,) REAL / SYNTHETIC / PSEUDO, "labelled": bool (B,),
+     "key": [str], "source_id": [str]}
+
+Strategies, each named as in its paper, as laws over the B slots of a batch:
+- `seggen` (SegGen): each slot holds a real sample, replaced by a synthetic one with probability p (0.6).
+- `seggen_pretrain` (SegGen): the first `pretrain_batches` batches are all synthetic, then all real.
+- `diffusion_synthesis` (Diffusion Synthesis): each slot is synthetic with probability alpha (0.5); the
+  synthetic one is a uniformly chosen variant of a uniformly drawn source (a real index with variants).
+- `sense` (SENSE): B real then B synthetic samples per batch (`batch_size` = 2B, as in the paper);
+  synthetic images without a mask are labelled on the fly by a teacher (`pseudo_label`), keeping only
+  confident pixels.
+- `real`: real samples only (the baseline `factory eval` compares against).
+
+Batch b's slot kinds are drawn from a generator seeded by (seed, rank, b): the law holds exactly for
+every batch, whatever the number of loader workers. Why not webdataset's `RandomMix`: it draws from
+Python's global, unseeded `random`, so batches would not reproduce and the draw would depend on which
+loader process made the batch. Reading uses webdataset's tar expander, key grouping and shuffle stage.
+
+Two loaders over the same law: `MixDataset`, a torch `IterableDataset` (shares split across ranks and
+DataLoader workers), and `ray_datasets` + `ray_train_batches` for Ray Train (Ray Data reads each
+worker's share in tasks, the worker mixes).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Union
+
+import numpy as np
+import torch
+import torch.utils.data
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.downstream.mix_streams import (KIND_NAMES, PSEUDO, REAL, SYNTHETIC, decode, forever, real_ids, real_rows,
+                                 shard_rows, shard_share, shuffled, source_groups, synthetic_epoch,
+                                 synthetic_shards)
+from factory.output.layout import open_output
+from factory.sources.spec import SourceSpec
+from factory.schema import SpecError, format_loc
+
+__all__ = ["MixSpec", "MixDataset", "parse_mix_spec", "pseudo_label", "ray_datasets", "ray_train_batches",
+           "REAL", "SYNTHETIC", "PSEUDO", "KIND_NAMES"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticInput(_Strict):
+    url: str = Field(min_length=1, description="a factory output: path or fsspec URL (s3://bucket/prefix)")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    min: dict[str, float] = Field(default_factory=dict, description="score name -> lowest value used")
+    max: dict[str, float] = Field(default_factory=dict, description="score name -> highest value used")
+    selection: str | None = Field(None, description="use only the samples a `factory select` selection kept")
+
+    @field_validator("min", "max")
+    @classmethod
+    def _known(cls, bounds: dict[str, float]) -> dict[str, float]:
+        from factory.stages.keep import _known_scores
+
+        return _known_scores(bounds)
+
+    def store(self):
+        return open_output(self.url, self.storage_options, self.endpoint_url)
+
+    def passes(self, scores: dict[str, float | None]) -> bool:
+        """Within every bound; a null score fails a bound on it."""
+        return (all(scores[k] is not None and scores[k] >= v for k, v in self.min.items())
+                and all(scores[k] is not None and scores[k] <= v for k, v in self.max.items()))
+
+
+class RealOnly(_Strict):
+    kind: Literal["real"]
+
+
+class SegGen(_Strict):
+    kind: Literal["seggen"]
+    p: float = Field(0.6, ge=0, le=1, description="probability that a slot's real sample is replaced")
+
+
+class SegGenPretrain(_Strict):
+    kind: Literal["seggen_pretrain"]
+    pretrain_batches: int = Field(gt=0, description="batches (per rank) of synthetic data before the real")
+
+
+class DiffusionSynthesis(_Strict):
+    kind: Literal["diffusion_synthesis"]
+    alpha: float = Field(0.5, ge=0, le=1, description="probability that a slot holds a synthetic image")
+
+
+class Sense(_Strict):
+    kind: Literal["sense"]
+
+
+Strategy = Annotated[Union[RealOnly, SegGen, SegGenPretrain, DiffusionSynthesis, Sense], Field(discriminator="kind")]
+
+
+class MixSpec(_Strict):
+    real: SourceSpec
+    synthetic: list[SyntheticInput] = Field(default_factory=list)
+    strategy: Strategy = Field(default_factory=lambda: SegGen(kind="seggen"))
+    batch_size: int = Field(8, gt=0, description="samples per batch (per rank)")
+    seed: int = 0
+    resize: int | None = Field(None, gt=0, description="resize the short side to this first")
+    crop: int | None = Field(None, gt=0, description="random square crop (padded with ignore if smaller)")
+    flip: bool = Field(False, description="random horizontal flips")
+    photometric: bool = Field(False, description="random colour: channel order, per-channel contrast, brightness")
+    shuffle_buffer: int = Field(256, gt=0, description="synthetic samples (or sources) shuffled together")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self):
+        kind = self.strategy.kind
+        if kind != "real" and not self.synthetic:
+            raise ValueError(f"strategy {kind} mixes in synthetic data: give at least one `synthetic` output")
+        if kind == "real" and self.synthetic:
+            raise ValueError("strategy real reads no synthetic data: remove `synthetic` or pick a mixing strategy")
+        if kind == "sense" and self.batch_size % 2:
+            raise ValueError(f"strategy sense splits each batch in half real, half synthetic: batch_size "
+                             f"{self.batch_size} must be even")
+        return self
+
+
+def validated(model: type[BaseModel], data: Any, origin: str):
+    """`model` validated from plain data; the first error as a SpecError naming the field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
+
+
+def parse_mix_spec(data: Any, origin: str = "mix") -> MixSpec:
+    return validated(MixSpec, data, origin)
+
+
+def check_inputs(spec: MixSpec) -> None:
+    """Every synthetic output exists and labels with the real dataset's classes; its selection exists."""
+    from factory.output.selections import read_selection
+    from factory.sources import open_source
+
+    classes = open_source(spec.real).classes
+    for i, inp in enumerate(spec.synthetic):
+        store = inp.store()
+        manifest = store.read_manifest()
+        if manifest["classes"] != list(classes.names):
+            raise SpecError(f"synthetic[{i}].url: {inp.url} labels with {len(manifest['classes'])} classes "
+                            f"({manifest['classes'][:3]}...), not the real dataset's {len(classes)} ({classes.name})")
+        if inp.selection:
+            read_selection(store, inp.selection)
+
+
+# ---------------------------------------------------------------- the laws
+
+
+def slot_kinds(spec: MixSpec, rank: int, b: int) -> np.ndarray:
+    """Which slots of batch `b` on `rank` are synthetic (True), from a generator seeded by (seed, rank, b)."""
+    s, n = spec.strategy, spec.batch_size
+    rng = np.random.default_rng([spec.seed, rank, b])
+    if s.kind == "real":
+        return np.zeros(n, dtype=bool)
+    if s.kind == "seggen":
+        return rng.random(n) < s.p
+    if s.kind == "diffusion_synthesis":
+        return rng.random(n) < s.alpha
+    if s.kind == "seggen_pretrain":
+        return np.full(n, b < s.pretrain_batches)
+    return np.arange(n) >= n // 2  # sense: B/2 real, then B/2 synthetic
+
+
+def synthetic_draws(spec: MixSpec, epoch_rows: Callable[[int], Iterable[dict]], seed: list[int]) -> Iterator[dict]:
+    """The synthetic stream of a strategy, epoch after epoch: each epoch's samples shuffled, or (Diffusion
+    Synthesis) its sources shuffled with one of each source's variants drawn uniformly. The shuffle
+    buffer never spans two epochs, so an epoch draws every sample (or source) once."""
+    def epoch(e: int) -> Iterator[dict]:
+        if spec.strategy.kind != "diffusion_synthesis":
+            return shuffled(epoch_rows(e), spec.shuffle_buffer, [*seed, e])
+        pick = np.random.default_rng([*seed, e, 1])
+        groups = shuffled(source_groups(epoch_rows(e)), spec.shuffle_buffer, [*seed, e])
+        return (group[int(pick.integers(len(group)))] for group in groups)
+
+    return forever(epoch, "the synthetic outputs")
+
+
+def mixed_batches(spec: MixSpec, rank: int, batch_indices: Iterator[int], real: Iterator[dict],
+                  synthetic: Iterator[dict] | None, ignore_index: int, mask_dtype) -> Iterator[dict]:
+    """Batches `batch_indices` drawn from the two streams by the strategy's law, transformed and collated."""
+    for b in batch_indices:
+        rows = [next(synthetic) if is_synthetic else next(real) for is_synthetic in slot_kinds(spec, rank, b)]
+        rng = np.random.default_rng([spec.seed, rank, b, 1])
+        yield collate([transform(spec, decode(r, ignore_index, mask_dtype), rng, ignore_index) for r in rows])
+
+
+def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image bilinear, mask nearest (class ids stay ids), short side to `size`."""
+    from PIL import Image
+
+    h, w = mask.shape
+    scale = size / min(h, w)
+    shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return (np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR)),
+            np.asarray(Image.fromarray(mask).resize(shape, Image.NEAREST)))
+
+
+def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: int) -> dict:
+    """Resize (short side), random crop (padded with ignore), flip: the same geometry for image and mask;
+    then, with `photometric`, random colours for the image alone."""
+    image, mask = row["image"], row["mask"]
+    if spec.resize:
+        image, mask = resize_short_side(image, mask, spec.resize)
+    if spec.crop:
+        c = spec.crop
+        h, w = mask.shape
+        padded_image = np.zeros((max(h, c), max(w, c), 3), np.uint8)
+        padded_mask = np.full((max(h, c), max(w, c)), ignore_index, mask.dtype)
+        padded_image[:h, :w], padded_mask[:h, :w] = image, mask
+        top, left = int(rng.integers(padded_mask.shape[0] - c + 1)), int(rng.integers(padded_mask.shape[1] - c + 1))
+        image, mask = padded_image[top:top + c, left:left + c], padded_mask[top:top + c, left:left + c]
+    if spec.flip and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if spec.photometric:  # the image's colours say less: a segmenter has to rely on shape and context
+        gain, offset = rng.uniform(0.7, 1.3, 3).astype(np.float32), np.float32(rng.uniform(-32, 32))
+        image = np.clip(image[..., rng.permutation(3)] * gain + offset, 0, 255).astype(np.uint8)
+    return {**row, "image": image, "mask": mask}
+
+
+def collate(rows: list[dict]) -> dict:
+    shapes = {r["mask"].shape for r in rows}
+    if len(shapes) > 1:
+        raise ValueError(f"mix: one batch holds images of sizes {sorted(shapes)}: set `crop` (and `resize`)")
+    return {
+        "image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2).contiguous(),
+        "mask": torch.from_numpy(np.stack([r["mask"].astype(np.int64) for r in rows])),
+        "kind": torch.tensor([r["kind"] for r in rows], dtype=torch.int64),
+        "labelled": torch.tensor([bool(r["labelled"]) for r in rows]),
+        "key": [r["key"] for r in rows],
+        "source_id": [r["source_id"] for r in rows],
+    }
+
+
+def _class_info(spec: MixSpec) -> tuple[int, np.dtype]:
+    from factory.sources import open_source
+
+    classes = open_source(spec.real).classes
+    return classes.ignore_index, classes.mask_dtype
+
+
+# ---------------------------------------------------------------- torch
+
+
+class MixDataset(torch.utils.data.IterableDataset):
+    """Batches of a mix for torch's DataLoader (use `batch_size=None`).
+
+    Rank r of `world` (default: torch.distributed's, if initialised) and loader process w of n read
+    share r * n + w of the real ids and of the synthetic shards; process w yields batches start + w,
+    + n, + 2n, ..., which the DataLoader takes in turn, so batch b always comes from the same process.
+    """
+
+    def __init__(self, spec: MixSpec, rank: int | None = None, world: int | None = None, start: int = 0):
+        super().__init__()
+        if rank is None or world is None:
+            from webdataset.utils import pytorch_worker_info
+
+            rank, world, _, _ = pytorch_worker_info()
+        self.spec, self.rank, self.world, self.start = spec, rank, world, start
+        check_inputs(spec)
+        self.ids = real_ids(spec)
+        self.shards = synthetic_shards(spec) if spec.synthetic else []
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * n + w, self.world * n
+        if len(self.ids) < slots:
+            raise ValueError(f"mix: the real dataset has {len(self.ids)} samples, fewer than the {slots} readers "
+                             f"({self.world} ranks x {n} loader workers)")
+        spec = self.spec
+        real = forever(lambda e: real_rows(spec, self.ids, e, slot, slots), "the real dataset")
+        synthetic = None
+        if self.shards:
+            synthetic = synthetic_draws(spec, lambda e: synthetic_epoch(spec, self.shards, e, slot, slots),
+                                        [spec.seed, slot])
+        ignore_index, mask_dtype = _class_info(spec)
+        indices = iter(range(self.start + w, 2**62, n))
+        yield from mixed_batches(spec, self.rank, indices, real, synthetic, ignore_index, mask_dtype)
+
+
+# ---------------------------------------------------------------- Ray Data + Ray Train
+
+
+def ray_datasets(spec: MixSpec, world: int, num_cpus: float = 0.5) -> dict:
+    """Per Ray Train worker r: `real_r` and `synthetic_r` datasets of its share, read in Ray tasks.
+
+    Give them to a TorchTrainer with `dataset_config=ray.train.DataConfig(datasets_to_split=[])`: each
+    worker iterates only its own, epoch after epoch at its own pace (no cross-worker epoch barrier,
+    which would deadlock DDP when the two streams' epochs end at different steps).
+    """
+    import ray.data
+
+    check_inputs(spec)
+    ids, shards = real_ids(spec), synthetic_shards(spec) if spec.synthetic else []
+    if len(ids) < world:
+        raise ValueError(f"mix: the real dataset has {len(ids)} samples, fewer than the {world} workers")
+    payload = spec.model_dump(mode="json")
+    out = {}
+    for r in range(world):
+        mine = ids[r::world]
+        out[f"real_{r}"] = ray.data.from_items([{"id": i} for i in mine]).flat_map(
+            _load_real_row, fn_kwargs={"spec": payload}, num_cpus=num_cpus)
+        if shards:
+            share, by_group = shard_share(shards, r, world)
+            out[f"synthetic_{r}"] = ray.data.from_items(
+                [{"input": i, "shard": s} for i, s in share]).flat_map(
+                _read_shard_rows, fn_kwargs={"spec": payload, "slot": r, "slots": world, "by_group": by_group},
+                num_cpus=num_cpus)
+    return out
+
+
+def _load_real_row(item: dict, spec: dict) -> list[dict]:
+    from factory.downstream.mix_streams import load_real
+
+    return load_real(_source(json.dumps(spec["real"], sort_keys=True)), item["id"])
+
+
+@functools.lru_cache(maxsize=4)
+def _source(real: str):
+    """One reader per Ray worker process: some build an index when opened (COCO's annotation file)."""
+    from factory.sources import open_source
+
+    return open_source(SourceSpec.model_validate_json(real))
+
+
+def _read_shard_rows(item: dict, spec: dict, slot: int, slots: int, by_group: bool) -> list[dict]:
+    return list(shard_rows(MixSpec.model_validate(spec), (item["input"], item["shard"]), slot, slots, by_group))
+
+
+def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
+    """Inside a Ray Train worker: this worker's batches start, start + 1, ..., from its `ray_datasets`."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    real_shard = ray.train.get_dataset_shard(f"real_{rank}")
+    real = forever(lambda e: shuffled(real_shard.iter_rows(), spec.shuffle_buffer, [spec.seed, rank, e]),
+                   "this worker's real dataset")
+    synthetic = None
+    if spec.synthetic:
+        synthetic_shard = ray.train.get_dataset_shard(f"synthetic_{rank}")
+        synthetic = synthetic_draws(spec, lambda _: synthetic_shard.iter_rows(), [spec.seed, rank])
+    ignore_index, mask_dtype = _class_info(spec)
+    yield from mixed_batches(spec, rank, iter(range(start, 2**62)), real, synthetic, ignore_index, mask_dtype)
+
+
+# ---------------------------------------------------------------- SENSE's teacher
+
+
+@torch.no_grad()
+def pseudo_label(batch: dict, teacher: torch.nn.Module, threshold: float, ignore_index: int = 255,
+                 preprocess=None) -> dict:
+    """Label the batch's unlabelled synthetic images with `teacher`: a pixel gets the teacher's class where
+    its softmax confidence is >= `threshold`, else `ignore_index`. Those samples become PSEUDO.
+
+    `teacher(images)` returns logits (B, C, H, W) (or torchvision's {"out": ...}); `preprocess` turns the
+    uint8 batch into the teacher's input (default: float in [0, 1]).
+    """
+    todo = (batch["kind"] == SYNTHETIC) & ~batch["labelled"]
+    if not todo.any():
+        return batch
+    device = next(teacher.parameters()).device
+    images = batch["image"][todo].to(device)
+    x = preprocess(images) if preprocess else images.float() / 255.0
+    was_training = teacher.training
+    teacher.eval()
+    logits = teacher(x)
+    teacher.train(was_training)
+    logits = logits["out"] if isinstance(logits, dict) else logits
+    confidence, label = torch.softmax(logits.float(), dim=1).max(dim=1)
+    label[confidence < threshold] = ignore_index
+    out = dict(batch)
+    out["mask"], out["kind"], out["labelled"] = batch["mask"].clone(), batch["kind"].clone(), batch["labelled"].clone()
+    out["mask"][todo] = label.to(out["mask"].device, torch.int64)
+    out["kind"][todo] = PSEUDO
+    out["labelled"][todo] = True
+    return out

@@ -1,0 +1,147 @@
+"""Checks of a job against the cluster it is about to run on, before anything is planned or written.
+
+A spec can be valid and still impossible here: a stage asking for a GPU on a cluster without one, more
+CPUs than a node has, actor pools that together need more than the cluster offers (Ray would wait for
+them forever), a shard too large for a node's object store, a node-local output on several nodes. Each
+is refused with the field to change. An autoscaling cluster may grow into a request: with
+`engine.resource_wait_s` the check waits that long for it, saying so, before it refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import ray
+
+from factory.sources.base import Source
+from factory.engine.spec import JobSpec
+from factory.schema import SpecError
+from factory.output.layout import OutputStore
+
+log = logging.getLogger("factory")
+
+# A shard row lives in the object store as a stage's input and output at once, and a pool queues more:
+# one row may take at most this share of a node's object store.
+ROW_SHARE_OF_OBJECT_STORE = 4
+_SIZE_PROBES = 4  # source samples read to measure a typical one
+
+
+def _alive_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def resource_problems(spec: JobSpec, nodes: list[dict]) -> list[str]:
+    """What the cluster (its nodes' resource totals) cannot give the job; empty if it can."""
+    problems = []
+    cpu = sum(n.get("CPU", 0) for n in nodes)
+    gpu = sum(n.get("GPU", 0) for n in nodes)
+    cpu_need = max(spec.engine.read_cpus, spec.engine.write_cpus)  # one read or write task at a time, at least
+    gpu_need = 0.0
+    for i, st in enumerate(spec.stages):
+        r = st.resources
+        for field, key, want in (("num_gpus", "GPU", r.num_gpus), ("num_cpus", "CPU", r.num_cpus)):
+            if want > 0 and not any(n.get(key, 0) >= want for n in nodes):
+                best = max((n.get(key, 0) for n in nodes), default=0)
+                problems.append(f"stages[{i}].resources.{field}: stage {st.label!r} asks for {want:g} {key} per "
+                                f"worker, but the largest node has {best:g}")
+        pool = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        cpu_need += pool * r.num_cpus
+        gpu_need += pool * r.num_gpus
+    if not problems:
+        for key, need, have in (("CPU", cpu_need, cpu), ("GPU", gpu_need, gpu)):
+            if need > have + 1e-9:
+                pools = ", ".join(
+                    f"{st.label} {st.resources.concurrency if isinstance(st.resources.concurrency, int) else st.resources.concurrency[0]}"
+                    f" x {st.resources.num_cpus if key == 'CPU' else st.resources.num_gpus:g}"
+                    for st in spec.stages
+                )
+                problems.append(
+                    f"stages[].resources.concurrency: the actor pools at their (minimum) sizes need {need:g} {key} "
+                    f"together ({pools}{', plus a read/write task' if key == 'CPU' else ''}), but the cluster has "
+                    f"{have:g}: Ray would wait for them forever. Shrink the pools or their num_cpus/num_gpus"
+                )
+    return problems
+
+
+def _bundles(spec: JobSpec) -> list[dict]:
+    """What the stages' pools need at their (minimum) sizes, one bundle per actor, for the autoscaler."""
+    bundles = []
+    for st in spec.stages:
+        r = st.resources
+        pool = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
+        bundle = {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0}
+        bundles += [bundle] * pool if bundle else []
+    return bundles
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Refuse what the cluster cannot give; with `engine.resource_wait_s`, ask its autoscaler and wait first."""
+    problems = resource_problems(spec, _alive_nodes())
+    if not problems:
+        return
+    if spec.engine.resource_wait_s <= 0:
+        raise SpecError("; ".join(problems))
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("waiting up to %.0fs for the cluster to offer what the job needs: %s",
+             spec.engine.resource_wait_s, "; ".join(problems))
+    request_resources(bundles=_bundles(spec))
+    deadline = time.time() + spec.engine.resource_wait_s
+    while problems := resource_problems(spec, _alive_nodes()):
+        if time.time() >= deadline:
+            request_resources(bundles=[])  # withdraw the request: this job will not use it
+            raise SpecError(f"after waiting {spec.engine.resource_wait_s:.0f}s: " + "; ".join(problems))
+        time.sleep(min(5.0, max(deadline - time.time(), 0.1)))
+    log.info("the cluster now offers what the job needs")
+
+
+def check_shared_output(spec: JobSpec, store: OutputStore) -> None:
+    nodes = len(_alive_nodes())
+    if store.is_local() and nodes > 1 and not spec.output.shared_filesystem:
+        # Read and write tasks land on any node: their files would scatter over local disks.
+        raise SpecError(
+            f"output.url: {store.url} is a local path but the Ray cluster has {nodes} nodes; write to object "
+            "storage (s3://...), or set output.shared_filesystem: true if every node mounts it at that path"
+        )
+
+
+def row_bytes_per_source(source: Source, rows_per_source: int, probes: int = _SIZE_PROBES) -> int:
+    """Bytes a source sample and its rows take in a shard row, from the first few samples of the listing.
+
+    Per pixel: the source's image (3), mask (2 at most) and instances (2) once per source; each row a
+    stage makes may carry a new image, mask and instance map (7 more).
+    """
+    pixels = []
+    for sample_id in source.list_ids():
+        try:
+            rec = source.load(sample_id)
+        except Exception:  # a bad sample says nothing about size; the pipeline will record it
+            continue
+        pixels.append(rec.image.shape[0] * rec.image.shape[1])
+        if len(pixels) == probes:
+            break
+    if not pixels:
+        return 0
+    per_pixel = 7 * (1 + rows_per_source) if rows_per_source else 7
+    return int(np.mean(pixels) * per_pixel)
+
+
+def check_shard_size(spec: JobSpec, source: Source, rows_per_source: int) -> None:
+    """Refuse a shard size whose row cannot fit in a node's object store."""
+    stores = [n.get("object_store_memory", 0) for n in _alive_nodes()]
+    if not stores:
+        return
+    limit = min(stores) / ROW_SHARE_OF_OBJECT_STORE
+    per_source = row_bytes_per_source(source, rows_per_source)
+    row = per_source * spec.output.shard_size
+    if per_source and row > limit:
+        fits = max(1, math.floor(limit / per_source))
+        raise SpecError(
+            f"output.shard_size: a shard of {spec.output.shard_size} sources holds about {row / 2**30:.1f} GiB "
+            f"in flight ({per_source / 2**20:.1f} MiB per source with its {rows_per_source or 1} rows, measured on "
+            f"the first sources); a row may use at most 1/{ROW_SHARE_OF_OBJECT_STORE} of a node's object store "
+            f"({min(stores) / 2**30:.1f} GiB here). Use shard_size <= {fits}, or lower source.max_side"
+        )

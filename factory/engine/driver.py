@@ -1,0 +1,201 @@
+"""The engine's driver: a validated job spec becomes committed shards, or a clear reason why not.
+
+    checks -> lease -> plan (or the stored plan) -> pending shards -> pipeline (factory/engine/executors/ray_data.py) -> index
+
+Everything that can refuse the job (a bad spec, another job in the output, resources the cluster cannot
+give, a shard too large to hold) does so before anything is planned or written. The driver then holds
+only shard numbers: sample ids stay in the plan files, pixels in the pipeline's rows, stats in the
+output. Shards that fail after their retries stay uncommitted; the job ends with `JobIncomplete`, naming
+them, and the same command retries them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import closing
+
+import ray
+
+from factory import __version__
+from factory.engine.checks import check_resources, check_shard_size, check_shared_output
+from factory.sources.classes import ClassSet
+from factory.engine.errors import JobIncomplete
+from factory.output.layout import LEASE_FILE
+from factory.engine.lease import Lease
+from factory.engine.executors.ray_data import shard_results
+from factory.output.layout import PLAN_DIR
+from factory.engine.shard_plan import Plan, plan_shards
+from factory.engine.progress import Progress, StageCounter
+from factory.engine.reaper import watch_local_ray
+from factory.sources.base import Source
+from factory.sources import open_source
+from factory.engine.spec import JobSpec, redacted_spec
+from factory.schema import SpecError
+from factory.stages import StageContext, resolve_stage
+from factory.output.layout import OutputStore
+
+log = logging.getLogger("factory")
+
+MANIFEST = "manifest.json"
+
+
+class ResumeError(RuntimeError):
+    """The output already holds a different job."""
+
+
+def _driver_stages(spec: JobSpec, classes: ClassSet):
+    """The spec's stages built on the driver, without their models, for checks and model ids."""
+    for st in spec.stages:
+        cls = resolve_stage(st.kind)
+        ctx = StageContext(label=st.label, job_seed=spec.seed, classes=classes, device="cpu")
+        yield st, cls(cls.Params.model_validate(st.params), cls.Model.model_validate(st.model), ctx)
+
+
+def check_stages(spec: JobSpec, classes: ClassSet) -> None:
+    """Stage checks that need the source's classes, before anything is written."""
+    for i, (st, stage) in enumerate(_driver_stages(spec, classes)):
+        try:
+            stage.check()
+        except ValueError as e:
+            raise SpecError(f"stages[{i}].params.{e}" if ":" in str(e) else f"stages[{i}]: {e}") from None
+
+
+def rows_per_source(spec: JobSpec, classes: ClassSet) -> int:
+    """Rows a source sample becomes through all the stages (0 without stages)."""
+    if not spec.stages:
+        return 0
+    return math.prod(stage.variants_per_input() for _, stage in _driver_stages(spec, classes))
+
+
+def _check_resume(store: OutputStore, spec: JobSpec) -> dict | None:
+    manifest = store.read_json(MANIFEST)
+    if manifest is not None and manifest["spec_hash"] != spec.content_hash():
+        raise ResumeError(
+            f"{store.url} already holds job {manifest['name']!r} with spec hash {manifest['spec_hash']}; "
+            f"this spec hashes to {spec.content_hash()}. Rerun the original spec to resume it, pass "
+            f"--output URL to run this spec elsewhere, or --overwrite to delete {store.url} and start over."
+        )
+    return manifest
+
+
+def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
+    """Stream the listing into plan parts, then write the manifest last: a job without one is planned again."""
+    store.fs.makedirs(store.path(PLAN_DIR), exist_ok=True)
+    plan = plan_shards(source.list_ids(), spec.output.shard_size,
+                       lambda name: store.fs.open(store.path(PLAN_DIR, name), "wb"))
+    manifest = {
+        "name": spec.name,
+        "spec": redacted_spec(spec),
+        "spec_hash": spec.content_hash(),
+        "plan": plan.summary(),
+        "classes": list(source.classes.names),
+        "ignore_index": source.classes.ignore_index,
+        "factory_version": __version__,
+        "created": time.time(),
+    }
+    store.write_json(manifest, MANIFEST)
+    return manifest
+
+
+def init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             **({} if address else {"include_dashboard": False}))
+    if address is None:
+        watch_local_ray()
+
+
+def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) -> dict:
+    """Run (or resume) a job; return its index (committed shards and totals), or raise JobIncomplete."""
+    store = OutputStore.for_output(spec.output)
+    source = open_source(spec.source)
+    check_stages(spec, source.classes)
+    if not overwrite:
+        _check_resume(store, spec)
+    init_ray(address)
+    check_shared_output(spec, store)
+    check_resources(spec)
+    check_shard_size(spec, source, rows_per_source(spec, source.classes))
+    lease = Lease(store, spec.engine.lease_ttl_s)
+    lease.acquire()
+    try:
+        if overwrite:
+            store.remove_all(keep={LEASE_FILE})
+        manifest = _check_resume(store, spec) or _plan(spec, store, source)
+        plan = Plan(num_samples=manifest["plan"]["num_samples"], shard_size=manifest["plan"]["shard_size"])
+        done = store.committed_shards()
+        pending = [s for s in range(plan.num_shards) if s not in done]
+        log.info("job %s: %d samples in %d shards, %d already committed, %d to do -> %s",
+                 spec.name, plan.num_samples, plan.num_shards, len(done), len(pending), store.url)
+        failed: list[dict] = []
+        if pending:
+            store.clear_tmp()
+            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease)
+            store.clear_tmp()
+        index = write_index(store, plan)
+    finally:
+        lease.release()
+    if failed:
+        raise JobIncomplete(_failure_message(failed, len(pending)))
+    return index
+
+
+def _failure_message(failed: list[dict], attempted: int) -> str:
+    first = failed[0]
+    others = ", ".join(str(f["shard"]) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
+    return (f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first['shard']} at stage "
+            f"{first['stage']}: {first['cause']}" + (f" (also shards {others})" if others else "")
+            + f"; {first['advice']}")
+
+
+def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Plan, pending: list[int],
+                  lease: Lease) -> list[dict]:
+    """Stream the pending shards through the pipeline; returns the shards that failed."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
+    job_info = {"job": spec.name, "spec_hash": spec.content_hash(), "models": models}
+    # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
+    counter = StageCounter.remote() if spec.stages else None
+    progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
+    failed: list[dict] = []
+    # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
+    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job_info,
+                               counter)) as results:
+        for result in results:
+            progress.shard_done(result)
+            lease.check()
+            if result["status"] != "committed":
+                failed.append(result)
+                log.error("shard %d failed at stage %s: %s", result["shard"], result["stage"], result["cause"])
+                if len(failed) >= spec.engine.max_failed_shards:
+                    log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
+                    break
+    progress.show(final=True)
+    if counter is not None:
+        ray.kill(counter)
+    return failed
+
+
+def write_index(store: OutputStore, plan: Plan) -> dict:
+    """index.json: every committed shard and the totals, streamed from the stats; returns the totals."""
+    totals = {"samples": 0, "failed": 0, "rejected": 0}
+    shards = 0
+    with store.open_atomic("index.json") as f:
+        f.write(b'{"shards": [')
+        for _, stats in store.iter_stats():
+            entry = json.dumps({"url": stats["url"], "samples": stats["samples"]})
+            f.write(f"{',' if shards else ''}\n  {entry}".encode())
+            for k in totals:
+                totals[k] += stats[k]
+            shards += 1
+        index = {"num_shards": plan.num_shards, "committed": shards, "complete": shards == plan.num_shards, **totals}
+        f.write(f"\n],\n{json.dumps(index, sort_keys=True)[1:]}".encode())
+    return index

@@ -1,0 +1,63 @@
+"""Leave nothing behind when the driver of a local Ray dies.
+
+A local Ray started by `ray.init()` shares the driver's fate for the processes it starts itself (GCS,
+raylet, dashboard), but the raylet's agents (dashboard agent, runtime-env agent) outlive a driver killed
+with SIGKILL. `watch_local_ray()` starts a small detached process that waits for the driver to go and
+then stops those agents; each is named by pid and start time, so a reused pid is never touched.
+
+    python -m factory.engine.reaper DRIVER_PID PID:START_TIME ...
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+_AGENTS = ("DashboardAgent", "RuntimeEnvAgent")
+
+
+def watch_local_ray() -> None:
+    """Call right after a local `ray.init()` in the driver."""
+    me = psutil.Process()
+    agents = [
+        agent
+        for raylet in me.children() if "raylet" in raylet.name()
+        for agent in raylet.children()
+        if any(name in " ".join(agent.cmdline()) for name in _AGENTS)
+    ]
+    if agents:
+        subprocess.Popen(
+            [sys.executable, "-m", "factory.engine.reaper", str(me.pid), *(f"{a.pid}:{a.create_time()}" for a in agents)],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+
+def _same_process(pid: int, started: float) -> psutil.Process | None:
+    try:
+        proc = psutil.Process(pid)
+        return proc if abs(proc.create_time() - started) < 0.01 else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def main(argv: list[str]) -> None:
+    driver = int(argv[0])
+    targets = [(int(pid), float(started)) for pid, _, started in (t.partition(":") for t in argv[1:])]
+    while psutil.pid_exists(driver) and psutil.Process(driver).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(1.0)
+    time.sleep(2.0)  # a clean shutdown stops the agents itself; give it the time to
+    for pid, started in targets:
+        proc = _same_process(pid, started)
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except psutil.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

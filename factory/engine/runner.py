@@ -1,0 +1,157 @@
+"""The stage runner: one worker of a stage, running whole shards through it in fixed batches.
+
+It builds the stage and loads its models once (`setup`), then takes one shard at a time and calls
+`process` on consecutive batches of `resources.batch_size` live samples, in shard order: what shares a
+batch depends only on the shard's contents, never on scheduling, so a regenerated shard is the same.
+
+Failures by kind (factory/engine/errors.py): a `BadSample` raised by a batch is traced to its sample, which
+fails alone; CUDA out-of-memory splits the batch in halves and tries again; any other exception is
+retried with backoff, and if it persists the shard is marked failed and passes on untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from factory.sources.classes import ClassSet
+from factory.engine.errors import ShardFailed, describe, is_cuda_oom, one_line
+from factory.sample import BadSample, Sample, ShardWork
+from factory.engine.spec import StageSpec
+from factory.stages import StageContext, resolve_stage
+
+log = logging.getLogger("factory")
+
+
+def stage_device(spec: StageSpec) -> str:
+    """"cuda" for a stage given GPUs, which then must see one: a GPU stage never falls back to the CPU."""
+    if spec.resources.num_gpus <= 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"stage {spec.label!r} asks for resources.num_gpus={spec.resources.num_gpus} but this worker sees no "
+            "CUDA device; run it on a GPU node, or set num_gpus: 0 to run it on CPU"
+        )
+    return "cuda"
+
+
+class StageRunner:
+    def __init__(self, stage_spec: dict, job_seed: int, classes: ClassSet, retries: int = 3,
+                 backoff: float = 2.0, progress=None):
+        spec = StageSpec.model_validate(stage_spec)
+        cls = resolve_stage(spec.kind)
+        self.label = spec.label
+        self.batch_size = spec.resources.batch_size
+        self.retries = retries
+        self.backoff = backoff
+        self.progress = progress  # a Progress actor, or None
+        started = time.time()
+        self.stage = cls(
+            cls.Params.model_validate(spec.params),
+            cls.Model.model_validate(spec.model),
+            StageContext(label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec)),
+        )
+        self.stage.setup()
+        self.k = self.stage.variants_per_input()
+        # Set-up (model loading) happens once per actor: reported with the first shard it processes.
+        self.setup_s: float | None = round(time.time() - started, 3)
+        log.info("stage %s ready in %.1fs (models loaded once per worker)", self.label, self.setup_s)
+
+    def run(self, work: ShardWork) -> ShardWork:
+        """Every live sample of the shard through the stage; failed and rejected ones pass untouched."""
+        if work.failure is not None:
+            return work
+        started = time.time()
+        counts = {"batches": 0, "retries": 0, "oom_splits": 0, "rows_in": 0, "rows_out": 0}
+        live = [i for i, s in enumerate(work.samples) if s.ok]
+        produced: dict[int, list[Sample]] = {}
+        try:
+            for start in range(0, len(live), self.batch_size):
+                positions = live[start : start + self.batch_size]
+                rows = self.process_batch([work.samples[i] for i in positions], counts)
+                for n, i in enumerate(positions):
+                    produced[i] = rows[n * self.k : (n + 1) * self.k]
+                counts["batches"] += 1
+                if self.progress is not None:
+                    self.progress.stage_rows.remote(self.label, len(positions))
+        except ShardFailed as e:
+            log.error("shard %d failed at stage %s: %s", work.shard, self.label, one_line(e.cause))
+            work.failure = {"shard": work.shard, "stage": self.label, **describe(e.cause)}
+            return work
+        work.samples = [row for i, s in enumerate(work.samples) for row in produced.get(i, (s,))]
+        counts["rows_in"], counts["rows_out"] = len(live), sum(len(rows) for rows in produced.values())
+        work.stages[self.label] = {**counts, "seconds": round(time.time() - started, 3)}
+        if self.setup_s is not None:
+            work.stages[self.label]["worker_setup_s"] = self.setup_s
+            self.setup_s = None
+        return work
+
+    def process_batch(self, inputs: list[Sample], counts: dict) -> list[Sample]:
+        """`process` one batch under the failure policy; returns `k` rows per input, in order."""
+        for attempt in range(self.retries + 1):
+            try:
+                # Fresh copies each try: a failed call may have filled or marked some of its inputs.
+                produced = self.stage.process([replace(s, meta=copy.deepcopy(s.meta)) for s in inputs])
+                self._check_contract(inputs, produced)
+                return [self._check_output(s) for s in produced]
+            except BadSample as e:
+                if len(inputs) > 1:  # find the sample the data problem belongs to
+                    return [row for s in inputs for row in self.process_batch([s], counts)]
+                return [v.fail(self.label, e.reason, e.detail) for v in inputs[0].expand(self.k)]
+            except Exception as e:
+                if is_cuda_oom(e) and len(inputs) > 1:
+                    import torch
+
+                    torch.cuda.empty_cache()
+                    counts["oom_splits"] += 1
+                    half = len(inputs) // 2
+                    log.warning("stage %s: CUDA out of memory on %d samples; splitting the batch",
+                                self.label, len(inputs))
+                    return self.process_batch(inputs[:half], counts) + self.process_batch(inputs[half:], counts)
+                if attempt == self.retries:
+                    raise ShardFailed(self.label, e) from e
+                counts["retries"] += 1
+                delay = self.backoff * 2**attempt
+                log.warning("stage %s failed on a batch of %d (%s); retry %d of %d in %.1fs",
+                            self.label, len(inputs), one_line(e), attempt + 1, self.retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _check_output(self, s: Sample) -> Sample:
+        """A sample the writer could not encode fails here, with a reason: it is bad data, not a crash."""
+        if not s.ok:
+            return s
+        image, mask = s.image, s.mask
+        problem = None
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+            problem = (f"image must be an (H, W, 3) uint8 array, got {getattr(image, 'dtype', type(image))} "
+                       f"{getattr(image, 'shape', '')}")
+        elif mask is not None and (mask.shape != image.shape[:2] or mask.dtype not in (np.uint8, np.uint16)):
+            problem = f"mask must be (H, W) uint8/uint16 matching the image {image.shape[:2]}, got {mask.dtype} {mask.shape}"
+        elif s.instances is not None and (s.instances.shape != image.shape[:2] or s.instances.dtype.kind not in "ui"
+                                          or (s.instances.size and int(s.instances.max()) > np.iinfo(np.uint16).max)):
+            problem = (f"instances must be (H, W) integer ids below 65536 matching the image (stored as uint16), "
+                       f"got {s.instances.dtype} {s.instances.shape}")
+        return s.fail(self.label, "bad_output", problem) if problem else s
+
+    def _check_contract(self, inputs: list[Sample], produced: list[Sample]) -> None:
+        """k rows per input, in order, each with the key `expand` gives it: a stage never drops a sample."""
+        if len(produced) != len(inputs) * self.k:
+            raise RuntimeError(
+                f"stage {self.label!r} returned {len(produced)} samples for {len(inputs)} inputs; it declares "
+                f"{self.k} per input (a stage must never drop a sample: mark it failed or rejected instead)"
+            )
+        for n, src in enumerate(inputs):
+            expected = [(src.shard, src.index, v.variant) for v in src.expand(self.k)]
+            got = [(s.shard, s.index, s.variant) for s in produced[n * self.k : (n + 1) * self.k]]
+            if got != expected:
+                raise RuntimeError(
+                    f"stage {self.label!r} returned rows {got} for input {src.key}; expected {expected} "
+                    "(build variants with sample.expand(k), in input order)"
+                )

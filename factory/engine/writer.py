@@ -1,0 +1,202 @@
+"""The shard writer: one shard's samples in, one committed WebDataset shard out, from whichever worker runs it.
+
+Commit order: the tar appears under `shards/` only once complete (`OutputStore.open_atomic`), then the
+failure list is written to `failures/`, and the stats file last: it is the commit marker. A crash at
+any point leaves either no final tar, or a final tar without stats that the next run regenerates from
+scratch: never a partial tar under a final name. Every step is idempotent (same bytes, same names), so
+a retried or repeated write of a shard is harmless.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from factory.engine.errors import describe, retry
+from factory.sample import Sample, ShardWork
+from factory.output.layout import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
+
+# Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
+_TAR_MTIME = 0
+
+
+@dataclass(frozen=True)
+class WriteSettings:
+    image_format: str
+    quality: int
+    keep_rejected: bool
+    max_failure_fraction: float
+    retries: int
+    backoff: float
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """PNG bytes of a class-id or instance mask: 8-bit L for uint8, 16-bit for uint16."""
+    buf = io.BytesIO()
+    if mask.dtype == np.uint8:
+        Image.fromarray(mask, mode="L").save(buf, format="PNG")
+    else:
+        Image.fromarray(mask.astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_image(image: np.ndarray, image_format: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    pil = Image.fromarray(image, mode="RGB")
+    if image_format == "jpg":
+        pil.save(buf, format="JPEG", quality=quality)
+    else:
+        pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_files(sample: Sample, image_format: str, quality: int, meta_extra: dict) -> dict[str, bytes]:
+    """The files of one written (or kept rejected) sample: image, masks and json, by extension."""
+    meta = {"key": sample.key, "source_id": sample.source_id, "variant": sample.variant, **meta_extra}
+    meta.update(sample.meta)
+    if sample.rejected is not None:
+        meta["rejected"] = sample.rejected
+    files = {image_format: encode_image(sample.image, image_format, quality)}
+    if sample.mask is not None:
+        files["seg.png"] = encode_mask(sample.mask)
+    if sample.instances is not None:
+        files["inst.png"] = encode_mask(sample.instances.astype(np.uint16))
+    files["json"] = json.dumps(meta, sort_keys=True).encode()
+    return files
+
+
+def failure_records(samples: list[Sample]) -> list[dict]:
+    """One record per failed or rejected row, in shard order: what `failures/shard-N.jsonl` holds."""
+    out = []
+    for s in samples:
+        for kind, what in (("failed", s.error), ("rejected", s.rejected if s.error is None else None)):
+            if what is not None:
+                out.append({"key": s.key, "source_id": s.source_id, "kind": kind, **what})
+    return out
+
+
+def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
+    """Commit one shard, or leave it uncommitted; returns the summary row the driver counts."""
+    counts = {"samples": sum(s.ok for s in work.samples), "failed": sum(s.error is not None for s in work.samples),
+              "rejected": sum(s.error is None and s.rejected is not None for s in work.samples)}
+    if work.failure is not None:
+        return {"shard": work.shard, "status": "failed", **counts, **work.failure}
+    rows = len(work.samples)
+    if rows and counts["failed"] / rows > settings.max_failure_fraction:
+        reasons = Counter(f"{s.error['stage']}:{s.error['reason']}" for s in work.samples if s.error is not None)
+        top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
+        return {"shard": work.shard, "status": "failed", **counts, "stage": "commit",
+                "cause": f"{counts['failed']} of {rows} rows failed ({top}), above output.max_failure_fraction "
+                         f"{settings.max_failure_fraction}",
+                "advice": "fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
+                          "output.max_failure_fraction"}
+    try:
+        stats = retry(lambda: _commit(work, store, settings, job_info), f"writing shard {work.shard}",
+                      settings.retries, settings.backoff)
+    except Exception as e:
+        return {"shard": work.shard, "status": "failed", **counts, "stage": "write", **describe(e)}
+    return {"shard": work.shard, "status": "committed", **counts, "bytes": stats["bytes"]}
+
+
+class ShardWriter:
+    """Commits whole shards from whichever worker holds them: picklable, opens the store per call."""
+
+    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job_info: dict):
+        self.store_url = store_url
+        self.options = options
+        self.settings = settings
+        self.job_info = job_info
+
+    def commit(self, work: ShardWork) -> dict:
+        return summary_row(write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job_info))
+
+
+def summary_row(result: dict) -> dict:
+    """What the driver counts of a shard, with the same keys whether it committed or failed."""
+    return {"shard": result["shard"], "status": result["status"],
+            **{k: result.get(k, 0) for k in ("samples", "failed", "rejected")},
+            **{k: result.get(k) for k in ("stage", "cause", "advice")}}
+
+
+def _write_tar(store: OutputStore, members, *parts: str) -> None:
+    """A WebDataset tar: each sample's files as `KEY.EXT` members, extensions sorted, fixed metadata.
+
+    Written with the standard library in stream mode (object-store files do not seek). Not webdataset's
+    TarWriter: importing webdataset imports torch, seconds of start-up in every write worker.
+    """
+    with store.open_atomic(*parts) as f:
+        tar = tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT)
+        try:
+            for key, files in members:
+                for ext in sorted(files):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(files[ext]), _TAR_MTIME, 0o444
+                    tar.addfile(info, io.BytesIO(files[ext]))
+            tar.close()
+        except BaseException:
+            # The file is being discarded: mark the tar stream closed, or its __del__ would try to flush
+            # it again (into the same full disk) and print a traceback from the garbage collector.
+            tar.closed = tar.fileobj.closed = True
+            raise
+
+
+def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
+    name = store.shard_name(work.shard)
+    meta_extra = {"job": job_info["job"], "spec_hash": job_info["spec_hash"], "models": job_info["models"]}
+
+    def members(wanted):
+        for s in work.samples:
+            if wanted(s):
+                yield s.key, encode_files(s, settings.image_format, settings.quality, meta_extra)
+
+    def is_rejected(s: Sample) -> bool:
+        return s.error is None and s.rejected is not None
+
+    kept_rejected = settings.keep_rejected and any(is_rejected(s) for s in work.samples)
+    if kept_rejected:
+        _write_tar(store, members(is_rejected), REJECTED_DIR, f"{name}.tar")
+    _write_tar(store, members(lambda s: s.ok), SHARD_DIR, f"{name}.tar")
+    try:
+        return _write_stats(work, store, job_info, name, kept_rejected)
+    except BaseException:
+        # No final tar without its stats: the next run would redo it anyway, but nobody should find one.
+        for folder in (SHARD_DIR, REJECTED_DIR):
+            store.remove(folder, f"{name}.tar")
+        raise
+
+
+def _write_stats(work: ShardWork, store: OutputStore, job_info: dict, name: str, kept_rejected: bool) -> dict:
+    failures = failure_records(work.samples)
+    if failures:
+        store.put_bytes(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures),
+                        FAILURES_DIR, f"{name}.jsonl")
+    by_kind = {kind: Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == kind)
+               for kind in ("failed", "rejected")}
+    finished = time.time()
+    stats = {
+        "shard": work.shard,
+        "url": store.public_url(SHARD_DIR, f"{name}.tar"),
+        "sources": len({s.index for s in work.samples}),
+        "samples": sum(s.ok for s in work.samples),
+        "failed": sum(by_kind["failed"].values()),
+        "rejected": sum(by_kind["rejected"].values()),
+        "failures_by_reason": dict(by_kind["failed"]),
+        "rejected_by_reason": dict(by_kind["rejected"]),
+        "failures_url": store.public_url(FAILURES_DIR, f"{name}.jsonl") if failures else None,
+        "rejected_url": store.public_url(REJECTED_DIR, f"{name}.tar") if kept_rejected else None,
+        "bytes": store.fs.size(store.shard_path(work.shard)),
+        "started": work.started,
+        "finished": finished,
+        "seconds": round(finished - work.started, 3),
+        "stages": work.stages,
+        **job_info,
+    }
+    store.write_json(stats, STATS_DIR, f"{name}.json")
+    return stats

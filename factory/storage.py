@@ -1,0 +1,146 @@
+"""A folder on any fsspec filesystem (local, s3://, memory://...), and where one is named in a spec.
+
+`Location` is the spec section every output names (`url`, `endpoint_url`, `storage_options`);
+`Folder` is what the code writes through: paths under a root, JSON files, files that appear under their
+final name only once complete, folder uploads and downloads. The job output (`factory.output.layout`),
+SegGen checkpoints and `factory eval` results are all `Folder`s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from pydantic import Field
+
+from factory.schema import StrictModel
+
+TMP_DIR = "_tmp"  # local atomic writes go through here, then are renamed into place
+UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size; bounds each upload buffer
+
+
+def fsspec_options(storage_options: dict[str, Any] | None, endpoint_url: str | None = None) -> dict[str, Any]:
+    """fsspec options, with an S3 `endpoint_url` turned into s3fs's form."""
+    options = dict(storage_options or {})
+    if endpoint_url:
+        options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint_url
+    return options
+
+
+class Location(StrictModel):
+    """Where something is stored: a path or fsspec URL, with the options to reach it."""
+
+    url: str = Field(min_length=1, description="local path or fsspec URL (s3://bucket/prefix)")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec")
+
+    def options(self) -> dict[str, Any]:
+        return fsspec_options(self.storage_options, self.endpoint_url)
+
+    def folder(self) -> "Folder":
+        return Folder(self.url, self.options())
+
+
+class Folder:
+    """A root on a filesystem: paths under it, JSON files, atomic writes, folder copies."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
+        self.url = url.rstrip("/")
+        self.options = options or {}
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        self.root = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def public_url(self, *parts: str) -> str:
+        """The URL a reader uses (s3://..., or a local path)."""
+        if self.is_local():
+            return self.path(*parts)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{self.path(*parts)}" if "/".join(parts) else f"{protocol}://{self.root}"
+
+    def ensure_root(self) -> None:
+        """Create the folder (locally) or the bucket (object stores), if missing."""
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def exists(self, *parts: str) -> bool:
+        self.fs.invalidate_cache()  # object-store listings are cached per process; another may have written
+        return self.fs.exists(self.path(*parts))
+
+    def read_json(self, *parts: str) -> Any | None:
+        """The JSON file at `parts`, or None when there is none."""
+        if not self.exists(*parts):
+            return None
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return json.load(f)
+
+    def write_json(self, data: Any, *parts: str) -> None:
+        self.put_bytes(json.dumps(data, indent=2, sort_keys=True).encode(), *parts)
+
+    def put_bytes(self, body: bytes, *parts: str) -> None:
+        with self.open_atomic(*parts) as f:
+            f.write(body)
+
+    @contextmanager
+    def open_atomic(self, *parts: str, mode: str = "wb"):
+        """A file that appears under its final name only once it is complete.
+
+        Locally it is written under `_tmp/`, flushed to disk and renamed into place. On object stores
+        an upload becomes visible only when it completes, so it goes to its final name directly, and
+        an error inside the block discards the upload instead of completing it with partial data.
+        """
+        final = self.path(*parts)
+        if not self.is_local():
+            f = self.fs.open(final, mode, block_size=UPLOAD_BLOCK)
+            try:
+                yield f
+            except BaseException:
+                if hasattr(f, "discard"):
+                    f.discard()
+                raise
+            f.close()
+            return
+        tmp = self.path(TMP_DIR, f"{uuid.uuid4().hex[:12]}.{final.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, mode) as f:
+            yield f
+            # After a power loss a commit marker must never stand beside a file the disk had not written.
+            f.flush()
+            os.fsync(f.fileno())
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(tmp, final)
+
+    def remove(self, *parts: str, recursive: bool = False) -> None:
+        path = self.path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=recursive)
+
+    def upload_dir(self, local: Path, *parts: str, marker: str | None = None) -> None:
+        """A local folder copied to `parts`: what stood there first removed, files next, `marker` last."""
+        target = self.path(*parts)
+        if self.fs.exists(target):
+            self.fs.rm(target, recursive=True)
+        for file in sorted(p for p in local.rglob("*") if p.is_file()):
+            dest = f"{target}/{file.relative_to(local).as_posix()}"
+            self.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(file), dest)
+        if marker:
+            self.fs.pipe_file(f"{target}/{marker}", b"ok\n")
+
+    def download_dir(self, local: Path, *parts: str) -> Path:
+        source = self.path(*parts)
+        for remote in self.fs.find(source):
+            rel = remote[len(source):].lstrip("/")
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(remote, str(local / rel))
+        return local
