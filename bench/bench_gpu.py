@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from measure import Workload, device_info, measure_recipe, measure_stage, measure_training  # noqa: E402
+
 from factory.tools.pool_sizes import plan  # noqa: E402
 
 ADE_SUBSET = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "grass", "cabinet",

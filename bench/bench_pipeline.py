@@ -23,11 +23,11 @@ from webdataset import TarWriter
 
 from factory.engine.driver import run_job
 from factory.engine.reader import ShardReader
-from factory.sources.scenes import make_scenes
-from factory.sources import open_source
 from factory.engine.spec import load_spec
-from factory.stages import StageContext, resolve_stage
 from factory.engine.writer import encode_files
+from factory.sources import open_source
+from factory.sources.scenes import make_scenes
+from factory.stages import StageContext, resolve_stage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -211,8 +211,8 @@ def plain_loop(spec, out: Path) -> int:
     from webdataset import TarWriter
 
     from factory.engine.reader import ShardReader
-    from factory.sources import open_source
     from factory.engine.writer import encode_files
+    from factory.sources import open_source
 
     source = open_source(spec.source)
     reader = ShardReader(spec.source.model_dump_json(), "", {}, retries=0, backoff=0.0)
@@ -295,8 +295,8 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
     import seaweed
 
     from factory.engine.driver import _plan, run_job
-    from factory.sources import open_source
     from factory.output.layout import OutputStore
+    from factory.sources import open_source
 
     ports = seaweed.free_ports()
     server = seaweed.start(tmp / "weed", ports)

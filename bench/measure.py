@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from factory.sources.classes import class_set
 from factory.sample import Sample
+from factory.sources.classes import class_set
 from factory.sources.scenes import render_scene
 
 # Dense bf16 tensor-core peak, TFLOP/s, by the name torch reports (first match wins).
@@ -233,8 +233,8 @@ def measure_training(kind: str, profile: str, resolution: int, batch_sizes: list
     `batch_sizes` that fits (tried largest first; a CUDA out-of-memory moves on to the next)."""
     import torch
 
-    from factory.models.sdxl import TrainingModels
-    from factory.seggen.train import TrainModel
+    from factory.seggen.models import TrainingModels
+    from factory.seggen.spec import TrainModel
 
     tried = []
     for size in sorted(batch_sizes, reverse=True):
@@ -289,9 +289,9 @@ def measure_recipe(name: str, stages: list[dict], count: int, size: int, shard_s
     from pathlib import Path
 
     from factory.engine.driver import run_job
-    from factory.sources.scenes import make_scenes
     from factory.engine.spec import parse_spec
     from factory.output.layout import OutputStore
+    from factory.sources.scenes import make_scenes
 
     work_dir = Path(work_dir)
     make_scenes(work_dir / f"{name}-scenes", count=count, size=size)

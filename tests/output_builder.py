@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from webdataset import TarWriter
 
-from factory.sources.classes import class_set
-from factory.output.layout import OutputStore
 from factory.engine.writer import encode_image, encode_mask
+from factory.output.layout import OutputStore
+from factory.sources.classes import class_set
 
 
 @dataclass

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.sources.classes import IGNORE, class_set
 from factory.models.loading import model_cache_dir
+from factory.models.tiny_vision import TINY_BLIP
 from factory.sample import Sample
+from factory.sources.classes import IGNORE, class_set
 from factory.stages import StageContext, resolve_stage
-from factory.stages.caption import TINY_BLIP, CaptionStage
+from factory.stages.caption import CaptionStage
 from factory.stages.prompt import PromptStage, read_captions
 
 pytestmark = pytest.mark.timeout(300)

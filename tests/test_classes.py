@@ -6,7 +6,14 @@ import pytest
 from conftest import SHARED_DATA
 
 from factory.sources.classes import (
-    IGNORE, ade150_lookup, ade150_palette, class_names_in, class_set, colorize, decode_palette_mask, voc_palette,
+    IGNORE,
+    ade150_lookup,
+    ade150_palette,
+    class_names_in,
+    class_set,
+    colorize,
+    decode_palette_mask,
+    voc_palette,
 )
 
 pytestmark = pytest.mark.timeout(60)

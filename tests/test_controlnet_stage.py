@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.sources.classes import IGNORE, ade150_palette, class_set
 from factory.sample import Sample
+from factory.sources.classes import IGNORE, ade150_palette, class_set
 from factory.stages import StageContext, resolve_stage
 from factory.stages.controlnet import ControlNetStage
 

@@ -12,10 +12,10 @@ from conftest import SHARED_DATA
 from helpers import decode_image, decode_mask, load_json, read_tar
 from PIL import Image
 
-from factory.sources.classes import IGNORE, ClassSet, ade150_lookup, class_names_in, class_set
 from factory.engine.driver import run_job
-from factory.sources import open_source
 from factory.engine.spec import load_spec, parse_spec
+from factory.sources import open_source
+from factory.sources.classes import IGNORE, ClassSet, ade150_lookup, class_names_in, class_set
 
 pytestmark = pytest.mark.timeout(600)
 

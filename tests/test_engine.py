@@ -10,8 +10,8 @@ from PIL import Image
 from factory.engine.driver import ResumeError, run_job
 from factory.engine.errors import JobIncomplete
 from factory.engine.shard_plan import PlanError
-from factory.schema import SpecError
 from factory.engine.spec import parse_spec
+from factory.schema import SpecError
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -21,15 +21,15 @@ from PIL import Image
 from scipy import stats
 
 from factory.cli import main
-from factory.engine.driver import run_job
-from factory.downstream.eval import (BASELINE, class_iou, confusion, load_eval_spec, paired_difference, parse_eval_spec,
-                          run_eval)
-from factory.downstream.eval_worker import _teacher, baseline_path, train_run
-from factory.sources.scenes import make_scenes
+from factory.downstream.eval import BASELINE, load_eval_spec, paired_difference, run_eval
+from factory.downstream.eval_spec import parse_eval_spec
+from factory.downstream.eval_worker import _teacher, baseline_path, class_iou, confusion, train_run
 from factory.downstream.segmenter import SegmenterConfig, build_segmenter
-from factory.schema import SpecError
+from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
 from factory.output.layout import OutputStore
+from factory.schema import SpecError
+from factory.sources.scenes import make_scenes
 
 pytestmark = pytest.mark.timeout(900)
 

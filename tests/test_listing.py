@@ -10,8 +10,8 @@ import pytest
 from fixtures_data import make_ade20k, make_cityscapes, make_voc
 
 import factory.sources.listing
-from factory.sources.listing import sorted_ids, sorted_unique
 from factory.sources import open_source
+from factory.sources.listing import sorted_ids, sorted_unique
 from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(300)

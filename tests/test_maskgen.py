@@ -12,14 +12,15 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from factory.sources.classes import IGNORE, ClassSet, class_set
+from factory.models.detection import DetectionParams, MaskGenerator, MaskGenModelConfig, build_sam, merge_masks
 from factory.models.loading import model_cache_dir
+from factory.models.tiny_vision import TINY_DETECTOR, TINY_SAM
 from factory.sample import Sample
 from factory.sources import open_source
+from factory.sources.classes import IGNORE, ClassSet, class_set
 from factory.sources.spec import SourceSpec
 from factory.stages import StageContext, resolve_stage
-from factory.stages.maskgen import (TINY_DETECTOR, TINY_SAM, DetectionParams, MaskGenerator, MaskGenModelConfig,
-                                    MaskGenStage, build_sam, merge_masks)
+from factory.stages.maskgen import MaskGenStage
 
 pytestmark = pytest.mark.timeout(300)
 

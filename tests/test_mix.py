@@ -13,12 +13,12 @@ from output_builder import Item, build_output
 from PIL import Image
 from scipy import stats
 
-from factory.downstream.mix import (PSEUDO, REAL, SYNTHETIC, MixDataset, parse_mix_spec, pseudo_label, ray_datasets,
-                         ray_train_batches, slot_kinds)
-from factory.sources.scenes import make_scenes
-from factory.schema import SpecError
-from factory.stages.keep import select_top
+from factory.downstream.mix import PSEUDO, REAL, SYNTHETIC, MixDataset, parse_mix_spec, pseudo_label, slot_kinds
+from factory.downstream.mix_ray import ray_datasets, ray_train_batches
 from factory.output.layout import OutputStore
+from factory.schema import SpecError
+from factory.sources.scenes import make_scenes
+from factory.tools.top_fraction import select_top
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,9 +17,9 @@ import pytest
 import s3fs
 from helpers import folder_spec, load_json, read_tar, write_folder_source
 
-from factory.models import loading as models
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
+from factory.models import loading as models
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -38,7 +38,7 @@ def test_tiny_dir_is_built_once_and_reused(model_cache, monkeypatch):
     def must_not_build(target):
         raise AssertionError("the tiny pipeline was built a second time")
 
-    monkeypatch.setattr(models, "_build_tiny_controlnet", must_not_build)
+    monkeypatch.setattr(models, "build_tiny_controlnet", must_not_build)
     assert Path(models.tiny_controlnet_pipeline_dir()) == first
     assert marker.stat().st_mtime_ns == stamp
     for part in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):

@@ -10,13 +10,13 @@ import pytest
 from output_builder import Item, build_output, scored_items
 
 from factory.cli import main
-from factory.output.samples import (decode_image, decode_mask, iter_failures, iter_samples, iter_shard_samples, only_json)
-from factory.tools.status import job_status
+from factory.output.layout import OutputStore
+from factory.output.samples import decode_image, decode_mask, iter_failures, iter_samples, iter_shard_samples, only_json
 from factory.output.selections import read_selection, selected_keys, selection_names
 from factory.tools.report import _scan, summarize_stats
-from factory.stages.keep import select_top
-from factory.output.layout import OutputStore
+from factory.tools.status import job_status
 from factory.tools.streamstats import Extremes, ScoreSummary
+from factory.tools.top_fraction import select_top
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -2,8 +2,8 @@ import tracemalloc
 
 import pytest
 
-from factory.output.layout import SHARDS_PER_PART, plan_part_name
 from factory.engine.shard_plan import Plan, PlanError, plan_shards, read_shard_ids
+from factory.output.layout import SHARDS_PER_PART, plan_part_name
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from factory import cli
-from factory.tools.pool_sizes import plan, rates_from_bench
 from factory.sources.scenes import make_scenes
+from factory.tools.pool_sizes import plan, rates_from_bench
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from factory.models import random_weights as rm
-from factory.sources.classes import class_set
 from factory.sample import Sample
+from factory.sources.classes import class_set
 from factory.stages import StageContext, resolve_stage
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,9 +77,9 @@ def test_every_model_stage_builds_its_random_models(model_cache):
 
 
 def test_the_gemma3_processor_gives_the_real_input_layout():
-    from factory.stages.dense_caption import _random_vlm
+    from factory.models.random_vision import random_vlm
 
-    vlm, processor = _random_vlm("meta", torch.bfloat16)
+    vlm, processor = random_vlm("meta", torch.bfloat16)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
         add_generation_prompt=True, tokenize=False)
@@ -139,8 +139,8 @@ def test_full_size_blip_and_clip_run_on_cpu(model_cache):
 
 
 def test_seggen_training_models_at_full_size():
-    from factory.models.sdxl import TrainingModels
-    from factory.seggen.train import TrainModel
+    from factory.seggen.models import TrainingModels
+    from factory.seggen.spec import TrainModel
 
     for kind, trainable in (("text2mask", 2567.5), ("mask2img", 1251.0)):
         models = TrainingModels(kind, TrainModel(profile="random"), "bf16", torch.device("meta"), None)

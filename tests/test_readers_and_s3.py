@@ -9,10 +9,10 @@ import webdataset as wds
 from helpers import decode_mask, folder_spec, write_folder_source
 from PIL import Image
 
-from factory.cli import job_status
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
 from factory.output.layout import OutputStore
+from factory.tools.status import job_status
 
 pytestmark = pytest.mark.timeout(300)
 

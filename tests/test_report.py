@@ -15,12 +15,12 @@ from helpers import folder_spec
 from PIL import Image
 
 from factory.engine.driver import run_job
-from factory.tools.report import main_report, publish_report, stage_table, summarize_stats, write_report
-from factory.sources.scenes import make_scenes
-from factory.output.scores import SCORE_NAMES, density
 from factory.engine.spec import parse_spec
-from factory.stages.keep import select_top
 from factory.output.layout import OutputStore
+from factory.output.scores import SCORE_NAMES, density
+from factory.sources.scenes import make_scenes
+from factory.tools.report import main_report, publish_report, stage_table, summarize_stats, write_report
+from factory.tools.top_fraction import select_top
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from factory.sources import open_source
 from factory.sources.classes import ade150_palette, class_set
 from factory.sources.scenes import IMAGE_SUFFIX, MASK_SUFFIX, make_scenes, render_scene
-from factory.sources import open_source
 from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from helpers import decode_image, decode_mask, read_tar
 
-from factory.sources.classes import class_set
 from factory.engine.driver import run_job
-from factory.sample import BadSample
-from factory.sources.scenes import render_scene
-from factory.sources import open_source
-from factory.sources.spec import SourceSpec
-from factory.schema import SpecError
 from factory.engine.spec import parse_spec
+from factory.sample import BadSample
+from factory.schema import SpecError
+from factory.sources import open_source
+from factory.sources.classes import class_set
+from factory.sources.scenes import render_scene
+from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(300)
 

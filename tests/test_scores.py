@@ -5,8 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from factory.output.scores import (SCORE_NAMES, boundary, boundary_f, density, entropy_bits, fidelity, flatten_scores,
-                            miou)
+from factory.output.scores import (
+    SCORE_NAMES,
+    boundary,
+    boundary_f,
+    density,
+    entropy_bits,
+    fidelity,
+    flatten_scores,
+    miou,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

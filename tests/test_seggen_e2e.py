@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from factory.sources.classes import IGNORE, class_set
-from factory.engine.driver import run_job
-from factory.sources.scenes import make_scenes
-from factory.engine.spec import parse_spec
 from helpers import decode_image, decode_mask, read_tar
+
+from factory.engine.driver import run_job
+from factory.engine.spec import parse_spec
+from factory.sources.classes import IGNORE, class_set
+from factory.sources.scenes import make_scenes
 
 pytestmark = pytest.mark.timeout(600)
 

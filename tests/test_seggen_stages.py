@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from factory.engine.writer import encode_files
+from factory.sample import Sample
 from factory.sources.classes import IGNORE, class_set
 from factory.sources.palettes import EDGE_COLOR, Palette
-from factory.sample import Sample
 from factory.stages import StageContext, resolve_stage
 from factory.stages.mask2img import Mask2ImgStage
 from factory.stages.text2mask import Text2MaskStage
-from factory.engine.writer import encode_files
 
 pytestmark = pytest.mark.timeout(400)
 

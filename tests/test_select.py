@@ -8,12 +8,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from factory.sources.classes import IGNORE, class_set
+from factory.models.detection import PseudoLabel
 from factory.models.loading import model_cache_dir
+from factory.models.tiny_vision import TINY_EMBEDDERS
 from factory.sample import Sample
+from factory.sources.classes import IGNORE, class_set
 from factory.stages import StageContext, resolve_stage
-from factory.stages.maskgen import PseudoLabel
-from factory.stages.image_selection import TINY_EMBEDDERS, Embedder, SelectModelConfig, SelectStage, mean_iou
+from factory.stages.image_selection import Embedder, SelectModelConfig, SelectStage, mean_iou
 
 pytestmark = pytest.mark.timeout(300)
 

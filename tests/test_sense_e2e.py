@@ -16,12 +16,12 @@ import yaml
 from helpers import decode_image, decode_mask, load_json, read_tar
 
 from factory.engine.driver import run_job
-from factory.output.selections import selected_keys
-from factory.tools.report import write_report
-from factory.sources.scenes import make_scenes
 from factory.engine.spec import parse_spec
-from factory.stages.keep import main_select, select_top
 from factory.output.layout import OutputStore
+from factory.output.selections import selected_keys
+from factory.sources.scenes import make_scenes
+from factory.tools.report import write_report
+from factory.tools.top_fraction import main_select, select_top
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from factory.sources.classes import ade150_palette, class_set
+from factory.models.tiny_diffusion import tiny_t2i_dir
 from factory.sample import Sample
+from factory.sources.classes import ade150_palette, class_set
 from factory.stages import Stage, StageContext, resolve_stage
 from factory.stages.dense_caption import DenseCaptionStage
 from factory.stages.keep import KeepStage
 from factory.stages.score import ScoreStage
 from factory.stages.t2i import TextToImageStage
-from factory.models.t2i import tiny_t2i_dir
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from factory.sample import ShardWork
 from factory.engine.executors.ray_tasks import _in_flight_limit, commit_shards
+from factory.sample import ShardWork
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -30,10 +30,10 @@ from fixtures_data import (
 )
 from PIL import Image
 
-from factory.sources.classes import class_set
 from factory.sample import BadSample
-from factory.sources.base import SourceRecord
 from factory.sources import open_source
+from factory.sources.base import SourceRecord
+from factory.sources.classes import class_set
 from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(120)

@@ -4,8 +4,8 @@ import json
 import pytest
 import yaml
 
-from factory.schema import SpecError
 from factory.engine.spec import load_spec, parse_spec, redacted_spec
+from factory.schema import SpecError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,7 +114,7 @@ def test_every_shipped_job_spec_validates():
     from pathlib import Path
 
     from factory.downstream.eval import load_eval_spec
-    from factory.seggen.train import load_train_spec
+    from factory.seggen.spec import load_train_spec
 
     # Each kind of spec has its own schema: `factory train` specs are train_*.yaml, `factory eval` specs
     # have arms; every other file is a job spec (eval_toy_true_scenes.yaml makes an eval input).

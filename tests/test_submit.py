@@ -21,8 +21,8 @@ import pytest
 import yaml
 from helpers import folder_spec, write_folder_source
 
-from factory.cli import submission_id
 from factory.engine.spec import parse_spec
+from factory.engine.submit import submission_id
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,18 +9,18 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from factory.models.tiny_diffusion import tiny_sdxl_dir
+from factory.sample import Sample
+from factory.schema import SpecError
+from factory.seggen.data import LoaderBatches, PairStream
+from factory.seggen.spec import TrainResumeError, load_train_spec, parse_train_spec
+from factory.seggen.train import main_train, train, train_mask2img, train_text2mask
 from factory.sources.classes import class_set
 from factory.sources.palettes import Palette
-from factory.sample import Sample
 from factory.sources.scenes import make_scenes
-from factory.models.sdxl import tiny_sdxl_dir
-from factory.schema import SpecError
 from factory.stages import StageContext
 from factory.stages.mask2img import Mask2ImgStage
 from factory.stages.text2mask import Text2MaskStage
-from factory.seggen.train import (TrainResumeError, load_train_spec, main_train, parse_train_spec, train, train_mask2img,
-                           train_text2mask)
-from factory.seggen.data import LoaderBatches, PairStream
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import read_tar
 
-from factory.sample import Sample, ShardWork
-from factory.output.layout import OutputStore
 from factory.engine.writer import WriteSettings, write_shard
+from factory.output.layout import OutputStore
+from factory.sample import Sample, ShardWork
 
 pytestmark = pytest.mark.timeout(60)
 

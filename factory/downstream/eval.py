@@ -16,114 +16,19 @@ Output (local path or fsspec URL):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import math
-from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.downstream.mix import MixSpec, Strategy, SyntheticInput
-from factory.schema import validated
-from factory.downstream.segmenter import SegmenterConfig
+from factory.downstream.eval_spec import BASELINE, EvalSpec, load_eval_spec, same_data, with_absolute_paths
+from factory.ray_train import fit_on_ray
+from factory.schema import SpecError
 from factory.sources.spec import SourceSpec
-from factory.schema import SpecError, read_yaml
-from factory.seggen.train import TrainOutput, fit_on_ray
 
 log = logging.getLogger("factory")
-
-BASELINE = "real-only"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EvalArm(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="arm name: letters, digits, - and _")
-    synthetic: list[SyntheticInput] = Field(min_length=1, description="factory outputs this arm mixes in")
-    strategy: Strategy
-    teacher_threshold: float = Field(0.9, ge=0, le=1, description="sense: confidence a pseudo-label pixel needs")
-
-
-class EvalTrain(_Strict):
-    steps: int = Field(2000, gt=0, description="optimizer steps per run")
-    batch_size: int = Field(16, gt=0, description="samples per step per worker")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate, decayed by the poly rule (power 0.9)")
-    weight_decay: float = Field(1e-4, ge=0)
-    resize: int | None = Field(None, gt=0, description="short side resized to this (train and held-out)")
-    crop: int | None = Field(None, gt=0, description="random square training crop")
-    flip: bool = True
-    photometric: bool = Field(False, description="random channel order, per-channel contrast and brightness")
-    shuffle_buffer: int = Field(256, gt=0)
-    mixed_precision: Literal["no", "bf16"] = Field("bf16", description="autocast on GPU (a CPU trains in fp32)")
-    loader_workers: int = Field(2, ge=0, description="DataLoader processes per worker")
-
-
-class EvalSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-    seeds: int = Field(3, ge=2, description="runs per arm (at least 2, for an interval)")
-    real: SourceSpec = Field(description="the real training data every arm uses")
-    heldout: SourceSpec = Field(description="the held-out real split mIoU is measured on; no arm trains on it")
-    arms: list[EvalArm] = Field(min_length=1, description="mixes compared with real-only")
-    segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
-    train: EvalTrain = Field(default_factory=EvalTrain)
-    eval_batch_size: int = Field(16, gt=0)
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (one GPU each with use_gpu)")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    output: TrainOutput = Field(description="where results go: path or fsspec URL")
-
-    @model_validator(mode="after")
-    def _checks(self):
-        names = [a.name for a in self.arms]
-        if BASELINE in names or len(set(names)) != len(names):
-            raise ValueError(f"arms: names must be unique and not {BASELINE!r} (the baseline every spec has)")
-        if _same_data(self.real, self.heldout):
-            raise ValueError("heldout: is the training data itself (same kind, path and split)")
-        if self.segmenter.kind.startswith("deeplabv3") and self.train.batch_size < 2:
-            raise ValueError("train.batch_size: DeepLabV3's image-pooling batch norm needs at least 2 images "
-                             "per worker")
-        return self
-
-    def content_hash(self) -> str:
-        """What decides the results; where they go and how they are computed (workers, GPUs) may change."""
-        data = self.model_dump(mode="json", exclude={"output", "num_workers", "use_gpu", "cpus_per_worker"})
-        data["train"].pop("loader_workers")
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-    def runs(self) -> list[tuple[str, int]]:
-        """(arm, seed) in order: per seed the baseline first (a SENSE arm's teacher)."""
-        return [(arm, seed) for seed in range(self.seeds) for arm in [BASELINE, *(a.name for a in self.arms)]]
-
-    def mix(self, arm: str, seed: int) -> MixSpec:
-        t = self.train
-        common = {"real": self.real, "batch_size": t.batch_size, "seed": seed, "resize": t.resize, "crop": t.crop,
-                  "flip": t.flip, "photometric": t.photometric, "shuffle_buffer": t.shuffle_buffer}
-        if arm == BASELINE:
-            return MixSpec(strategy={"kind": "real"}, **common)
-        chosen = next(a for a in self.arms if a.name == arm)
-        return MixSpec(synthetic=chosen.synthetic, strategy=chosen.strategy, **common)
-
-
-def _same_data(a: SourceSpec, b: SourceSpec) -> bool:
-    def where(s):
-        return s.kind, s.path.rstrip("/"), s.split, s.image_suffix, s.mask_suffix
-
-    return where(a) == where(b)
-
-
-def parse_eval_spec(data: Any, origin: str = "spec") -> EvalSpec:
-    return validated(EvalSpec, data, origin)
-
-
-def load_eval_spec(path: str | Path) -> EvalSpec:
-    return parse_eval_spec(read_yaml(path), origin=str(path))
 
 
 def check_heldout(spec: EvalSpec) -> None:
@@ -132,27 +37,12 @@ def check_heldout(spec: EvalSpec) -> None:
     for i, arm in enumerate(spec.arms):
         for j, inp in enumerate(arm.synthetic):
             source = SourceSpec.model_validate(inp.store().read_manifest()["spec"]["source"])
-            if _same_data(source, spec.heldout):
+            if same_data(source, spec.heldout):
                 raise SpecError(f"arms[{i}].synthetic[{j}].url: {inp.url} was made from the held-out split "
                                 f"({spec.heldout.path}); an arm may not train on it")
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
-    """(C, C) counts, rows = ground truth, columns = prediction; ignore pixels left out."""
-    keep = target != ignore_index
-    index = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def class_iou(conf: torch.Tensor) -> dict[int, float]:
-    """IoU of each class present in the ground truth (the mmseg convention: a class the held-out split
-    lacks is not scored, but predicting it costs the classes whose pixels it took)."""
-    conf = conf.double()
-    tp, gt, pred = conf.diag(), conf.sum(1), conf.sum(0)
-    return {int(c): float(tp[c] / (gt[c] + pred[c] - tp[c])) for c in torch.nonzero(gt > 0).flatten()}
 
 
 def paired_difference(arm: list[float], base: list[float], level: float = 0.95) -> dict:
@@ -193,7 +83,7 @@ def check_eval(spec: EvalSpec) -> EvalSpec:
     real data's classes, its selection present, none made from the held-out split."""
     from factory.downstream.mix import check_inputs
 
-    spec = _with_absolute_paths(spec)
+    spec = with_absolute_paths(spec)
     check_heldout(spec)
     for arm in spec.arms:
         check_inputs(spec.mix(arm.name, 0))
@@ -242,22 +132,6 @@ def _read_json(fs, path: str) -> dict | None:
             return json.load(f)
     except FileNotFoundError:
         return None
-
-
-def _with_absolute_paths(spec: EvalSpec) -> EvalSpec:
-    """Local relative paths made absolute: the workers may run in another directory."""
-    def absolute(path: str | None) -> str | None:
-        return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
-
-    arms = [arm.model_copy(update={"synthetic": [s.model_copy(update={"url": absolute(s.url)})
-                                                 for s in arm.synthetic]}) for arm in spec.arms]
-    return spec.model_copy(update={
-        "real": spec.real.model_copy(update={"path": absolute(spec.real.path)}),
-        "heldout": spec.heldout.model_copy(update={"path": absolute(spec.heldout.path)}),
-        "arms": arms,
-        "segmenter": spec.segmenter.model_copy(update={"backbone_checkpoint": absolute(spec.segmenter.backbone_checkpoint)}),
-        "output": spec.output.model_copy(update={"url": absolute(spec.output.url)}),
-    })
 
 
 def plot(summary: dict) -> bytes:

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from factory.downstream.eval import BASELINE, EvalSpec, class_iou, confusion
+from factory.downstream.eval_spec import BASELINE, EvalSpec
 from factory.downstream.mix import MixDataset, pseudo_label, resize_short_side
-from factory.sample import BadSample
 from factory.downstream.segmenter import Segmenter, build_segmenter
+from factory.sample import BadSample
 from factory.sources import open_source
 
 log = logging.getLogger("factory")
@@ -152,3 +152,18 @@ def score_heldout(spec: EvalSpec, model: Segmenter, rank: int, world: int, devic
     if pending:
         flush()
     return conf
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """(C, C) counts, rows = ground truth, columns = prediction; ignore pixels left out."""
+    keep = target != ignore_index
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def class_iou(conf: torch.Tensor) -> dict[int, float]:
+    """IoU of each class present in the ground truth (the mmseg convention: a class the held-out split
+    lacks is not scored, but predicting it costs the classes whose pixels it took)."""
+    conf = conf.double()
+    tp, gt, pred = conf.diag(), conf.sum(1), conf.sum(0)
+    return {int(c): float(tp[c] / (gt[c] + pred[c] - tp[c])) for c in torch.nonzero(gt > 0).flatten()}

@@ -24,138 +24,35 @@ Python's global, unseeded `random`, so batches would not reproduce and the draw 
 loader process made the batch. Reading uses webdataset's tar expander, key grouping and shuffle stage.
 
 Two loaders over the same law: `MixDataset`, a torch `IterableDataset` (shares split across ranks and
-DataLoader workers), and `ray_datasets` + `ray_train_batches` for Ray Train (Ray Data reads each
-worker's share in tasks, the worker mixes).
+DataLoader workers), and `ray_datasets` + `ray_train_batches` for Ray Train (`factory.downstream.mix_ray`:
+Ray Data reads each worker's share in tasks, the worker mixes).
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Union
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.utils.data
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.downstream.mix_streams import (KIND_NAMES, PSEUDO, REAL, SYNTHETIC, decode, forever, real_ids, real_rows,
-                                 shard_rows, shard_share, shuffled, source_groups, synthetic_epoch,
-                                 synthetic_shards)
-from factory.output.layout import open_output
-from factory.sources.spec import SourceSpec
-from factory.schema import SpecError, format_loc
+from factory.downstream.mix_spec import MixSpec, check_inputs, parse_mix_spec
+from factory.downstream.mix_streams import (
+    KIND_NAMES,
+    PSEUDO,
+    REAL,
+    SYNTHETIC,
+    decode,
+    forever,
+    real_ids,
+    real_rows,
+    shuffled,
+    source_groups,
+    synthetic_epoch,
+    synthetic_shards,
+)
 
-__all__ = ["MixSpec", "MixDataset", "parse_mix_spec", "pseudo_label", "ray_datasets", "ray_train_batches",
-           "REAL", "SYNTHETIC", "PSEUDO", "KIND_NAMES"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SyntheticInput(_Strict):
-    url: str = Field(min_length=1, description="a factory output: path or fsspec URL (s3://bucket/prefix)")
-    endpoint_url: str | None = Field(None, description="S3 endpoint (SeaweedFS, MinIO, ...)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    min: dict[str, float] = Field(default_factory=dict, description="score name -> lowest value used")
-    max: dict[str, float] = Field(default_factory=dict, description="score name -> highest value used")
-    selection: str | None = Field(None, description="use only the samples a `factory select` selection kept")
-
-    @field_validator("min", "max")
-    @classmethod
-    def _known(cls, bounds: dict[str, float]) -> dict[str, float]:
-        from factory.stages.keep import _known_scores
-
-        return _known_scores(bounds)
-
-    def store(self):
-        return open_output(self.url, self.storage_options, self.endpoint_url)
-
-    def passes(self, scores: dict[str, float | None]) -> bool:
-        """Within every bound; a null score fails a bound on it."""
-        return (all(scores[k] is not None and scores[k] >= v for k, v in self.min.items())
-                and all(scores[k] is not None and scores[k] <= v for k, v in self.max.items()))
-
-
-class RealOnly(_Strict):
-    kind: Literal["real"]
-
-
-class SegGen(_Strict):
-    kind: Literal["seggen"]
-    p: float = Field(0.6, ge=0, le=1, description="probability that a slot's real sample is replaced")
-
-
-class SegGenPretrain(_Strict):
-    kind: Literal["seggen_pretrain"]
-    pretrain_batches: int = Field(gt=0, description="batches (per rank) of synthetic data before the real")
-
-
-class DiffusionSynthesis(_Strict):
-    kind: Literal["diffusion_synthesis"]
-    alpha: float = Field(0.5, ge=0, le=1, description="probability that a slot holds a synthetic image")
-
-
-class Sense(_Strict):
-    kind: Literal["sense"]
-
-
-Strategy = Annotated[Union[RealOnly, SegGen, SegGenPretrain, DiffusionSynthesis, Sense], Field(discriminator="kind")]
-
-
-class MixSpec(_Strict):
-    real: SourceSpec
-    synthetic: list[SyntheticInput] = Field(default_factory=list)
-    strategy: Strategy = Field(default_factory=lambda: SegGen(kind="seggen"))
-    batch_size: int = Field(8, gt=0, description="samples per batch (per rank)")
-    seed: int = 0
-    resize: int | None = Field(None, gt=0, description="resize the short side to this first")
-    crop: int | None = Field(None, gt=0, description="random square crop (padded with ignore if smaller)")
-    flip: bool = Field(False, description="random horizontal flips")
-    photometric: bool = Field(False, description="random colour: channel order, per-channel contrast, brightness")
-    shuffle_buffer: int = Field(256, gt=0, description="synthetic samples (or sources) shuffled together")
-
-    @model_validator(mode="after")
-    def _strategy_fits(self):
-        kind = self.strategy.kind
-        if kind != "real" and not self.synthetic:
-            raise ValueError(f"strategy {kind} mixes in synthetic data: give at least one `synthetic` output")
-        if kind == "real" and self.synthetic:
-            raise ValueError("strategy real reads no synthetic data: remove `synthetic` or pick a mixing strategy")
-        if kind == "sense" and self.batch_size % 2:
-            raise ValueError(f"strategy sense splits each batch in half real, half synthetic: batch_size "
-                             f"{self.batch_size} must be even")
-        return self
-
-
-def validated(model: type[BaseModel], data: Any, origin: str):
-    """`model` validated from plain data; the first error as a SpecError naming the field."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise SpecError(f"{origin}: {format_loc(err['loc']) or 'spec'}: {err['msg']}") from None
-
-
-def parse_mix_spec(data: Any, origin: str = "mix") -> MixSpec:
-    return validated(MixSpec, data, origin)
-
-
-def check_inputs(spec: MixSpec) -> None:
-    """Every synthetic output exists and labels with the real dataset's classes; its selection exists."""
-    from factory.output.selections import read_selection
-    from factory.sources import open_source
-
-    classes = open_source(spec.real).classes
-    for i, inp in enumerate(spec.synthetic):
-        store = inp.store()
-        manifest = store.read_manifest()
-        if manifest["classes"] != list(classes.names):
-            raise SpecError(f"synthetic[{i}].url: {inp.url} labels with {len(manifest['classes'])} classes "
-                            f"({manifest['classes'][:3]}...), not the real dataset's {len(classes)} ({classes.name})")
-        if inp.selection:
-            read_selection(store, inp.selection)
+__all__ = ["MixSpec", "MixDataset", "parse_mix_spec", "pseudo_label", "REAL", "SYNTHETIC", "PSEUDO", "KIND_NAMES"]
 
 
 # ---------------------------------------------------------------- the laws
@@ -294,68 +191,6 @@ class MixDataset(torch.utils.data.IterableDataset):
 
 
 # ---------------------------------------------------------------- Ray Data + Ray Train
-
-
-def ray_datasets(spec: MixSpec, world: int, num_cpus: float = 0.5) -> dict:
-    """Per Ray Train worker r: `real_r` and `synthetic_r` datasets of its share, read in Ray tasks.
-
-    Give them to a TorchTrainer with `dataset_config=ray.train.DataConfig(datasets_to_split=[])`: each
-    worker iterates only its own, epoch after epoch at its own pace (no cross-worker epoch barrier,
-    which would deadlock DDP when the two streams' epochs end at different steps).
-    """
-    import ray.data
-
-    check_inputs(spec)
-    ids, shards = real_ids(spec), synthetic_shards(spec) if spec.synthetic else []
-    if len(ids) < world:
-        raise ValueError(f"mix: the real dataset has {len(ids)} samples, fewer than the {world} workers")
-    payload = spec.model_dump(mode="json")
-    out = {}
-    for r in range(world):
-        mine = ids[r::world]
-        out[f"real_{r}"] = ray.data.from_items([{"id": i} for i in mine]).flat_map(
-            _load_real_row, fn_kwargs={"spec": payload}, num_cpus=num_cpus)
-        if shards:
-            share, by_group = shard_share(shards, r, world)
-            out[f"synthetic_{r}"] = ray.data.from_items(
-                [{"input": i, "shard": s} for i, s in share]).flat_map(
-                _read_shard_rows, fn_kwargs={"spec": payload, "slot": r, "slots": world, "by_group": by_group},
-                num_cpus=num_cpus)
-    return out
-
-
-def _load_real_row(item: dict, spec: dict) -> list[dict]:
-    from factory.downstream.mix_streams import load_real
-
-    return load_real(_source(json.dumps(spec["real"], sort_keys=True)), item["id"])
-
-
-@functools.lru_cache(maxsize=4)
-def _source(real: str):
-    """One reader per Ray worker process: some build an index when opened (COCO's annotation file)."""
-    from factory.sources import open_source
-
-    return open_source(SourceSpec.model_validate_json(real))
-
-
-def _read_shard_rows(item: dict, spec: dict, slot: int, slots: int, by_group: bool) -> list[dict]:
-    return list(shard_rows(MixSpec.model_validate(spec), (item["input"], item["shard"]), slot, slots, by_group))
-
-
-def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
-    """Inside a Ray Train worker: this worker's batches start, start + 1, ..., from its `ray_datasets`."""
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    real_shard = ray.train.get_dataset_shard(f"real_{rank}")
-    real = forever(lambda e: shuffled(real_shard.iter_rows(), spec.shuffle_buffer, [spec.seed, rank, e]),
-                   "this worker's real dataset")
-    synthetic = None
-    if spec.synthetic:
-        synthetic_shard = ray.train.get_dataset_shard(f"synthetic_{rank}")
-        synthetic = synthetic_draws(spec, lambda _: synthetic_shard.iter_rows(), [spec.seed, rank])
-    ignore_index, mask_dtype = _class_info(spec)
-    yield from mixed_batches(spec, rank, iter(range(start, 2**62)), real, synthetic, ignore_index, mask_dtype)
 
 
 # ---------------------------------------------------------------- SENSE's teacher

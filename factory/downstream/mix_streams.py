@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import logging
 from itertools import count
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from webdataset.filters import shuffle
 
-from factory.output.samples import (decode_image_bytes, decode_mask_bytes, image_bytes, iter_shard_samples, sample_meta)
+from factory.downstream.mix_spec import MixSpec
+from factory.output.samples import decode_image_bytes, decode_mask_bytes, image_bytes, iter_shard_samples, sample_meta
+from factory.output.scores import flatten_scores
 from factory.output.selections import selected_keys
 from factory.sample import BadSample
-from factory.output.scores import flatten_scores
 from factory.sources import open_source
-
-if TYPE_CHECKING:
-    from factory.downstream.mix import MixSpec
 
 log = logging.getLogger("factory")
 

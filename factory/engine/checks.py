@@ -16,10 +16,10 @@ import time
 import numpy as np
 import ray
 
-from factory.sources.base import Source
 from factory.engine.spec import JobSpec
-from factory.schema import SpecError
 from factory.output.layout import OutputStore
+from factory.schema import SpecError
+from factory.sources.base import Source
 
 log = logging.getLogger("factory")
 

@@ -22,21 +22,19 @@ import ray
 
 from factory import __version__
 from factory.engine.checks import check_resources, check_shard_size, check_shared_output
-from factory.sources.classes import ClassSet
 from factory.engine.errors import JobIncomplete
-from factory.output.layout import LEASE_FILE
-from factory.engine.lease import Lease
 from factory.engine.executors.ray_data import shard_results
-from factory.output.layout import PLAN_DIR
-from factory.engine.shard_plan import Plan, plan_shards
+from factory.engine.lease import Lease
 from factory.engine.progress import Progress, StageCounter
 from factory.engine.reaper import watch_local_ray
-from factory.sources.base import Source
-from factory.sources import open_source
+from factory.engine.shard_plan import Plan, plan_shards
 from factory.engine.spec import JobSpec, redacted_spec
+from factory.output.layout import LEASE_FILE, PLAN_DIR, OutputStore
 from factory.schema import SpecError
+from factory.sources import open_source
+from factory.sources.base import Source
+from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
-from factory.output.layout import OutputStore
 
 log = logging.getLogger("factory")
 

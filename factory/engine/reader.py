@@ -11,11 +11,11 @@ import time
 from functools import lru_cache
 
 from factory.engine.errors import describe, one_line, retry
-from factory.output.layout import plan_part_name
 from factory.engine.shard_plan import read_shard_ids
+from factory.output.layout import plan_part_name
 from factory.sample import BadSample, Sample, ShardWork
-from factory.sources.base import Source
 from factory.sources import open_source
+from factory.sources.base import Source
 from factory.sources.spec import SourceSpec
 
 log = logging.getLogger("factory")

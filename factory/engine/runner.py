@@ -18,10 +18,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from factory.sources.classes import ClassSet
 from factory.engine.errors import ShardFailed, describe, is_cuda_oom, one_line
-from factory.sample import BadSample, Sample, ShardWork
 from factory.engine.spec import StageSpec
+from factory.sample import BadSample, Sample, ShardWork
+from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
 
 log = logging.getLogger("factory")

@@ -19,6 +19,7 @@ from factory.schema import SpecError, StrictModel, absolute_path, first_error, r
 from factory.sources.spec import SourceSpec
 from factory.storage import Location
 
+
 class ResourcesSpec(StrictModel):
     """What one worker of a stage needs; the engine maps it to Ray Data's map_batches."""
 

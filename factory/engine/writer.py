@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from factory.engine.errors import describe, retry
-from factory.sample import Sample, ShardWork
 from factory.output.layout import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
+from factory.sample import Sample, ShardWork
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0

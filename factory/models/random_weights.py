@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from factory.models.loading import tiny_gemma_tokenizer, tiny_t5_tokenizer, write_tiny_clip_tokenizer
+from factory.models.tokenizers import tiny_gemma_tokenizer, tiny_t5_tokenizer, write_tiny_clip_tokenizer
 
 Profile = Literal["pretrained", "tiny", "random"]
 PROFILE_HELP = ("pretrained: the named weights; tiny: small random-weight models (tests); random: the real "

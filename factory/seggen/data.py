@@ -16,13 +16,13 @@ import torch
 import torch.utils.data
 from PIL import Image
 
-from factory.sources.palettes import Palette
 from factory.sample import BadSample
-from factory.stages.diffusion import prompt_for
 from factory.sources import open_source
+from factory.sources.palettes import Palette
+from factory.stages.diffusion import prompt_for
 
 if TYPE_CHECKING:
-    from factory.seggen.train import TrainSpec
+    from factory.seggen.spec import TrainSpec
 
 
 class PairStream:

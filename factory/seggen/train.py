@@ -32,7 +32,8 @@ import torch
 import torch.utils.data
 
 from factory.models.random_weights import SDXL, random_id
-from factory.models.sdxl import MODEL_INFO, SUBFOLDER, TINY_SDXL, write_model_info
+from factory.models.seggen_folder import MODEL_INFO, SUBFOLDER, write_model_info
+from factory.models.tiny_diffusion import TINY_SDXL
 from factory.ray_train import fit_on_ray
 from factory.seggen.checkpoints import CHECKPOINTS, COMPLETE, FINAL, RECORD, TrainingStore, step_dir
 from factory.seggen.data import LoaderBatches, PairStream

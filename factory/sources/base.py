@@ -24,10 +24,10 @@ import fsspec
 import numpy as np
 from PIL import Image
 
-from factory.sources.classes import ClassSet, class_set
-from factory.sources.listing import sorted_ids
 from factory.sample import BadSample
+from factory.sources.classes import ClassSet, class_set
 from factory.sources.images import decode, fit_size, to_rgb8
+from factory.sources.listing import sorted_ids
 from factory.sources.spec import SourceSpec
 
 log = logging.getLogger(__name__)

@@ -10,11 +10,11 @@ from typing import Iterator
 
 import numpy as np
 
-from factory.sources.classes import ClassSet, class_set
-from factory.sources.listing import sorted_unique
 from factory.sample import BadSample
-from factory.sources.images import decode, uint16_instances
 from factory.sources.base import FileSource, SourceRecord, fixed_classes, id_array
+from factory.sources.classes import ClassSet, class_set
+from factory.sources.images import decode, uint16_instances
+from factory.sources.listing import sorted_unique
 from factory.sources.spec import SourceSpec
 
 log = logging.getLogger(__name__)

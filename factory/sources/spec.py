@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from factory.schema import StrictModel
 
+
 class SourceSpec(StrictModel):
     kind: Literal["folder", "ade20k", "coco_panoptic", "voc", "cityscapes", "scenes"]
     path: str | None = Field(

@@ -18,8 +18,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from factory.sources.classes import ClassSet
 from factory.sample import Sample
+from factory.sources.classes import ClassSet
 
 _REGISTRY: dict[str, type["Stage"]] = {}
 

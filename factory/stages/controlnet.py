@@ -13,12 +13,14 @@ from typing import Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.sources.classes import ade150_lookup, ade150_palette, colorize
-from factory.stages.diffusion import MaskConditionedStage, SpeedOptions, resize_to
-from factory.models.loading import TINY_CONTROLNET, load_controlnet_pipeline
+from factory.models.controlnet import load_controlnet_pipeline
+from factory.models.pipelines import SpeedOptions
 from factory.models.random_weights import PROFILE_HELP, SD15, SD_CONTROLNET_SEG, Profile, random_id
+from factory.models.tiny_diffusion import TINY_CONTROLNET
 from factory.sample import Sample
+from factory.sources.classes import ade150_lookup, ade150_palette, colorize
 from factory.stages import register_stage
+from factory.stages.diffusion import MaskConditionedStage, resize_to
 
 
 class ControlNetParams(BaseModel):

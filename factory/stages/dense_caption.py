@@ -11,19 +11,17 @@ tokenizer written at run time, so its captions are random printable text.
 
 from __future__ import annotations
 
-import string
-from pathlib import Path
 from typing import Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models.loading import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models.loading import from_pretrained, resolve_model_path, torch_dtype
+from factory.models.random_vision import random_vlm
 from factory.models.random_weights import PROFILE_HELP, VLM, random_id
+from factory.models.tiny_vision import TINY_VLM, tiny_vlm_dir
 from factory.sample import Sample
 from factory.stages import Stage, register_stage
-
-TINY_VLM = "dense-caption-llava-v1"
 
 DENSE_PROMPT = (
     "Describe this image in one dense paragraph of about 110 words. Name every visible object, its "
@@ -49,82 +47,6 @@ class DenseCaptionModelConfig(BaseModel):
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
 
-def _build_tiny_vlm(target: Path) -> None:
-    import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    tokenizer = _char_tokenizer(["<pad>", "<s>", "</s>", "<unk>", "<image>"], pad_token="<pad>", bos_token="<s>",
-                                eos_token="</s>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    vocab = tokenizer.get_vocab()
-    template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", chat_template=template,
-        image_token="<image>", num_additional_image_tokens=1,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                       num_hidden_layers=2, image_size=32, patch_size=8, projection_dim=32),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=1024,
-                                pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        image_token_index=vocab["<image>"], vision_feature_layer=-1, vision_feature_select_strategy="default",
-    ))
-    model.save_pretrained(str(target))
-    processor.save_pretrained(str(target))
-
-
-def _char_tokenizer(specials: list[str], **named):
-    """A character-level fast tokenizer: a BPE without merges, whose decoder joins characters back."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **named)
-
-
-def _random_vlm(device: str, dtype):
-    """Gemma-3-4B-it at full size with random weights; its processor at the real 896 px with 256 image
-    tokens and a character tokenizer (ids inside the real vocabulary, special ids set in the config)."""
-    from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
-
-    from factory.models import random_weights
-
-    tokenizer = _char_tokenizer(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
-         "<start_of_turn>", "<end_of_turn>"],
-        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
-    )
-    template = (
-        "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-    )
-    config = random_weights.transformers_config(VLM)
-    processor = Gemma3Processor(image_processor=random_weights.image_processor(VLM), tokenizer=tokenizer,
-                                chat_template=template, image_seq_length=config.mm_tokens_per_image)
-    ids = tokenizer.convert_tokens_to_ids
-    config.boi_token_index, config.eoi_token_index = ids("<start_of_image>"), ids("<end_of_image>")
-    config.image_token_index = ids("<image_soft_token>")
-    random_weights.align_special_tokens(config.text_config, tokenizer)
-    return random_weights.transformers_model(Gemma3ForConditionalGeneration, config, device, dtype), processor
-
-
-def tiny_vlm_dir() -> str:
-    return str(fill_once(model_cache_dir() / "tiny" / TINY_VLM, _build_tiny_vlm))
-
-
 @register_stage
 class DenseCaptionStage(Stage):
     name = "dense_caption"
@@ -139,7 +61,7 @@ class DenseCaptionStage(Stage):
         # fp16 overflows in Gemma-3 and Qwen-VL activations; bf16 is what these models are released in.
         dtype = torch_dtype("bf16" if self.model.dtype == "auto" and cuda else self.model.dtype, self.context.device)
         if self.model.profile == "random":
-            self.vlm, self.processor = _random_vlm(self.context.device, dtype)
+            self.vlm, self.processor = random_vlm(self.context.device, dtype)
         else:
             ref = path = tiny_vlm_dir()
             if self.model.profile == "pretrained":

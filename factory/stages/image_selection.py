@@ -15,60 +15,20 @@ else `low_miou`) and counted by reason in the shard stats.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from factory.sources.classes import class_names_in
+from factory.models.detection import DetectionParams, MaskGenerator, MaskGenModelConfig
 from factory.models.loading import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models.random_vision import random_embedder
 from factory.models.random_weights import CLIP_L, DINOV2, random_id
+from factory.models.tiny_vision import TINY_EMBEDDERS, build_tiny_clip_vision, build_tiny_dinov2
 from factory.sample import Sample
+from factory.sources.classes import class_names_in
 from factory.stages import Stage, register_stage
-from factory.stages.maskgen import DetectionParams, MaskGenerator, MaskGenModelConfig
-
-TINY_EMBEDDERS = {"clip": "clip-vision-v1", "dinov2": "dinov2-v1"}
-
-
-def _build_tiny_clip(target: Path) -> None:
-    import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=16,
-    )).save_pretrained(str(target))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(target))
-
-
-def _build_tiny_dinov2(target: Path) -> None:
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                             image_size=32, patch_size=8)).save_pretrained(str(target))
-    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(str(target))
-
-
-def _random_embedder(kind: str, device: str, dtype):
-    """(processor, model) of CLIP ViT-L/14's vision tower or DINOv2-base, at full size with random weights."""
-    from transformers import CLIPVisionModelWithProjection, Dinov2Model
-
-    from factory.models import random_weights
-
-    name = random_weights.CLIP_L if kind == "clip" else random_weights.DINOV2
-    config = random_weights.transformers_config(name)
-    if kind == "clip":
-        config.vision_config.projection_dim = config.projection_dim
-        model = random_weights.transformers_model(CLIPVisionModelWithProjection, config.vision_config, device, dtype)
-    else:
-        model = random_weights.transformers_model(Dinov2Model, config, device, dtype)
-    return random_weights.image_processor(name), model
 
 
 def mean_iou(pred: np.ndarray, target: np.ndarray, ignore: int, skip_ids: frozenset[int] = frozenset()) -> float:
@@ -96,10 +56,10 @@ class Embedder:
 
         model_cls = CLIPVisionModelWithProjection if kind == "clip" else Dinov2Model
         if cfg.profile == "random":
-            self.processor, self.model = _random_embedder(kind, device, torch_dtype(cfg.dtype, device))
+            self.processor, self.model = random_embedder(kind, device, torch_dtype(cfg.dtype, device))
             return
         if cfg.profile == "tiny":
-            build = _build_tiny_clip if kind == "clip" else _build_tiny_dinov2
+            build = build_tiny_clip_vision if kind == "clip" else build_tiny_dinov2
             ref = path = str(fill_once(model_cache_dir() / "tiny" / TINY_EMBEDDERS[kind], build))
         else:
             ref = cfg.clip if kind == "clip" else cfg.dinov2

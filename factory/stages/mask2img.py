@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.stages.diffusion import MaskConditionedStage, resize_to
+from factory.models.sdxl import Scheduler, SDXLModelConfig, load_seggen_pipeline, model_ids, use_scheduler
 from factory.sample import Sample
-from factory.models.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
 from factory.stages import register_stage
+from factory.stages.diffusion import MaskConditionedStage, resize_to
 
 
 class Mask2ImgParams(BaseModel):

@@ -23,8 +23,8 @@ from typing import Literal
 import fsspec
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.sources.classes import class_names_in
 from factory.sample import Sample
+from factory.sources.classes import class_names_in
 from factory.stages import Stage, register_stage
 
 

@@ -21,21 +21,23 @@ CLIP score = max(0, 100 * cosine(image embedding, text embedding)), the usual de
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from factory.models.loading import (fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype,
-                            write_tiny_clip_tokenizer)
+from factory.models.loading import (
+    from_pretrained,
+    resolve_model_path,
+    torch_dtype,
+)
+from factory.models.random_vision import random_clip
 from factory.models.random_weights import CLIP_L, PROFILE_HELP, random_id
-from factory.sample import Sample
+from factory.models.tiny_vision import TINY_CLIP, tiny_clip_dir
 from factory.output.scores import density, fidelity
+from factory.sample import Sample
 from factory.stages import Stage, StageContext, register_stage, resolve_stage
-
-TINY_CLIP = "score-clip-v1"
 
 
 class AutoLabelSpec(BaseModel):
@@ -81,49 +83,6 @@ class ScoreModelConfig(BaseModel):
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
 
-def _build_tiny_clip(target: Path) -> None:
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = write_tiny_clip_tokenizer(target)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-                     "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "pad_token_id": tokenizer.pad_token_id},
-        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=32,
-    ))
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer,
-    )
-    model.save_pretrained(str(target))
-    processor.save_pretrained(str(target))
-
-
-def _random_clip(device: str, dtype):
-    """CLIP ViT-L/14 (both towers) at full size with random weights, and the tiny CLIP tokenizer."""
-    import tempfile
-
-    from transformers import CLIPModel, CLIPProcessor
-
-    from factory.models import random_weights
-
-    with tempfile.TemporaryDirectory() as work:
-        tokenizer = write_tiny_clip_tokenizer(Path(work))
-    config = random_weights.transformers_config(random_weights.CLIP_L)
-    random_weights.align_special_tokens(config.text_config, tokenizer)
-    processor = CLIPProcessor(image_processor=random_weights.image_processor(random_weights.CLIP_L), tokenizer=tokenizer)
-    return random_weights.transformers_model(CLIPModel, config, device, dtype), processor
-
-
-def tiny_clip_dir() -> str:
-    return str(fill_once(model_cache_dir() / "tiny" / TINY_CLIP, _build_tiny_clip))
-
-
 @register_stage
 class ScoreStage(Stage):
     name = "score"
@@ -144,7 +103,7 @@ class ScoreStage(Stage):
 
             dtype = torch_dtype(self.model.dtype, self.context.device)
             if self.model.profile == "random":
-                self.clip, self.processor = _random_clip(self.context.device, dtype)
+                self.clip, self.processor = random_clip(self.context.device, dtype)
                 return
             if self.model.profile == "tiny":
                 ref = path = tiny_clip_dir()

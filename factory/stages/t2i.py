@@ -18,11 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.stages.diffusion import DiffusionStage, SpeedOptions, generation_size, group_by
+from factory.models.pipelines import SpeedOptions
 from factory.models.random_weights import PROFILE_HELP, T2I, Profile, random_id
+from factory.models.t2i import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple
+from factory.models.tiny_diffusion import tiny_id
 from factory.sample import Sample
 from factory.stages import register_stage
-from factory.models.t2i import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple, tiny_id
+from factory.stages.diffusion import DiffusionStage, generation_size, group_by
 
 
 class GeneratorSpec(BaseModel):

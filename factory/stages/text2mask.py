@@ -18,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.stages.diffusion import DiffusionStage
+from factory.models.sdxl import Scheduler, SDXLModelConfig, load_seggen_pipeline, model_ids, use_scheduler
 from factory.sample import Sample
-from factory.models.sdxl import SDXLModelConfig, Scheduler, load_seggen_pipeline, model_ids, use_scheduler
 from factory.stages import register_stage
+from factory.stages.diffusion import DiffusionStage
 
 
 class Text2MaskParams(BaseModel):

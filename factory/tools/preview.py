@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from factory.sources.classes import ade150_palette, colorize
-from factory.output.samples import decode_image, decode_mask, iter_samples
 from factory.output.layout import OutputStore
+from factory.output.samples import decode_image, decode_mask, iter_samples
+from factory.sources.classes import ade150_palette, colorize
 
 CELL = 192
 

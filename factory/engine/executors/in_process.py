@@ -16,11 +16,11 @@ from pathlib import Path
 
 from factory.engine.reader import ShardReader
 from factory.engine.runner import StageRunner
-from factory.sample import Sample, ShardWork
-from factory.sources import open_source
 from factory.engine.spec import JobSpec
-from factory.schema import SpecError
 from factory.engine.writer import encode_files, failure_records
+from factory.sample import Sample, ShardWork
+from factory.schema import SpecError
+from factory.sources import open_source
 
 
 def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4) -> Iterator[Sample]:

@@ -21,15 +21,14 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from factory.sources.classes import ClassSet
-from factory.output.layout import PLAN_DIR
+from factory.engine.executors.ray_tasks import commit_shards
 from factory.engine.reader import ShardReader
 from factory.engine.runner import StageRunner
-from factory.sample import ShardWork
-from factory.engine.executors.ray_tasks import commit_shards
 from factory.engine.spec import JobSpec
-from factory.output.layout import OutputStore
 from factory.engine.writer import ShardWriter, WriteSettings
+from factory.output.layout import PLAN_DIR, OutputStore
+from factory.sample import ShardWork
+from factory.sources.classes import ClassSet
 
 
 def _row(work: ShardWork) -> pa.Table:
