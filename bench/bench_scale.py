@@ -305,7 +305,7 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
         spec = _spec(_scenes(committed + new, 32), "s3://test/resume", [], shard_size=1)
         spec.output.endpoint_url = seaweed.endpoint(ports)
         spec.output.storage_options = {"key": seaweed.KEY, "secret": seaweed.SECRET}
-        store = OutputStore.for_output(spec.output)
+        store = OutputStore.at(spec.output)
         _plan(spec, store, open_source(spec.source))
         fs = s3fs.S3FileSystem(**options)
         stats = {"samples": 1, "failed": 0, "rejected": 0}

@@ -306,7 +306,7 @@ def measure_recipe(name: str, stages: list[dict], count: int, size: int, shard_s
         started = time.perf_counter()
         index = run_job(spec, overwrite=True)
         seconds = time.perf_counter() - started
-    stats = sorted((s for _, s in OutputStore.for_output(spec.output).iter_stats()), key=lambda s: s["finished"])
+    stats = sorted((s for _, s in OutputStore.at(spec.output).iter_stats()), key=lambda s: s["finished"])
     rows = sum(s["samples"] + s["rejected"] for s in stats)
     span = stats[-1]["finished"] - stats[0]["finished"]
     later = stats[1:]

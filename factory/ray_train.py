@@ -12,7 +12,7 @@ def fit_on_ray(loop, config: dict, spec, name: str, address: str | None) -> None
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from factory.engine.driver import init_ray
+    from factory.engine.ray_session import init_ray
 
     init_ray(address)
     with tempfile.TemporaryDirectory() as ray_storage:

@@ -1,10 +1,10 @@
-"""The units that flow through the pipeline: a `Sample` (one source sample, or a variant derived from it)
-and a `ShardWork` (every sample of one shard: the pipeline's row, from read to commit)."""
+"""The unit every part of the factory shares: a `Sample` (one source sample, or a variant derived from it),
+and `BadSample`, the one exception that means "this sample's data is bad". A shard of samples in flight
+is `factory.engine.records.ShardWork`."""
 
 from __future__ import annotations
 
 import hashlib
-import pickle
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -86,27 +86,3 @@ class Sample:
         return [replace(self, meta=dict(self.meta), variant=f"{prefix}{j:0{width}d}") for j in range(k)]
 
 
-@dataclass
-class ShardWork:
-    """One shard in flight: the pipeline's row from the read step, through every stage, to the writer.
-
-    `samples` stay in shard order (source position, then variant path). `stages` collects what each
-    stage did with the shard (seconds, batches, retries, out-of-memory splits) for the stats. `failure`
-    is set when a step failed for a reason that is not the data (after its retries): later steps pass
-    the row on untouched, and the writer leaves the shard uncommitted for the next run.
-    """
-
-    shard: int
-    samples: list[Sample]
-    started: float
-    stages: dict[str, dict] = field(default_factory=dict)
-    failure: dict | None = None  # {"shard", "stage", "cause", "detail"}
-
-    def to_bytes(self) -> bytes:
-        # One pickle per shard: arrays shared between variants (the source image, a mask kept by every
-        # variant) are stored once, which keeps a row's size near its distinct pixels.
-        return pickle.dumps(self, protocol=5)
-
-    @staticmethod
-    def from_bytes(data: bytes) -> "ShardWork":
-        return pickle.loads(data)

@@ -13,7 +13,7 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import fsspec
 from pydantic import Field
@@ -42,9 +42,6 @@ class Location(StrictModel):
     def options(self) -> dict[str, Any]:
         return fsspec_options(self.storage_options, self.endpoint_url)
 
-    def folder(self) -> "Folder":
-        return Folder(self.url, self.options())
-
 
 class Folder:
     """A root on a filesystem: paths under it, JSON files, atomic writes, folder copies."""
@@ -54,6 +51,11 @@ class Folder:
         self.options = options or {}
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
         self.root = root.rstrip("/")
+
+    @classmethod
+    def at(cls, location: Location) -> Self:
+        """The folder a spec's `Location` section names."""
+        return cls(location.url, location.options())
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -90,6 +92,12 @@ class Folder:
     def put_bytes(self, body: bytes, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
             f.write(body)
+
+    def write_bytes(self, body: bytes, *parts: str) -> None:
+        """A plain write, for files a rerun rewrites whole and whose readers wait for the run to end."""
+        path = self.path(*parts)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, body)
 
     @contextmanager
     def open_atomic(self, *parts: str, mode: str = "wb"):

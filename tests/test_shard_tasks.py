@@ -6,7 +6,7 @@ import os
 import pytest
 
 from factory.engine.executors.ray_tasks import _in_flight_limit, commit_shards
-from factory.sample import ShardWork
+from factory.engine.records import ShardWork
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -8,7 +8,8 @@ from helpers import read_tar
 
 from factory.engine.writer import WriteSettings, write_shard
 from factory.output.layout import OutputStore
-from factory.sample import Sample, ShardWork
+from factory.sample import Sample
+from factory.engine.records import ShardWork
 
 pytestmark = pytest.mark.timeout(60)
 

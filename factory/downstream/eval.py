@@ -8,6 +8,7 @@ Train (a TorchTrainer; data-parallel over `num_workers`, GPUs with `use_gpu`), o
 one fit; rank 0 writes each run's result to the output as it finishes, and a rerun skips finished runs.
 
 Output (local path or fsspec URL):
+    eval-spec.json                the spec and its hash: a rerun with another spec is refused
     eval.json                     spec hash, per arm: mIoU per seed, mean, std, difference to real-only
     eval.png                      mean +- std per arm, and the paired differences with their intervals
     runs/ARM-seedS.json           one run: mIoU, per-class IoU, steps, seconds
@@ -27,8 +28,11 @@ from factory.downstream.eval_spec import BASELINE, EvalSpec, load_eval_spec, sam
 from factory.ray_train import fit_on_ray
 from factory.schema import SpecError
 from factory.sources.spec import SourceSpec
+from factory.storage import Folder
 
 log = logging.getLogger("factory")
+
+SPEC_RECORD = "eval-spec.json"
 
 
 def check_heldout(spec: EvalSpec) -> None:
@@ -95,18 +99,17 @@ def run_eval(spec: EvalSpec, address: str | None = None) -> dict:
     from factory.downstream.eval_worker import run_path
 
     spec = check_eval(spec)
-    fs, root = spec.output.filesystem()
-    fs.makedirs(root, exist_ok=True)
-    record = _read_json(fs, f"{root}/eval-spec.json")
+    out = Folder.at(spec.output)
+    out.ensure_root()
+    record = out.read_json(SPEC_RECORD)
     if record is not None and record["spec_hash"] != spec.content_hash():
         raise SpecError(f"{spec.output.url} holds results of another eval spec (hash {record['spec_hash']}, this "
                         f"one {spec.content_hash()}); give another output.url")
-    fs.pipe_file(f"{root}/eval-spec.json", json.dumps(
-        {"spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}, indent=1).encode())
+    out.write_bytes(json.dumps({"spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")},
+                               indent=1).encode(), SPEC_RECORD)
 
     def done() -> dict[tuple[str, int], dict]:
-        fs.invalidate_cache()
-        found = {run: _read_json(fs, "/".join([root, *run_path(*run)])) for run in spec.runs()}
+        found = {run: out.read_json(*run_path(*run)) for run in spec.runs()}
         return {run: r for run, r in found.items() if r is not None}
 
     pending = [run for run in spec.runs() if run not in done()]
@@ -115,8 +118,8 @@ def run_eval(spec: EvalSpec, address: str | None = None) -> dict:
         fit_on_ray(_eval_worker_entry, {"spec": spec.model_dump(mode="json"), "pending": pending}, spec,
                    f"eval-{spec.name}", address)
     summary = summarize(spec, done())
-    fs.pipe_file(f"{root}/eval.json", json.dumps(summary, indent=1).encode())
-    fs.pipe_file(f"{root}/eval.png", plot(summary))
+    out.write_bytes(json.dumps(summary, indent=1).encode(), "eval.json")
+    out.write_bytes(plot(summary), "eval.png")
     return summary
 
 
@@ -124,14 +127,6 @@ def _eval_worker_entry(config: dict) -> None:
     from factory.downstream.eval_worker import eval_worker
 
     eval_worker(config)
-
-
-def _read_json(fs, path: str) -> dict | None:
-    try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def plot(summary: dict) -> bytes:

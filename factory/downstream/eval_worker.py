@@ -22,6 +22,7 @@ from factory.downstream.mix import MixDataset, pseudo_label, resize_short_side
 from factory.downstream.segmenter import Segmenter, build_segmenter
 from factory.sample import BadSample
 from factory.sources import open_source
+from factory.storage import Folder
 
 log = logging.getLogger("factory")
 
@@ -42,13 +43,13 @@ def eval_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    fs, root = spec.output.filesystem()
+    out = Folder.at(spec.output)
     classes = open_source(spec.real).classes
     for arm, seed in config["pending"]:
         started = time.time()
         torch.manual_seed(seed)
         model = build_segmenter(spec.segmenter, len(classes))
-        teacher = _teacher(spec, arm, seed, len(classes), fs, root, device)
+        teacher = _teacher(spec, arm, seed, len(classes), out, device)
         trained = ray.train.torch.prepare_model(model)
         loss = train_run(spec, arm, seed, trained, teacher, rank, world, device, classes.ignore_index)
         conf = score_heldout(spec, model, rank, world, device, len(classes), classes.ignore_index)
@@ -63,26 +64,21 @@ def eval_worker(config: dict) -> None:
             if arm == BASELINE:
                 buf = io.BytesIO()
                 torch.save(model.state_dict(), buf)
-                _put(fs, root, baseline_path(seed), buf.getvalue())
-            _put(fs, root, run_path(arm, seed), json.dumps(result, indent=1).encode())
+                out.write_bytes(buf.getvalue(), *baseline_path(seed))
+            out.write_bytes(json.dumps(result, indent=1).encode(), *run_path(arm, seed))
             log.info("eval %s: %s seed %d: mIoU %.4f (%.0f s)", spec.name, arm, seed, result["miou"], result["seconds"])
         if world > 1:
             torch.distributed.barrier()
         ray.train.report({"arm": arm, "seed": seed, "miou": result["miou"]})
 
 
-def _put(fs, root: str, parts: tuple[str, str], body: bytes) -> None:
-    fs.makedirs(f"{root}/{parts[0]}", exist_ok=True)
-    fs.pipe_file(f"{root}/{parts[0]}/{parts[1]}", body)
-
-
-def _teacher(spec: EvalSpec, arm: str, seed: int, num_classes: int, fs, root: str, device) -> Segmenter | None:
+def _teacher(spec: EvalSpec, arm: str, seed: int, num_classes: int, out: Folder, device) -> Segmenter | None:
     """A SENSE arm's teacher: this seed's real-only model, frozen."""
     chosen = next((a for a in spec.arms if a.name == arm), None)
     if chosen is None or chosen.strategy.kind != "sense":
         return None
     teacher = build_segmenter(spec.segmenter.model_copy(update={"backbone_checkpoint": None}), num_classes)
-    with fs.open("/".join([root, *baseline_path(seed)]), "rb") as f:
+    with out.fs.open(out.path(*baseline_path(seed)), "rb") as f:
         teacher.load_state_dict(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
     return teacher.to(device).eval().requires_grad_(False)
 

@@ -16,16 +16,16 @@ import fsspec
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from factory.schema import StrictModel
 
 TORCHVISION_KINDS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                      "deeplabv3_mobilenet_v3_large")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class SegmenterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SegmenterConfig(StrictModel):
     kind: Literal["unet", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
                   "deeplabv3_mobilenet_v3_large"] = "unet"
     width: int = Field(16, gt=0, description="unet: channels of the first level (doubled at each level)")

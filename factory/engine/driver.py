@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import closing
 
@@ -26,7 +25,8 @@ from factory.engine.errors import JobIncomplete
 from factory.engine.executors.ray_data import shard_results
 from factory.engine.lease import Lease
 from factory.engine.progress import Progress, StageCounter
-from factory.engine.reaper import watch_local_ray
+from factory.engine.ray_session import init_ray
+from factory.engine.records import JobInfo, ShardResult
 from factory.engine.shard_plan import Plan, plan_shards
 from factory.engine.spec import JobSpec, redacted_spec
 from factory.output.layout import LEASE_FILE, PLAN_DIR, OutputStore
@@ -99,19 +99,9 @@ def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
     return manifest
 
 
-def init_ray(address: str | None) -> None:
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             **({} if address else {"include_dashboard": False}))
-    if address is None:
-        watch_local_ray()
-
-
 def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) a job; return its index (committed shards and totals), or raise JobIncomplete."""
-    store = OutputStore.for_output(spec.output)
+    store = OutputStore.at(spec.output)
     source = open_source(spec.source)
     check_stages(spec, source.classes)
     if not overwrite:
@@ -127,11 +117,11 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
             store.remove_all(keep={LEASE_FILE})
         manifest = _check_resume(store, spec) or _plan(spec, store, source)
         plan = Plan(num_samples=manifest["plan"]["num_samples"], shard_size=manifest["plan"]["shard_size"])
-        done = store.committed_shards()
+        done = set(store.committed_shards())
         pending = [s for s in range(plan.num_shards) if s not in done]
         log.info("job %s: %d samples in %d shards, %d already committed, %d to do -> %s",
                  spec.name, plan.num_samples, plan.num_shards, len(done), len(pending), store.url)
-        failed: list[dict] = []
+        failed: list[ShardResult] = []
         if pending:
             store.clear_tmp()
             failed = _run_pipeline(spec, store, source.classes, plan, pending, lease)
@@ -144,35 +134,34 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     return index
 
 
-def _failure_message(failed: list[dict], attempted: int) -> str:
-    first = failed[0]
-    others = ", ".join(str(f["shard"]) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
-    return (f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first['shard']} at stage "
-            f"{first['stage']}: {first['cause']}" + (f" (also shards {others})" if others else "")
-            + f"; {first['advice']}")
+def _failure_message(failed: list[ShardResult], attempted: int) -> str:
+    first, why = failed[0], failed[0].failure
+    others = ", ".join(str(f.shard) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
+    return (f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first.shard} at stage "
+            f"{why.stage}: {why.cause}" + (f" (also shards {others})" if others else "") + f"; {why.advice}")
 
 
 def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Plan, pending: list[int],
-                  lease: Lease) -> list[dict]:
+                  lease: Lease) -> list[ShardResult]:
     """Stream the pending shards through the pipeline; returns the shards that failed."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
-    job_info = {"job": spec.name, "spec_hash": spec.content_hash(), "models": models}
+    job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
     # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
     counter = StageCounter.remote() if spec.stages else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
-    failed: list[dict] = []
+    failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
-    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job_info,
+    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job,
                                counter)) as results:
         for result in results:
             progress.shard_done(result)
             lease.check()
-            if result["status"] != "committed":
+            if not result.committed:
                 failed.append(result)
-                log.error("shard %d failed at stage %s: %s", result["shard"], result["stage"], result["cause"])
+                log.error("shard %d failed at stage %s: %s", result.shard, result.failure.stage, result.failure.cause)
                 if len(failed) >= spec.engine.max_failed_shards:
                     log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
                     break

@@ -13,6 +13,8 @@ import time
 
 import ray
 
+from factory.engine.records import ShardResult
+
 log = logging.getLogger("factory")
 
 
@@ -52,11 +54,11 @@ class Progress:
         self.stage_rows: dict[str, int] = {}
         self.start = self.last = time.time()
 
-    def shard_done(self, result: dict) -> None:
-        if result["status"] == "committed":
+    def shard_done(self, result: ShardResult) -> None:
+        if result.committed:
             self.committed += 1
             for k in self.rows:
-                self.rows[k] += int(result[k])
+                self.rows[k] += getattr(result, k)
         else:
             self.failed_shards += 1
         self.tick()

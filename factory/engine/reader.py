@@ -10,10 +10,11 @@ import logging
 import time
 from functools import lru_cache
 
-from factory.engine.errors import describe, one_line, retry
+from factory.engine.errors import one_line, retry
+from factory.engine.records import Failure, ShardWork, StepStats
 from factory.engine.shard_plan import read_shard_ids
 from factory.output.layout import plan_part_name
-from factory.sample import BadSample, Sample, ShardWork
+from factory.sample import BadSample, Sample
 from factory.sources import open_source
 from factory.sources.base import Source
 from factory.sources.spec import SourceSpec
@@ -63,6 +64,6 @@ class ShardReader:
             work.samples = [self.load(source, shard, i, sample_id) for i, sample_id in enumerate(self.ids(shard))]
         except Exception as e:
             log.error("shard %d failed at read: %s", shard, one_line(e))
-            work.failure = {"shard": shard, "stage": "read", **describe(e)}
-        work.stages["read"] = {"rows_out": len(work.samples), "seconds": round(time.time() - work.started, 3)}
+            work.failure = Failure.of("read", e)
+        work.stages["read"] = StepStats(rows_out=len(work.samples), seconds=round(time.time() - work.started, 3))
         return work

@@ -18,9 +18,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from factory.engine.errors import ShardFailed, describe, is_cuda_oom, one_line
+from factory.engine.errors import ShardFailed, is_cuda_oom, one_line
+from factory.engine.records import Failure, ShardWork, StepStats
 from factory.engine.spec import StageSpec
-from factory.sample import BadSample, Sample, ShardWork
+from factory.sample import BadSample, Sample
 from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
 
@@ -68,7 +69,7 @@ class StageRunner:
         if work.failure is not None:
             return work
         started = time.time()
-        counts = {"batches": 0, "retries": 0, "oom_splits": 0, "rows_in": 0, "rows_out": 0}
+        counts = StepStats(rows_out=0, seconds=0.0, rows_in=0, batches=0, retries=0, oom_splits=0)
         live = [i for i, s in enumerate(work.samples) if s.ok]
         produced: dict[int, list[Sample]] = {}
         try:
@@ -77,22 +78,21 @@ class StageRunner:
                 rows = self.process_batch([work.samples[i] for i in positions], counts)
                 for n, i in enumerate(positions):
                     produced[i] = rows[n * self.k : (n + 1) * self.k]
-                counts["batches"] += 1
+                counts.batches += 1
                 if self.progress is not None:
                     self.progress.stage_rows.remote(self.label, len(positions))
         except ShardFailed as e:
             log.error("shard %d failed at stage %s: %s", work.shard, self.label, one_line(e.cause))
-            work.failure = {"shard": work.shard, "stage": self.label, **describe(e.cause)}
+            work.failure = Failure.of(self.label, e.cause)
             return work
         work.samples = [row for i, s in enumerate(work.samples) for row in produced.get(i, (s,))]
-        counts["rows_in"], counts["rows_out"] = len(live), sum(len(rows) for rows in produced.values())
-        work.stages[self.label] = {**counts, "seconds": round(time.time() - started, 3)}
-        if self.setup_s is not None:
-            work.stages[self.label]["worker_setup_s"] = self.setup_s
-            self.setup_s = None
+        counts.rows_in, counts.rows_out = len(live), sum(len(rows) for rows in produced.values())
+        counts.seconds = round(time.time() - started, 3)
+        counts.worker_setup_s, self.setup_s = self.setup_s, None
+        work.stages[self.label] = counts
         return work
 
-    def process_batch(self, inputs: list[Sample], counts: dict) -> list[Sample]:
+    def process_batch(self, inputs: list[Sample], counts: StepStats) -> list[Sample]:
         """`process` one batch under the failure policy; returns `k` rows per input, in order."""
         for attempt in range(self.retries + 1):
             try:
@@ -109,14 +109,14 @@ class StageRunner:
                     import torch
 
                     torch.cuda.empty_cache()
-                    counts["oom_splits"] += 1
+                    counts.oom_splits += 1
                     half = len(inputs) // 2
                     log.warning("stage %s: CUDA out of memory on %d samples; splitting the batch",
                                 self.label, len(inputs))
                     return self.process_batch(inputs[:half], counts) + self.process_batch(inputs[half:], counts)
                 if attempt == self.retries:
                     raise ShardFailed(self.label, e) from e
-                counts["retries"] += 1
+                counts.retries += 1
                 delay = self.backoff * 2**attempt
                 log.warning("stage %s failed on a batch of %d (%s); retry %d of %d in %.1fs",
                             self.label, len(inputs), one_line(e), attempt + 1, self.retries, delay)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from factory.engine.errors import describe, retry
+from factory.engine.errors import retry
+from factory.engine.records import Failure, JobInfo, ShardResult, ShardWork
 from factory.output.layout import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
-from factory.sample import Sample, ShardWork
+from factory.sample import Sample
 
 # Fixed tar member mtime: a regenerated shard is byte-identical to the first one.
 _TAR_MTIME = 0
@@ -82,47 +83,42 @@ def failure_records(samples: list[Sample]) -> list[dict]:
     return out
 
 
-def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
-    """Commit one shard, or leave it uncommitted; returns the summary row the driver counts."""
+def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job: JobInfo) -> ShardResult:
+    """Commit one shard, or leave it uncommitted; returns what the driver counts of it."""
     counts = {"samples": sum(s.ok for s in work.samples), "failed": sum(s.error is not None for s in work.samples),
               "rejected": sum(s.error is None and s.rejected is not None for s in work.samples)}
     if work.failure is not None:
-        return {"shard": work.shard, "status": "failed", **counts, **work.failure}
+        return ShardResult.failed_at(work.shard, work.failure, **counts)
     rows = len(work.samples)
     if rows and counts["failed"] / rows > settings.max_failure_fraction:
         reasons = Counter(f"{s.error['stage']}:{s.error['reason']}" for s in work.samples if s.error is not None)
         top = ", ".join(f"{r} {n}" for r, n in reasons.most_common(3))
-        return {"shard": work.shard, "status": "failed", **counts, "stage": "commit",
-                "cause": f"{counts['failed']} of {rows} rows failed ({top}), above output.max_failure_fraction "
-                         f"{settings.max_failure_fraction}",
-                "advice": "fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
-                          "output.max_failure_fraction"}
+        too_many = Failure(
+            stage="commit",
+            cause=f"{counts['failed']} of {rows} rows failed ({top}), above output.max_failure_fraction "
+                  f"{settings.max_failure_fraction}",
+            advice="fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
+                   "output.max_failure_fraction")
+        return ShardResult.failed_at(work.shard, too_many, **counts)
     try:
-        stats = retry(lambda: _commit(work, store, settings, job_info), f"writing shard {work.shard}",
-                      settings.retries, settings.backoff)
+        retry(lambda: _commit(work, store, settings, job), f"writing shard {work.shard}", settings.retries,
+              settings.backoff)
     except Exception as e:
-        return {"shard": work.shard, "status": "failed", **counts, "stage": "write", **describe(e)}
-    return {"shard": work.shard, "status": "committed", **counts, "bytes": stats["bytes"]}
+        return ShardResult.failed_at(work.shard, Failure.of("write", e), **counts)
+    return ShardResult(work.shard, "committed", **counts)
 
 
 class ShardWriter:
     """Commits whole shards from whichever worker holds them: picklable, opens the store per call."""
 
-    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job_info: dict):
+    def __init__(self, store_url: str, options: dict, settings: WriteSettings, job: JobInfo):
         self.store_url = store_url
         self.options = options
         self.settings = settings
-        self.job_info = job_info
+        self.job = job
 
-    def commit(self, work: ShardWork) -> dict:
-        return summary_row(write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job_info))
-
-
-def summary_row(result: dict) -> dict:
-    """What the driver counts of a shard, with the same keys whether it committed or failed."""
-    return {"shard": result["shard"], "status": result["status"],
-            **{k: result.get(k, 0) for k in ("samples", "failed", "rejected")},
-            **{k: result.get(k) for k in ("stage", "cause", "advice")}}
+    def commit(self, work: ShardWork) -> ShardResult:
+        return write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job)
 
 
 def _write_tar(store: OutputStore, members, *parts: str) -> None:
@@ -147,9 +143,9 @@ def _write_tar(store: OutputStore, members, *parts: str) -> None:
             raise
 
 
-def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_info: dict) -> dict:
+def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job: JobInfo) -> dict:
     name = store.shard_name(work.shard)
-    meta_extra = {"job": job_info["job"], "spec_hash": job_info["spec_hash"], "models": job_info["models"]}
+    meta_extra = job.to_json()
 
     def members(wanted):
         for s in work.samples:
@@ -164,7 +160,7 @@ def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_in
         _write_tar(store, members(is_rejected), REJECTED_DIR, f"{name}.tar")
     _write_tar(store, members(lambda s: s.ok), SHARD_DIR, f"{name}.tar")
     try:
-        return _write_stats(work, store, job_info, name, kept_rejected)
+        return _write_stats(work, store, job, name, kept_rejected)
     except BaseException:
         # No final tar without its stats: the next run would redo it anyway, but nobody should find one.
         for folder in (SHARD_DIR, REJECTED_DIR):
@@ -172,7 +168,7 @@ def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job_in
         raise
 
 
-def _write_stats(work: ShardWork, store: OutputStore, job_info: dict, name: str, kept_rejected: bool) -> dict:
+def _write_stats(work: ShardWork, store: OutputStore, job: JobInfo, name: str, kept_rejected: bool) -> dict:
     failures = failure_records(work.samples)
     if failures:
         store.put_bytes(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures),
@@ -195,8 +191,8 @@ def _write_stats(work: ShardWork, store: OutputStore, job_info: dict, name: str,
         "started": work.started,
         "finished": finished,
         "seconds": round(finished - work.started, 3),
-        "stages": work.stages,
-        **job_info,
+        "stages": {label: step.to_json() for label, step in work.stages.items()},
+        **job.to_json(),
     }
     store.write_json(stats, STATS_DIR, f"{name}.json")
     return stats

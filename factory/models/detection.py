@@ -7,12 +7,23 @@ from functools import partial
 from typing import Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from factory.models.loading import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models.loading import (
+    PROFILE_HELP,
+    Dtype,
+    ModelConfig,
+    Profile,
+    fill_once,
+    from_pretrained,
+    model_cache_dir,
+    resolve_model_path,
+    torch_dtype,
+)
 from factory.models.random_vision import random_detector
-from factory.models.random_weights import GROUNDING_DINO, PROFILE_HELP, random_id
+from factory.models.random_weights import GROUNDING_DINO, random_id
 from factory.models.tiny_vision import TINY_DETECTOR, TINY_SAM, build_tiny_detector, build_tiny_sam, tiny_sam
+from factory.schema import StrictModel
 from factory.sources.classes import ClassSet
 
 SAM_VIT_H = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
@@ -23,10 +34,8 @@ DEFAULT_PHRASES = {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "di
                    "aeroplane": "airplane"}
 
 
-class DetectionParams(BaseModel):
+class DetectionParams(StrictModel):
     """What decides the pseudo-labels; shared by the maskgen and select stages."""
-
-    model_config = ConfigDict(extra="forbid")
 
     box_threshold: float = Field(0.35, ge=0, le=1, description="keep a box if its best token probability is above")
     text_threshold: float = Field(0.25, ge=0, le=1, description="label a box with a class only if that class's "
@@ -41,16 +50,13 @@ class DetectionParams(BaseModel):
     sam_batch_size: int = Field(4, ge=1, description="images per SAM image-encoder call")
 
 
-class MaskGenModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Literal["pretrained", "tiny", "random"] = Field(
+class MaskGenModelConfig(ModelConfig):
+    profile: Profile = Field(
         "pretrained", description=PROFILE_HELP + " (GroundingDINO-B, SAM of sam_type)")
     detector: str = Field("IDEA-Research/grounding-dino-base", description="hub id, local dir or s3:// URL")
     sam: str = Field(SAM_VIT_H, description="SAM checkpoint .pth: local path or fsspec URL")
     sam_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="segment-anything registry size")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "fp32"
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = "fp32"
 
 
 class PseudoLabel(NamedTuple):

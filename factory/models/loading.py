@@ -19,11 +19,26 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import fsspec
+from pydantic import Field
+
+from factory.schema import StrictModel
 
 log = logging.getLogger(__name__)
+
+Profile = Literal["pretrained", "tiny", "random"]
+PROFILE_HELP = ("pretrained: the named weights; tiny: small random-weight models (tests); random: the real "
+                "architecture with random weights, from configs shipped in the package (benchmarks, memory planning)")
+Dtype = Literal["auto", "fp16", "bf16", "fp32"]
+
+
+class ModelConfig(StrictModel):
+    """What the `model` section of every model stage has: the profile, and how to reach object storage."""
+
+    profile: Profile = Field("pretrained", description=PROFILE_HELP)
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
 _COMPLETE = ".factory-complete"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

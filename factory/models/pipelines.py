@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from factory.models.loading import ModelConfig
+from factory.schema import StrictModel
 
 # Modules a pipeline may hold that torch.compile and channels_last apply to.
 DENOISERS = ("unet", "controlnet", "transformer")
@@ -19,10 +22,8 @@ def unet_size_multiple(pipe: Any) -> int:
     return max(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1))
 
 
-class SpeedOptions(BaseModel):
+class SpeedOptions(StrictModel):
     """GPU fast paths of a diffusion stage (`model.speed`); none changes what is generated beyond rounding."""
-
-    model_config = ConfigDict(extra="forbid")
 
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
         "auto", description="scaled-dot-product attention backend; auto lets torch choose per call")
@@ -98,3 +99,9 @@ def mark_cuda_graph_step(pipe, step, timestep, callback_kwargs):
 
     torch.compiler.cudagraph_mark_step_begin()
     return callback_kwargs
+
+
+class DiffusionModelConfig(ModelConfig):
+    """The `model` section of every diffusion stage: a profile, object-store options and the fast paths."""
+
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")

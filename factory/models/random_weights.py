@@ -19,13 +19,9 @@ import tempfile
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from factory.models.tokenizers import tiny_gemma_tokenizer, tiny_t5_tokenizer, write_tiny_clip_tokenizer
-
-Profile = Literal["pretrained", "tiny", "random"]
-PROFILE_HELP = ("pretrained: the named weights; tiny: small random-weight models (tests); random: the real "
-                "architecture with random weights, from configs shipped in the package (benchmarks, memory planning)")
 
 # Names of the config folders, by the role they play in the stages.
 SD15 = "stable-diffusion-v1-5"

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from factory.models.loading import (
+    Dtype,
     from_pretrained,
     is_hub_id,
     resolve_model_path,
     torch_dtype,
 )
-from factory.models.pipelines import SpeedOptions
-from factory.models.random_weights import PROFILE_HELP, Profile
+from factory.models.pipelines import DiffusionModelConfig
 from factory.models.tiny_diffusion import TINY_MASK2IMG, TINY_SDXL, TINY_TEXT2MASK, tiny_sdxl_dir, tiny_seggen_dir
 from factory.sources.classes import class_set
 from factory.sources.palettes import Palette
@@ -36,20 +36,15 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 Scheduler = Literal["base", "euler_karras", "dpmpp_2m_karras"]
 
 
-class SDXLModelConfig(BaseModel):
+class SDXLModelConfig(DiffusionModelConfig):
     """The `model` section of the SegGen stages."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Profile = Field("pretrained", description=PROFILE_HELP)
     base: str = Field(SDXL_BASE, description="SDXL base: hub id, local dir or s3:// URL (VAE, text encoders)")
     weights: str | None = Field(
         None, description="the model folder `factory train` wrote (<output>/final): local dir, s3:// URL or hub id",
     )
     vae: str | None = Field(None, description="optional VAE replacing the base's (e.g. an fp16-safe SDXL VAE)")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = "auto"
 
     @model_validator(mode="after")
     def _pretrained_needs_weights(self):

@@ -69,7 +69,7 @@ def _worker_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    store = TrainingStore(spec.output.url, spec.output.options())
+    store = TrainingStore.at(spec.output)
 
     with tempfile.TemporaryDirectory() as tmp:
         latest = store.latest()
@@ -168,7 +168,7 @@ def train(kind: str, spec: TrainSpec, address: str | None = None) -> dict:
     record = {"kind": kind, "name": spec.name, "spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}
     classes = open_source(spec.source).classes
     palette = Palette.for_classes(classes, spec.palette, spec.palette_seed, spec.outlines)
-    store = TrainingStore(spec.output.url, spec.output.options())
+    store = TrainingStore.at(spec.output)
     previous = store.read_json(RECORD)
     if previous is None:
         store.ensure_root()

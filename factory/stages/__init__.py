@@ -16,16 +16,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.sources.classes import ClassSet
 
 _REGISTRY: dict[str, type["Stage"]] = {}
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NoParams(StrictModel):
+    """The `params` or `model` section of a stage that has none: any field is an error."""
 
 
 @dataclass(frozen=True)

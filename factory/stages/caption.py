@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from factory.models.loading import (
+    Dtype,
+    ModelConfig,
     fill_once,
     from_pretrained,
     model_cache_dir,
@@ -20,17 +22,16 @@ from factory.models.loading import (
     torch_dtype,
 )
 from factory.models.random_vision import random_captioner
-from factory.models.random_weights import BLIP, PROFILE_HELP, random_id
+from factory.models.random_weights import BLIP, random_id
 from factory.models.tiny_vision import TINY_BLIP, TINY_BLIP2, build_tiny_blip, build_tiny_blip2
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.stages import Stage, register_stage
 
 DEFAULT_MODELS = {"blip": "Salesforce/blip-image-captioning-large", "blip2": "Salesforce/blip2-opt-2.7b"}
 
 
-class CaptionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CaptionParams(StrictModel):
     max_new_tokens: int = Field(30, ge=1, description="longest caption, in tokens")
     num_beams: int = Field(1, ge=1, description="1 = greedy decoding; more = beam search (still deterministic)")
     prompt: str | None = Field(
@@ -39,17 +40,13 @@ class CaptionParams(BaseModel):
     )
 
 
-class CaptionModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP)
+class CaptionModelConfig(ModelConfig):
     family: Literal["blip", "blip2"] = "blip"
     model: str | None = Field(
         None, description="hub id, local dir or s3:// URL; default Salesforce/blip-image-captioning-large "
         "(blip) or Salesforce/blip2-opt-2.7b (blip2)",
     )
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = "auto"
 
 
 def load_captioner(cfg: CaptionModelConfig, device: str):

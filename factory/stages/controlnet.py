@@ -8,54 +8,33 @@ so the mask and instance map pass through bit-exact.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from factory.models.controlnet import load_controlnet_pipeline
-from factory.models.pipelines import SpeedOptions
-from factory.models.random_weights import PROFILE_HELP, SD15, SD_CONTROLNET_SEG, Profile, random_id
+from factory.models.loading import Dtype
+from factory.models.pipelines import DiffusionModelConfig
+from factory.models.random_weights import SD15, SD_CONTROLNET_SEG, random_id
 from factory.models.tiny_diffusion import TINY_CONTROLNET
 from factory.sample import Sample
 from factory.sources.classes import ade150_lookup, ade150_palette, colorize
 from factory.stages import register_stage
-from factory.stages.diffusion import MaskConditionedStage, resize_to
+from factory.stages.diffusion import RESOLUTION_HELP, MaskConditionedParams, MaskConditionedStage, resize_to
 
 
-class ControlNetParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ControlNetParams(MaskConditionedParams):
     variants: int = Field(5, ge=1, description="images generated per source sample (K)")
-    steps: int = Field(50, ge=1, description="denoising steps")
-    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
-    resolution: int = Field(
-        512, ge=8,
-        description="long side of the generated image; the mask's aspect ratio is kept and each side is "
-        "rounded to the pipeline's size multiple",
-    )
-    prompt: str = Field(
-        "a photo of {classes}",
-        description="template used when no earlier stage left meta['prompt'] or meta['caption']; "
-        "{classes} = names of the classes in the mask, most pixels first",
-    )
-    negative_prompt: str = ""
-    conditioning_scale: float = Field(1.0, ge=0, description="ControlNet conditioning scale")
+    resolution: int = Field(512, ge=8, description=RESOLUTION_HELP)
     class_map: dict[str, str | None] = Field(
         default_factory=dict,
         description="source class name -> ADE150 class name (null: unlabeled); overrides the shipped table",
     )
 
 
-class ControlNetModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Profile = Field("pretrained", description=PROFILE_HELP)
+class ControlNetModelConfig(DiffusionModelConfig):
     base: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id, local dir or s3:// URL")
     controlnet: str = Field("lllyasviel/sd-controlnet-seg", description="hub id, local dir or s3:// URL")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = "auto"
 
 
 @register_stage

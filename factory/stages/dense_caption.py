@@ -11,16 +11,23 @@ tokenizer written at run time, so its captions are random printable text.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from factory.models.loading import from_pretrained, resolve_model_path, torch_dtype
+from factory.models.loading import (
+    PROFILE_HELP,
+    Dtype,
+    ModelConfig,
+    Profile,
+    from_pretrained,
+    resolve_model_path,
+    torch_dtype,
+)
 from factory.models.random_vision import random_vlm
-from factory.models.random_weights import PROFILE_HELP, VLM, random_id
+from factory.models.random_weights import VLM, random_id
 from factory.models.tiny_vision import TINY_VLM, tiny_vlm_dir
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.stages import Stage, register_stage
 
 DENSE_PROMPT = (
@@ -30,21 +37,16 @@ DENSE_PROMPT = (
 )
 
 
-class DenseCaptionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DenseCaptionParams(StrictModel):
     prompt: str = Field(DENSE_PROMPT, min_length=1, description="the instruction given with each image")
     max_new_tokens: int = Field(200, ge=1, description="longest caption, in tokens")
     set_prompt: bool = Field(True, description="also write the caption to meta['prompt'] for later stages")
 
 
-class DenseCaptionModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP + " (Gemma-3-4B)")
+class DenseCaptionModelConfig(ModelConfig):
+    profile: Profile = Field("pretrained", description=PROFILE_HELP + " (Gemma-3-4B)")
     vlm: str = Field("google/gemma-3-4b-it", description="hub id, local dir or s3:// URL of the VLM")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPU")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = Field("auto", description="auto: bf16 on GPUs, fp32 on CPU")
 
 
 @register_stage

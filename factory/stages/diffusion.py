@@ -24,9 +24,11 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from factory.models.pipelines import apply_speed, mark_cuda_graph_step, sdpa_context, unet_size_multiple
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.sources.classes import ClassSet, class_names_in
 from factory.stages import Stage
 
@@ -76,6 +78,39 @@ def group_by(keys: list) -> dict[Any, list[int]]:
 
 
 # ---------------------------------------------------------------- fast paths
+
+
+# ---------------------------------------------------------------- parameters
+
+
+class DiffusionParams(StrictModel):
+    """What the `params` of every diffusion stage have: the prompt template and the negative prompt."""
+
+    prompt: str = Field(
+        "a photo of {classes}",
+        description="template used when no earlier stage left meta['prompt'] or meta['caption']; "
+        "{classes} = names of the classes in the sample's mask, most pixels first",
+    )
+    negative_prompt: str = ""
+
+
+class SamplingParams(DiffusionParams):
+    """... and of a stage with one pipeline: steps and guidance (a stage redeclares a field to change its
+    default, e.g. its paper's step count)."""
+
+    steps: int = Field(50, ge=1, description="denoising steps")
+    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
+
+
+RESOLUTION_HELP = ("long side of the generated image; the mask's aspect ratio is kept and each side is rounded to "
+                   "the pipeline's size multiple")
+
+
+class MaskConditionedParams(SamplingParams):
+    """... and of a stage conditioned on the sample's mask through a ControlNet."""
+
+    resolution: int = Field(512, ge=8, description=RESOLUTION_HELP)
+    conditioning_scale: float = Field(1.0, ge=0, description="ControlNet conditioning scale")
 
 
 # ---------------------------------------------------------------- the base stage

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from factory.output.scores import check_score_names, flatten_scores
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.stages import Stage, register_stage
 
 
-class KeepParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeepParams(StrictModel):
     min: dict[str, float] = Field(default_factory=dict, description="score name -> lowest value kept")
     max: dict[str, float] = Field(default_factory=dict, description="score name -> highest value kept")
     missing: Literal["keep", "reject"] = Field(

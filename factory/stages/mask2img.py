@@ -15,35 +15,21 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from factory.models.sdxl import Scheduler, SDXLModelConfig, load_seggen_pipeline, model_ids, use_scheduler
 from factory.sample import Sample
 from factory.stages import register_stage
-from factory.stages.diffusion import MaskConditionedStage, resize_to
+from factory.stages.diffusion import RESOLUTION_HELP, MaskConditionedParams, MaskConditionedStage, resize_to
 
 
-class Mask2ImgParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Mask2ImgParams(MaskConditionedParams):
     images: int = Field(
         1, ge=1, description="images per input mask (M); paper ADE20K: ImgSyn 50, MaskSyn 1 per new mask"
     )
     steps: int = Field(40, ge=1, description="denoising steps; paper: 40")
-    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
-    conditioning_scale: float = Field(1.0, ge=0, description="ControlNet conditioning scale")
     scheduler: Scheduler = Field("base", description="sampler: base (the SDXL base's), euler_karras, dpmpp_2m_karras")
-    resolution: int = Field(
-        768, ge=8,
-        description="long side of the generated image (paper: 768); the mask's aspect ratio is kept and each "
-        "side rounded to the pipeline's size multiple",
-    )
-    prompt: str = Field(
-        "a photo of {classes}",
-        description="template used when no earlier stage left meta['prompt'] or meta['caption']; "
-        "{classes} = names of the classes in the mask, most pixels first",
-    )
-    negative_prompt: str = ""
+    resolution: int = Field(768, ge=8, description=RESOLUTION_HELP + "; paper: 768")
     class_map: dict[str, str | None] = Field(
         default_factory=dict,
         description="source class name -> palette class name (null: unlabeled), where the names differ",

@@ -21,16 +21,15 @@ import random
 from typing import Literal
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.sources.classes import class_names_in
 from factory.stages import Stage, register_stage
 
 
-class PromptParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PromptParams(StrictModel):
     mode: Literal["caption", "caption_classes", "dataset"] = "caption_classes"
     template: str = Field(
         "{caption}; {classes}",

@@ -21,28 +21,29 @@ CLIP score = max(0, 100 * cosine(image embedding, text embedding)), the usual de
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from factory.models.loading import (
+    Dtype,
+    ModelConfig,
     from_pretrained,
     resolve_model_path,
     torch_dtype,
 )
 from factory.models.random_vision import random_clip
-from factory.models.random_weights import CLIP_L, PROFILE_HELP, random_id
+from factory.models.random_weights import CLIP_L, random_id
 from factory.models.tiny_vision import TINY_CLIP, tiny_clip_dir
 from factory.output.scores import density, fidelity
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.stages import Stage, StageContext, register_stage, resolve_stage
 
 
-class AutoLabelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AutoLabelSpec(StrictModel):
     kind: str = Field(description="a labeling stage: registered name (maskgen) or module:Class")
     model: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -52,9 +53,7 @@ class AutoLabelSpec(BaseModel):
         return cls(cls.Params.model_validate(self.params), cls.Model.model_validate(self.model), context)
 
 
-class ScoreParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ScoreParams(StrictModel):
     boundary_tolerance: float = Field(2, ge=0, description="boundary F-score tolerance, in pixels")
     min_component_pixels: int = Field(
         1, ge=1, description="density without instance ids: connected regions smaller than this are not instances")
@@ -74,13 +73,9 @@ class ScoreParams(BaseModel):
         return spec
 
 
-class ScoreModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    profile: Literal["pretrained", "tiny", "random"] = Field("pretrained", description=PROFILE_HELP)
+class ScoreModelConfig(ModelConfig):
     clip: str = Field("openai/clip-vit-large-patch14", description="hub id, local dir or s3:// URL of a CLIP model")
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    dtype: Dtype = "auto"
 
 
 @register_stage

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from factory.models.pipelines import SpeedOptions
-from factory.models.random_weights import PROFILE_HELP, T2I, Profile, random_id
+from factory.models.loading import PROFILE_HELP, Profile
+from factory.models.pipelines import DiffusionModelConfig
+from factory.models.random_weights import T2I, random_id
 from factory.models.t2i import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple
 from factory.models.tiny_diffusion import tiny_id
 from factory.sample import Sample
+from factory.schema import StrictModel
 from factory.stages import register_stage
-from factory.stages.diffusion import DiffusionStage, generation_size, group_by
+from factory.stages.diffusion import DiffusionParams, DiffusionStage, generation_size, group_by
 
 
-class GeneratorSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class GeneratorSpec(StrictModel):
     name: str = Field(min_length=1, description="names the generator in each sample's json")
     family: Literal["flux", "sd3", "sana", "sdxl"]
     model: str | None = Field(None, description="hub id, local dir or s3:// URL; default: the family's model")
@@ -47,19 +47,12 @@ class GeneratorSpec(BaseModel):
         return getattr(FAMILIES[self.family], field) if value is None else value
 
 
-class T2IParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class T2IParams(DiffusionParams):
     generators: list[GeneratorSpec] = Field(
         default_factory=lambda: [GeneratorSpec(name="flux", family="flux"), GeneratorSpec(name="sd35", family="sd3")],
         min_length=1,
     )
     images_per_generator: int = Field(1, ge=1, description="N: images per real image from each generator")
-    prompt: str = Field(
-        "a photo of {classes}",
-        description="used when no earlier stage set meta['prompt']; {classes} = class names in the real "
-        "image's mask, most pixels first",
-    )
     negative_prompt: str = Field("", description="passed to the families that take one (SD3, Sana, SDXL)")
 
     @model_validator(mode="after")
@@ -70,13 +63,9 @@ class T2IParams(BaseModel):
         return self
 
 
-class T2IModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class T2IModelConfig(DiffusionModelConfig):
     profile: Profile = Field("pretrained", description=PROFILE_HELP + "; tiny and random apply to every generator")
     offload: bool = Field(False, description="model CPU offload on GPUs (diffusers enable_model_cpu_offload)")
-    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="GPU fast paths (docs/gpu.md)")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
 
 
 @register_stage

@@ -16,20 +16,17 @@ What a variant carries afterwards:
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from factory.models.sdxl import Scheduler, SDXLModelConfig, load_seggen_pipeline, model_ids, use_scheduler
 from factory.sample import Sample
 from factory.stages import register_stage
-from factory.stages.diffusion import DiffusionStage
+from factory.stages.diffusion import DiffusionStage, SamplingParams
 
 
-class Text2MaskParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Text2MaskParams(SamplingParams):
     maps: int = Field(10, ge=1, description="colour maps (new masks) per input sample (N); paper ADE20K MaskSyn: 10")
     steps: int = Field(200, ge=1, description="denoising steps; paper: 200")
-    guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
     scheduler: Scheduler = Field(
         "euler_karras",
         description="sampler: euler_karras (Euler with Karras/EDM sigma spacing, the paper's EDM-style "
@@ -38,12 +35,6 @@ class Text2MaskParams(BaseModel):
     resolution: int = Field(
         768, ge=8, description="side of the square colour map, rounded to the size multiple; paper: 768"
     )
-    prompt: str = Field(
-        "a photo of {classes}",
-        description="template used when no earlier stage left meta['prompt'] or meta['caption']; "
-        "{classes} = names of the classes in the sample's mask, most pixels first",
-    )
-    negative_prompt: str = ""
     cap: float | None = Field(
         None, gt=0,
         description="largest CIELAB distance (delta E) from a palette colour that still decodes to it; "

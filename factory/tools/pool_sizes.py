@@ -129,8 +129,8 @@ def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
     import itertools
 
     from factory.engine.reader import ShardReader
+    from factory.engine.records import ShardWork
     from factory.engine.runner import StageRunner
-    from factory.sample import ShardWork
     from factory.sources import open_source
 
     source, engine = open_source(spec.source), spec.engine
@@ -145,8 +145,8 @@ def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
         warm, timed = (runner.run(ShardWork(0, part, time.time())) for part in (rows[:size], rows[size:]))
         for work in (warm, timed):
             if work.failure is not None:
-                raise RuntimeError(f"calibration: stage {st.label!r} failed: {work.failure['cause']}")
-        done = timed.stages[st.label]
+                raise RuntimeError(f"calibration: stage {st.label!r} failed: {work.failure.cause}")
+        done = timed.stages[st.label].to_json()
         if runner.stage.uses_gpu:
             if not done["rows_out"]:
                 raise SpecError(f"calibration: stage {st.label!r} needs more than one batch of {size} live "

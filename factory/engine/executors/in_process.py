@@ -15,10 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from factory.engine.reader import ShardReader
+from factory.engine.records import ShardWork
 from factory.engine.runner import StageRunner
 from factory.engine.spec import JobSpec
 from factory.engine.writer import encode_files, failure_records
-from factory.sample import Sample, ShardWork
+from factory.sample import Sample
 from factory.schema import SpecError
 from factory.sources import open_source
 
@@ -39,7 +40,7 @@ def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4)
         for runner in runners:
             work = runner.run(work)
             if work.failure is not None:
-                raise RuntimeError(f"stage {work.failure['stage']} failed: {work.failure['cause']}")
+                raise RuntimeError(f"stage {work.failure.stage} failed: {work.failure.cause}")
         yield from work.samples
 
 

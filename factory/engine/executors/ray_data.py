@@ -23,11 +23,11 @@ from ray.data.datasource import Datasource, ReadTask
 
 from factory.engine.executors.ray_tasks import commit_shards
 from factory.engine.reader import ShardReader
+from factory.engine.records import JobInfo, ShardResult, ShardWork
 from factory.engine.runner import StageRunner
 from factory.engine.spec import JobSpec
 from factory.engine.writer import ShardWriter, WriteSettings
 from factory.output.layout import PLAN_DIR, OutputStore
-from factory.sample import ShardWork
 from factory.sources.classes import ClassSet
 
 
@@ -63,7 +63,7 @@ def _read_shard(reader: ShardReader, shard: int):
     yield _row(reader.read(shard))
 
 
-class StageStep(StageRunner):
+class StageActor(StageRunner):
     """A stage's Ray Data actor: whole shard rows in, whole shard rows out."""
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -71,7 +71,7 @@ class StageStep(StageRunner):
 
 
 def _write_step(table: pa.Table, writer: ShardWriter) -> pa.Table:
-    return pa.Table.from_pylist([writer.commit(work) for work in _works(table)])
+    return pa.Table.from_pylist([writer.commit(work).to_row() for work in _works(table)])
 
 
 def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -83,8 +83,8 @@ def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
 
 
 def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int],
-                  job_info: dict, counter) -> Iterator[dict]:
-    """Run the pending shards; yields each one's summary row (committed or failed) as it finishes."""
+                  job: JobInfo, counter) -> Iterator[ShardResult]:
+    """Run the pending shards; yields each one's result (committed or failed) as it finishes."""
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), store.public_url(PLAN_DIR), options,
                          engine.retries, engine.retry_backoff_s)
@@ -93,7 +93,7 @@ def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: Cla
         keep_rejected=spec.output.keep_rejected, max_failure_fraction=spec.output.max_failure_fraction,
         retries=engine.retries, backoff=engine.retry_backoff_s,
     )
-    writer = ShardWriter(store.url, options, settings, job_info)
+    writer = ShardWriter(store.url, options, settings, job)
     if not spec.stages:
         # One step from read to commit: plain Ray tasks (factory/engine/executors/ray_tasks.py says why not Ray Data).
         yield from commit_shards(pending, reader, writer, max(engine.read_cpus, engine.write_cpus))
@@ -105,7 +105,7 @@ def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: Cla
     for stage in spec.stages:
         r = stage.resources
         ds = ds.map_batches(
-            StageStep,
+            StageActor,
             fn_constructor_kwargs={
                 "stage_spec": stage.model_dump(mode="json"), "job_seed": spec.seed, "classes": classes,
                 "retries": engine.retries, "backoff": engine.retry_backoff_s, "progress": counter,
@@ -117,7 +117,7 @@ def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: Cla
             compute=_pool(r.concurrency),
             zero_copy_batch=True,
         )
-    yield from ds.map_batches(
+    rows = ds.map_batches(
         _write_step,
         fn_kwargs={"writer": writer},
         batch_size=1,
@@ -125,3 +125,4 @@ def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: Cla
         num_cpus=engine.write_cpus,
         zero_copy_batch=True,
     ).iter_rows()
+    yield from map(ShardResult.from_row, rows)

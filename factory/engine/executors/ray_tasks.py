@@ -13,14 +13,14 @@ from collections.abc import Iterator
 
 import ray
 
-from factory.engine.errors import describe
 from factory.engine.reader import ShardReader
-from factory.engine.writer import ShardWriter, summary_row
+from factory.engine.records import Failure, ShardResult
+from factory.engine.writer import ShardWriter
 
 TASKS_PER_SLOT = 2
 
 
-def read_and_commit(reader: ShardReader, writer: ShardWriter, shard: int) -> dict:
+def read_and_commit(reader: ShardReader, writer: ShardWriter, shard: int) -> ShardResult:
     return writer.commit(reader.read(shard))
 
 
@@ -31,8 +31,9 @@ def _in_flight_limit(num_cpus: float) -> int:
     return max(TASKS_PER_SLOT, int(TASKS_PER_SLOT * slots))
 
 
-def commit_shards(pending: list[int], reader: ShardReader, writer: ShardWriter, num_cpus: float) -> Iterator[dict]:
-    """Each pending shard's summary row, in the order they finish.
+def commit_shards(pending: list[int], reader: ShardReader, writer: ShardWriter,
+                  num_cpus: float) -> Iterator[ShardResult]:
+    """Each pending shard's result, in the order they finish.
 
     A worker that dies is retried by Ray; a shard whose task still fails comes back as a failed row (it
     stays uncommitted), like one whose read or write failed. Closing the iterator cancels what is queued.
@@ -55,7 +56,7 @@ def commit_shards(pending: list[int], reader: ShardReader, writer: ShardWriter, 
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayError as e:
-                result = summary_row({"shard": shard, "status": "failed", "stage": "worker", **describe(e)})
+                result = ShardResult.failed_at(shard, Failure.of("worker", e))
             yield result
     finally:
         for ref in in_flight:

@@ -1,0 +1,20 @@
+"""Connecting to Ray: a running cluster by its address, or a local Ray started in this process, whose
+agents `factory.engine.reaper` stops if this process is killed."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from factory.engine.reaper import watch_local_ray
+
+
+def init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
+             **({} if address else {"include_dashboard": False}))
+    if address is None:
+        watch_local_ray()
