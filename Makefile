@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT := build/quickstart
 
-.PHONY: run test bench clean
+.PHONY: run test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -22,8 +22,13 @@ run: $(BIN)/.installed
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# Every tier (unit, integration, e2e): what CI runs.
 test: $(BIN)/.installed /usr/bin/chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "unit or integration" tests
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_pipeline.py

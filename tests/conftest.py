@@ -4,11 +4,29 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(REPO / "tests"))
-# Ray workers import the test stages by module name: make the tests folder importable for them too.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")]))
+SUPPORT = Path(__file__).resolve().parent / "support"
+sys.path.insert(0, str(SUPPORT))
+# Ray workers import the test stages by module name: make the support folder importable for them too.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(SUPPORT), str(SUPPORT.parents[1]), os.environ.get("PYTHONPATH")]))
+
+import tiers  # noqa: E402  (needs the support folder on the path)
+
+
+def pytest_configure(config):
+    tiers.install()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(tiers.tier_of(item))
+    tiers.order(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    with tiers.running(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +39,12 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(model_cache):
-    """A local Ray with 2 CPUs, shared by the tests that run pipelines in-process."""
+    """A local Ray with 2 CPUs, shared by every test that runs pipelines in-process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}})
+    with tiers.infrastructure("the shared local Ray"):
+        ray.init(num_cpus=2, include_dashboard=False,
+                 runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}})
     yield ray
     ray.shutdown()
 
@@ -35,6 +55,7 @@ def s3_server(tmp_path_factory):
     import seaweed
 
     ports = seaweed.free_ports()
-    proc = seaweed.start(tmp_path_factory.mktemp("seaweedfs"), ports)
+    with tiers.infrastructure("the shared S3 server"):
+        proc = seaweed.start(tmp_path_factory.mktemp("seaweedfs"), ports)
     yield seaweed.endpoint(ports), seaweed.options(ports)
     seaweed.stop(proc)

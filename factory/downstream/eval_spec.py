@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from factory.downstream.mix_spec import MixSpec, Strategy, SyntheticInput
 from factory.downstream.segmenter import SegmenterConfig
-from factory.schema import StrictModel, read_yaml, validated
+from factory.schema import StrictModel, absolute_path, read_yaml, validated
 from factory.sources.spec import SourceSpec
 from factory.storage import Location
 
@@ -103,15 +103,13 @@ def load_eval_spec(path: str | Path) -> EvalSpec:
 
 def with_absolute_paths(spec: EvalSpec) -> EvalSpec:
     """Local relative paths made absolute: the workers may run in another directory."""
-    def absolute(path: str | None) -> str | None:
-        return path if path is None or "://" in path else str(Path(path).expanduser().resolve())
-
-    arms = [arm.model_copy(update={"synthetic": [s.model_copy(update={"url": absolute(s.url)})
+    arms = [arm.model_copy(update={"synthetic": [s.model_copy(update={"url": absolute_path(s.url)})
                                                  for s in arm.synthetic]}) for arm in spec.arms]
     return spec.model_copy(update={
-        "real": spec.real.model_copy(update={"path": absolute(spec.real.path)}),
-        "heldout": spec.heldout.model_copy(update={"path": absolute(spec.heldout.path)}),
+        "real": spec.real.model_copy(update={"path": absolute_path(spec.real.path)}),
+        "heldout": spec.heldout.model_copy(update={"path": absolute_path(spec.heldout.path)}),
         "arms": arms,
-        "segmenter": spec.segmenter.model_copy(update={"backbone_checkpoint": absolute(spec.segmenter.backbone_checkpoint)}),
-        "output": spec.output.model_copy(update={"url": absolute(spec.output.url)}),
+        "segmenter": spec.segmenter.model_copy(
+            update={"backbone_checkpoint": absolute_path(spec.segmenter.backbone_checkpoint)}),
+        "output": spec.output.model_copy(update={"url": absolute_path(spec.output.url)}),
     })

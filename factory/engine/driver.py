@@ -1,6 +1,6 @@
 """The engine's driver: a validated job spec becomes committed shards, or a clear reason why not.
 
-    checks -> lease -> plan (or the stored plan) -> pending shards -> pipeline (factory/engine/executors/ray_data.py) -> index
+    checks -> lease -> plan (or the stored plan) -> pending shards -> executor (factory/engine/executors) -> index
 
 Everything that can refuse the job (a bad spec, another job in the output, resources the cluster cannot
 give, a shard too large to hold) does so before anything is planned or written. The driver then holds

@@ -91,7 +91,8 @@ def random_clip(device: str, dtype):
         tokenizer = write_tiny_clip_tokenizer(Path(work))
     config = random_weights.transformers_config(random_weights.CLIP_L)
     random_weights.align_special_tokens(config.text_config, tokenizer)
-    processor = CLIPProcessor(image_processor=random_weights.image_processor(random_weights.CLIP_L), tokenizer=tokenizer)
+    processor = CLIPProcessor(image_processor=random_weights.image_processor(random_weights.CLIP_L),
+                              tokenizer=tokenizer)
     return random_weights.transformers_model(CLIPModel, config, device, dtype), processor
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import decode_image, decode_mask, load_json, read_tar
+from helpers import REPO, decode_image, decode_mask, load_json, read_tar
 
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
-from factory.output.layout import OutputStore
+from factory.output.layout import OutputStore, open_output
 from factory.output.selections import selected_keys
 from factory.sources.scenes import make_scenes
 from factory.tools.report import write_report
@@ -25,7 +25,7 @@ from factory.tools.top_fraction import main_select, select_top
 
 pytestmark = pytest.mark.timeout(600)
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "sense_tiny.yaml"
+JOB = REPO / "jobs" / "sense_tiny.yaml"
 SOURCES = 5
 CLIP_MIN = 10.0  # the tiny run's CLIP scores lie 5-16, none within 0.7 of this
 
@@ -149,7 +149,7 @@ def test_top_fraction_selection_over_the_output(sense_run, capsys):
     values = {key: json.loads(files["json"])["scores"]["density"]["instances"] for key, files in samples(out).items()}
     assert min(values[k] for k in kept) == selection["threshold"] >= max(
         (v for k, v in values.items() if k not in kept), default=0)
-    assert main_select(str(out), "fidelity.clip_score", 0.25, lowest=True) == 0
+    assert main_select(open_output(str(out)), "fidelity.clip_score", 0.25, lowest=True) == 0
     assert "bottom-fidelity.clip_score-0.25.json: kept" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown score"):
         select_top(OutputStore(str(out)), "density.crowd", 0.5)

@@ -1,4 +1,4 @@
-"""Storage faults for the fault-matrix tests (tests/test_faults.py), in every process of a run.
+"""Storage faults for the fault-matrix tests (tests/engine/test_faults.py), in every process of a run.
 
 A test puts this folder first on PYTHONPATH and names a fault in FACTORY_TEST_FAULT; Python imports
 this module at start-up in the driver and in every Ray worker, and it wraps fsspec's local file
@@ -7,6 +7,9 @@ opening so that writes of shard tars (written under the job's `_tmp/`, then rena
     fail-once:MARKER_DIR   the first write (across all processes) raises EIO, later ones work
     slow:SECONDS           every write sleeps first, so a write task is easy to catch mid-way
     enospc                 every write raises ENOSPC: a full disk, where a test cannot mount one
+
+With FACTORY_TEST_PIDS=DIR as well, every process that starts such a write creates DIR/writer-PID first:
+the test finds the process writing a tar by what it does, not by how Ray names its processes.
 """
 
 import errno
@@ -22,6 +25,8 @@ def _install(fault: str) -> None:
 
     def _open(self, path, mode="rb", *args, **kwargs):
         if "w" in mode and "/_tmp/" in str(path) and str(path).endswith(".tar"):
+            if os.environ.get("FACTORY_TEST_PIDS"):
+                open(os.path.join(os.environ["FACTORY_TEST_PIDS"], f"writer-{os.getpid()}"), "a").close()
             if kind == "fail-once":
                 try:
                     os.close(os.open(os.path.join(arg, "failed-once"), os.O_CREAT | os.O_EXCL))

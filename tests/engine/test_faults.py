@@ -3,7 +3,7 @@
 the shards are byte-identical to those of an uninterrupted run.
 
 Driver SIGKILL is in test_kill_resume.py. Storage faults that no real device gives on demand are
-injected by tests/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
+injected by tests/support/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import psutil
 import pytest
 import seaweed
 import yaml
-from helpers import folder_spec, write_folder_source
+from helpers import REPO, SUPPORT, folder_spec, write_folder_source
 
 pytestmark = pytest.mark.timeout(600)
 
-REPO = Path(__file__).resolve().parents[1]
 FACTORY = [sys.executable, "-m", "factory.cli"]
 SHARDS = 8
 FAST = {"retries": 2, "retry_backoff_s": 0.2}
@@ -45,10 +44,12 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def env_with(fault: str | None = None) -> dict:
+def env_with(fault: str | None = None, pids: Path | None = None) -> dict:
     env = dict(os.environ)
-    paths = [str(REPO / "tests" / "faults")] if fault else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
+    if pids is not None:
+        env["FACTORY_TEST_PIDS"] = str(pids)
+    paths = [str(SUPPORT / "faults")] if fault else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(SUPPORT), str(REPO), env.get("PYTHONPATH", "")])
     if fault:
         env["FACTORY_TEST_FAULT"] = fault
     return env
@@ -58,9 +59,9 @@ def run_cli(*args, fault: str | None = None, timeout: float = 300) -> subprocess
     return subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=timeout, env=env_with(fault))
 
 
-def start_cli(*args, fault: str | None = None) -> subprocess.Popen:
+def start_cli(*args, fault: str | None = None, pids: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([*FACTORY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_with(fault))
+                            env=env_with(fault, pids))
 
 
 def tars_in(shards: dict[str, bytes]) -> dict[str, bytes]:
@@ -97,11 +98,14 @@ def committed(out: Path) -> int:
     return len(list((out / "stats").glob("*.json"))) if (out / "stats").exists() else 0
 
 
-def ray_process(name_part: str):
-    """A Ray worker process whose title (set by Ray to the running actor or task) contains `name_part`."""
-    for p in psutil.process_iter(["cmdline"]):
-        if any(name_part in part for part in p.info["cmdline"] or ()):
-            return p
+def recorded_process(folder: Path, role: str) -> psutil.Process | None:
+    """A live process that recorded itself as `role` in `folder` (FACTORY_TEST_PIDS: a stage worker when it
+    is set up, a process when it starts writing a tar; see support/stages_for_tests.py and faults/)."""
+    for marker in sorted(folder.glob(f"{role}-*")):
+        try:
+            return psutil.Process(int(marker.name.rsplit("-", 1)[1]))
+        except psutil.NoSuchProcess:
+            continue
     return None
 
 
@@ -129,9 +133,11 @@ def reference(source, tmp_path_factory, model_cache):
 def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    proc = start_cli("run", str(spec))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = start_cli("run", str(spec), pids=pids)
     wait_for(lambda: committed(out) >= 1, "a first commit", proc)
-    actor = wait_for(lambda: ray_process("StageStep"), "the stage actor", proc)
+    actor = wait_for(lambda: recorded_process(pids, "stage"), "the stage actor", proc)
     actor.send_signal(signal.SIGKILL)
     code, err = finish(proc)
     if code != 0:  # a clean stop is allowed; the rerun must then finish the job
@@ -144,8 +150,10 @@ def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source
 def test_a_write_task_killed_mid_write_is_retried(source, reference, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    proc = start_cli("run", str(spec), fault="slow:1.0")
-    writer = wait_for(lambda: ray_process("_write_step"), "a write task", proc)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = start_cli("run", str(spec), fault="slow:1.0", pids=pids)
+    writer = wait_for(lambda: recorded_process(pids, "writer"), "a write task", proc)
     writer.send_signal(signal.SIGKILL)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
@@ -156,9 +164,12 @@ def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_
     def run(out: Path, fault: str | None = None) -> dict[str, bytes]:
         spec = folder_spec(source, out, [], shard_size=2)
         spec["engine"] = FAST
-        proc = start_cli("run", str(write_spec(out.parent / f"{out.name}.yaml", spec)), fault=fault)
+        pids = out.parent / f"{out.name}-pids"
+        pids.mkdir()
+        proc = start_cli("run", str(write_spec(out.parent / f"{out.name}.yaml", spec)), fault=fault, pids=pids)
         if fault:
-            wait_for(lambda: ray_process("read_and_commit"), "a read-and-commit task", proc).send_signal(signal.SIGKILL)
+            wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar",
+                     proc).send_signal(signal.SIGKILL)
         code, err = finish(proc)
         assert code == 0, err[-3000:]
         return local_tars(out)

@@ -9,17 +9,20 @@ training scenes (`--style varied`, so colour does not give the class), 64 held-o
 """
 
 import json
+import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 import torch
 import yaml
 from output_builder import Item, build_output
 from PIL import Image
 from scipy import stats
 
+from factory.storage import Folder
 from factory.cli import main
 from factory.downstream.eval import BASELINE, load_eval_spec, paired_difference, run_eval
 from factory.downstream.eval_spec import parse_eval_spec
@@ -33,7 +36,7 @@ from factory.sources.scenes import make_scenes
 
 pytestmark = pytest.mark.timeout(900)
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = REPO / "jobs"
 
 
 def folder(path) -> dict:
@@ -135,13 +138,13 @@ def test_sense_arm_trains_on_the_teacher_s_confident_pixels(tmp_path):
                        "teacher_threshold": 0.0}],
                 train={"steps": 3, "batch_size": 4, "loader_workers": 0}, segmenter={"kind": "unet", "width": 4})
     spec = parse_eval_spec(data)
-    fs, root = spec.output.filesystem()
+    out = Folder.at(spec.output)
     torch.manual_seed(0)
     baseline = build_segmenter(spec.segmenter, 150)
-    fs.makedirs(f"{root}/models", exist_ok=True)
-    with fs.open("/".join([root, *baseline_path(0)]), "wb") as f:
-        torch.save(baseline.state_dict(), f)
-    teacher = _teacher(spec, "sense", 0, 150, fs, root, "cpu")
+    buf = io.BytesIO()
+    torch.save(baseline.state_dict(), buf)
+    out.write_bytes(buf.getvalue(), *baseline_path(0))
+    teacher = _teacher(spec, "sense", 0, 150, out, "cpu")
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     model = build_segmenter(spec.segmenter, 150)
     before = [p.detach().clone() for p in model.parameters()]

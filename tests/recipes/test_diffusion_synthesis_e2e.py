@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SHARED_DATA
-from helpers import decode_image, decode_mask, load_json, read_tar
+from helpers import SHARED_DATA
+from helpers import REPO, decode_image, decode_mask, load_json, read_tar
 from PIL import Image
 
 from factory.engine.driver import run_job
@@ -162,7 +162,7 @@ def test_images_only_source_is_labelled_by_the_mask_generator(ray_local, tmp_pat
 
 
 def test_job_specs_validate_and_match():
-    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    jobs = REPO / "jobs"
     real = load_spec(jobs / "diffusion_synthesis.yaml")
     tiny = load_spec(jobs / "diffusion_synthesis_tiny.yaml")
     kinds = ["caption", "prompt", "controlnet", "select"]
@@ -177,7 +177,7 @@ def test_job_specs_validate_and_match():
 
 
 def test_coco_panoptic_class_map_covers_the_133_categories():
-    path = Path(__file__).resolve().parents[1] / "factory" / "data" / "class_maps" / "coco_panoptic_to_ade150.json"
+    path = REPO / "factory" / "data" / "class_maps" / "coco_panoptic_to_ade150.json"
     mapping = json.loads(path.read_text())
     assert len(mapping) == 133
     ade = set(class_set("ade150").names)

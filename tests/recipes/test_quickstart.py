@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from helpers import decode_image, decode_mask
+from helpers import REPO, decode_image, decode_mask
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
 FACTORY = [sys.executable, "-m", "factory.cli"]
 
 pytestmark = pytest.mark.timeout(600)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import decode_image, decode_mask, read_tar
+from helpers import REPO, decode_image, decode_mask, read_tar
 
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
@@ -19,7 +19,7 @@ from factory.sources.scenes import make_scenes
 
 pytestmark = pytest.mark.timeout(600)
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = REPO / "jobs"
 SCENES = 3
 
 

@@ -150,7 +150,7 @@ def test_t2i_is_deterministic(t2i, model_cache):
 
 def test_t2i_batched_calls_match_single_source_calls(t2i):
     """One call per (generator, size) holds the whole batch; each image still matches its single-source run
-    to within float rounding (why GPU bits may differ: tests/test_controlnet_stage.py)."""
+    to within float rounding (why GPU bits may differ: tests/stages/test_controlnet_stage.py)."""
     inputs = [painted(0, prompt="a room"), painted(1, prompt="a street at night"), painted(2, prompt="a room")]
     batched = t2i.process([replace(s, meta=dict(s.meta)) for s in inputs])
     single = [v for s in inputs for v in t2i.process([s])]

@@ -9,13 +9,13 @@ from helpers import read_tar
 from factory.engine.writer import WriteSettings, write_shard
 from factory.output.layout import OutputStore
 from factory.sample import Sample
-from factory.engine.records import ShardWork
+from factory.engine.records import Failure, JobInfo, ShardWork
 
 pytestmark = pytest.mark.timeout(60)
 
 SETTINGS = WriteSettings(image_format="png", quality=95, keep_rejected=False, max_failure_fraction=0.5,
                          retries=2, backoff=0.0)
-JOB = {"job": "t", "spec_hash": "abc", "models": {}}
+JOB = JobInfo(job="t", spec_hash="abc", models={})
 
 
 def shard_work(n: int, k: int = 2) -> ShardWork:
@@ -34,7 +34,7 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
     work.samples[1].fail("synth", "bad_output", "nan")
     work.samples[4].reject("select", "low_cosine")
     result = write_shard(work, store, SETTINGS, JOB)
-    assert (result["status"], result["samples"], result["failed"], result["rejected"]) == ("committed", 4, 1, 1)
+    assert (result.status, result.samples, result.failed, result.rejected) == ("committed", 4, 1, 1)
     assert list(read_tar(tmp_path / "shards" / "shard-000003.tar")) == [
         "000003-000000-0", "000003-000001-0", "000003-000001-1", "000003-000002-1"]
     stats = json.loads((tmp_path / "stats" / "shard-000003.json").read_text())
@@ -44,7 +44,7 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
         ("000003-000000-1", "failed", "bad_output"), ("000003-000002-0", "rejected", "low_cosine")]
     first = (tmp_path / "shards" / "shard-000003.tar").read_bytes()
     # A retried or repeated write of the same shard (Ray re-ran the task) gives the same bytes.
-    assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB)["status"] == "committed"
+    assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB).committed
     assert (tmp_path / "shards" / "shard-000003.tar").read_bytes() == first
 
 
@@ -61,15 +61,16 @@ def test_a_shard_over_the_failure_ceiling_writes_nothing(tmp_path):
     for s in work.samples[:3]:
         s.fail("read", "corrupt_image")
     result = write_shard(work, store, SETTINGS, JOB)
-    assert result["status"] == "failed" and "3 of 4 rows failed (read:corrupt_image 3)" in result["cause"]
+    assert not result.committed and "3 of 4 rows failed (read:corrupt_image 3)" in result.failure.cause
     assert not (tmp_path / "shards").exists() and not (tmp_path / "stats").exists()
 
 
 def test_a_failed_shard_passes_its_cause_on(tmp_path):
     work = shard_work(1)
-    work.failure = {"shard": 3, "stage": "synth", "cause": "RuntimeError: boom", "advice": "rerun"}
+    work.failure = Failure(stage="synth", cause="RuntimeError: boom", advice="rerun")
     result = write_shard(work, OutputStore(str(tmp_path)), SETTINGS, JOB)
-    assert (result["status"], result["stage"], result["cause"]) == ("failed", "synth", "RuntimeError: boom")
+    assert (result.status, result.failure) == ("failed", work.failure)
+    assert result.to_row()["cause"] == "RuntimeError: boom" and type(result).from_row(result.to_row()) == result
     assert not (tmp_path / "stats").exists()
 
 
@@ -85,8 +86,8 @@ def test_storage_errors_are_retried_then_reported_without_a_commit(tmp_path, mon
         real_write_json(data, *parts)
 
     monkeypatch.setattr(store, "write_json", flaky)
-    assert write_shard(shard_work(1), store, SETTINGS, JOB)["status"] == "committed"
+    assert write_shard(shard_work(1), store, SETTINGS, JOB).committed
     calls["n"] = -10  # now every attempt fails
     result = write_shard(shard_work(1), store, SETTINGS, JOB)
-    assert result["status"] == "failed" and result["stage"] == "write"
+    assert result.status == "failed" and result.failure.stage == "write"
     assert "No space left" in result["cause"] and "free space" in result["advice"]

@@ -54,7 +54,7 @@ def ray_cluster(model_cache):
     env = dict(os.environ)
     # The cluster's nodes run the project's interpreter first on PATH, as the image does: the job's
     # entrypoint `python -m factory.cli` must find it. Workers inherit the model cache and PYTHONPATH
-    # (conftest puts tests/ on it, for the plug-in stage).
+    # (conftest puts tests/support/ on it, for the plug-in stage).
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["FACTORY_MODEL_CACHE"] = str(model_cache)
     env["RAY_AUTH_MODE"] = "token"

@@ -10,6 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[2]
+SUPPORT = Path(__file__).resolve().parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
 
 def write_folder_source(root: Path, n: int, size: int = 32, seed: int = 0) -> dict[str, tuple]:
     """n samples `s-XXX_image.png` + `s-XXX_mask.png` (ADE150 ids); returns id -> (image, mask)."""

@@ -3,7 +3,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 from factory.sources.classes import (
     IGNORE,

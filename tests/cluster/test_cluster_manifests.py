@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -23,7 +24,6 @@ from factory.engine.spec import parse_spec
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 PINS = {Requirement(d).name.lower(): Requirement(d) for d in PYPROJECT["dependencies"]}

@@ -2,11 +2,11 @@
 
 import pickle
 import uuid
-from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
+from helpers import SHARED_DATA
 from fixtures_data import (
     COCO_CLASS_NAMES,
     COCO_SEGMENTS,
@@ -38,7 +38,6 @@ from factory.sources.spec import SourceSpec
 
 pytestmark = pytest.mark.timeout(120)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 H, W = SIZE
 
 

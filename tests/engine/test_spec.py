@@ -2,6 +2,7 @@ import copy
 import json
 
 import pytest
+from helpers import REPO
 import yaml
 
 from factory.engine.spec import load_spec, parse_spec, redacted_spec
@@ -111,14 +112,13 @@ def test_load_spec_with_overrides_and_yaml_errors(tmp_path):
 
 
 def test_every_shipped_job_spec_validates():
-    from pathlib import Path
 
     from factory.downstream.eval import load_eval_spec
     from factory.seggen.spec import load_train_spec
 
     # Each kind of spec has its own schema: `factory train` specs are train_*.yaml, `factory eval` specs
     # have arms; every other file is a job spec (eval_toy_true_scenes.yaml makes an eval input).
-    jobs = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+    jobs = sorted((REPO / "jobs").glob("*.yaml"))
     kinds = {job: "train" if job.name.startswith("train_") else "eval" if "arms" in yaml.safe_load(job.read_text())
              else "job" for job in jobs}
     assert set(kinds.values()) == {"train", "eval", "job"}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 import s3fs
 import torch
 import yaml
@@ -24,7 +25,7 @@ from factory.stages.text2mask import Text2MaskStage
 
 pytestmark = pytest.mark.timeout(900)
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = REPO / "jobs"
 ADE = class_set("ade150")
 
 

@@ -1,4 +1,10 @@
-"""Stages that exist only for tests, loaded by the engine as `module:Class` like any user plug-in."""
+"""Stages that exist only for tests, loaded by the engine as `module:Class` like any user plug-in.
+
+Two environment variables (never part of a spec, so they change no spec hash and no output byte) let the
+fault tests steer `InvertStage` from outside the job:
+    FACTORY_TEST_PIDS=DIR    each stage worker creates DIR/stage-PID when it is set up (the process to kill)
+    FACTORY_TEST_GATE=FILE   while FILE exists, every shard but shard 0 waits before its first batch
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,19 @@ import os
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from factory.sample import BadSample
+from factory.schema import StrictModel
 from factory.stages import Stage
 
 
-class InvertParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def record_pid(role: str) -> None:
+    """Create FACTORY_TEST_PIDS/<role>-<pid>, when the variable is set."""
+    folder = os.environ.get("FACTORY_TEST_PIDS")
+    if folder:
+        Path(folder, f"{role}-{os.getpid()}").touch()
+
+
+class InvertParams(StrictModel):
     variants: int = 1
     bad_ids: list[str] = []  # raise BadSample: a data problem the engine pins on the sample
     reject_ids: list[str] = []
@@ -28,6 +39,9 @@ class InvertStage(Stage):
     name = "test-invert"
     Params = InvertParams
 
+    def setup(self) -> None:
+        record_pid("stage")
+
     def variants_per_input(self) -> int:
         return self.params.variants
 
@@ -35,6 +49,9 @@ class InvertStage(Stage):
         return {"invert": "none"}
 
     def process(self, samples):
+        gate = os.environ.get("FACTORY_TEST_GATE")
+        while gate and samples and samples[0].shard > 0 and os.path.exists(gate):
+            time.sleep(0.05)
         out = []
         for s in samples:
             if not self.params.sleep_ids or s.source_id in self.params.sleep_ids:
@@ -68,8 +85,7 @@ class FloatImageStage(Stage):
         return samples
 
 
-class FlakyParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FlakyParams(StrictModel):
     marker_dir: str
     failures: int = 1
 

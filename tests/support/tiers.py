@@ -1,0 +1,98 @@
+"""The test tiers, and the check that a test does only what its tier allows.
+
+    unit         no Ray, no other process: the default for a test without a tier marker
+    integration  the session's shared local Ray (`ray_local`) and S3 server (`s3_server`), DataLoader
+                 worker processes; no Ray or program of its own
+    e2e          anything: `factory` CLI subprocesses, `ray start` clusters, the fault matrix, full-size models
+
+`make test-fast` runs unit + integration, `make test` every tier. Tests run tier by tier (unit first), so
+no unit test ever finds a Ray that an earlier test started: a unit test that needs Ray has to start one,
+and that is what the check catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
+`Process.start` for the whole session and fails the running test when its tier does not allow the call.
+The shared fixtures start their processes inside `infrastructure()`, which only an integration or e2e test
+may enter.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.process
+import subprocess
+from contextlib import contextmanager
+
+import pytest
+
+TIERS = ("unit", "integration", "e2e")
+_current: dict = {"item": None, "infrastructure": 0}
+
+
+def tier_of(item: pytest.Item) -> str:
+    found = {m.name for m in item.iter_markers() if m.name in TIERS}
+    if len(found) > 1:
+        raise pytest.UsageError(f"{item.nodeid}: more than one tier marker: {sorted(found)}")
+    return found.pop() if found else "unit"
+
+
+def _violation(what: str, allowed_from: str) -> None:
+    item = _current["item"]
+    if item is None:
+        return
+    tier = tier_of(item)
+    if TIERS.index(tier) < TIERS.index(allowed_from):
+        pytest.fail(f"{item.nodeid} is a {tier} test but {what}: mark it "
+                    f"@pytest.mark.{allowed_from} (or use the shared fixtures; see tests/support/tiers.py)", pytrace=False)
+
+
+@contextmanager
+def infrastructure(what: str):
+    """The shared session fixtures start their processes here: allowed from integration tests on."""
+    _violation(f"starts {what}", "integration")
+    _current["infrastructure"] += 1
+    try:
+        yield
+    finally:
+        _current["infrastructure"] -= 1
+
+
+def install() -> None:
+    import ray
+
+    popen_init = subprocess.Popen.__init__
+    process_start = multiprocessing.process.BaseProcess.start
+    ray_init = ray.init
+
+    def checked_popen_init(self, *args, **kwargs):
+        if not _current["infrastructure"]:
+            _violation(f"starts a subprocess ({str(args[0] if args else kwargs.get('args'))[:120]})", "e2e")
+        popen_init(self, *args, **kwargs)
+
+    def checked_process_start(self):
+        if not _current["infrastructure"]:
+            _violation("starts a worker process (multiprocessing)", "integration")
+        return process_start(self)
+
+    def checked_ray_init(*args, **kwargs):
+        if not _current["infrastructure"] and not ray.is_initialized():
+            _violation("starts a Ray of its own (use the shared `ray_local` fixture)", "e2e")
+        _current["infrastructure"] += 1
+        try:
+            return ray_init(*args, **kwargs)
+        finally:
+            _current["infrastructure"] -= 1
+
+    subprocess.Popen.__init__ = checked_popen_init
+    multiprocessing.process.BaseProcess.start = checked_process_start
+    ray.init = checked_ray_init
+
+
+def order(items: list[pytest.Item]) -> None:
+    """Tier by tier, unit first; within a tier in collection order."""
+    items.sort(key=lambda item: TIERS.index(tier_of(item)))
+
+
+@contextmanager
+def running(item: pytest.Item):
+    _current["item"] = item
+    try:
+        yield
+    finally:
+        _current["item"] = None
