@@ -4,11 +4,14 @@ from pathlib import Path
 
 import pytest
 
-SUPPORT = Path(__file__).resolve().parent / "support"
+TESTS = Path(__file__).resolve().parent
+SUPPORT = TESTS / "support"
 sys.path.insert(0, str(SUPPORT))
-# Ray workers import the test stages by module name: make the support folder importable for them too.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [str(SUPPORT), str(SUPPORT.parents[1]), os.environ.get("PYTHONPATH")]))
+# Ray workers unpickle what tests hand them (plug-in stages, readers defined in a test module) by module
+# name, as pytest imported them: the support folder and every test folder are importable there too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [
+    str(SUPPORT), *sorted(str(d) for d in TESTS.iterdir() if d.is_dir() and any(d.glob("test_*.py"))),
+    str(TESTS.parent), os.environ.get("PYTHONPATH")]))
 
 import tiers  # noqa: E402  (needs the support folder on the path)
 

@@ -75,7 +75,7 @@ class OutputStore(Folder):
         try:
             names = self.fs.ls(self.path(STATS_DIR), detail=False)
         except FileNotFoundError:
-            return set()
+            return []
         done = set()
         for name in names:
             base = name.rsplit("/", 1)[-1]

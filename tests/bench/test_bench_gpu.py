@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO
 
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def test_tiny_benchmark_writes_every_section(tmp_path, model_cache):

@@ -94,6 +94,7 @@ def test_base_image_is_the_cuda_runtime_that_torch_was_built_for():
         assert torch.version.cuda == cuda
 
 
+@pytest.mark.e2e
 def test_the_image_installs_exactly_the_pyproject_pins():
     runs = " ".join(instructions("RUN"))
     copies = [shlex.split(c) for c in instructions("COPY")]
@@ -137,6 +138,7 @@ def test_dockerignore_sends_only_what_the_image_copies():
     assert {"!pyproject.toml", "!factory/"} <= set(lines)
 
 
+@pytest.mark.e2e
 def test_hadolint_passes():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     out = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True)

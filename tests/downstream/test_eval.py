@@ -153,6 +153,7 @@ def test_sense_arm_trains_on_the_teacher_s_confident_pixels(tmp_path):
     assert math.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.e2e
 def test_the_positive_control_helps_and_the_negative_control_does_not(toy):
     root, spec, summary = toy
     arms = summary["arms"]
@@ -165,6 +166,7 @@ def test_the_positive_control_helps_and_the_negative_control_does_not(toy):
     assert arms["true-scenes"]["mean"] > arms["controlnet-noise"]["mean"]
 
 
+@pytest.mark.e2e
 def test_results_plot_resume_and_cli(toy, capsys):
     root, spec, summary = toy
     out = root / "results"

@@ -203,6 +203,7 @@ def shares(spec_data: dict, world: int, workers: int, n: int) -> list[list[list[
     return out
 
 
+@pytest.mark.integration
 def test_shards_and_ids_split_across_dataloader_workers_and_ranks(data, tmp_path):
     # Real: 24 ids over 2 ranks x 2 workers; batches of 3, so each reader's first 2 batches are its epoch.
     real = shares(spec(data, {"kind": "real"}, batch_size=3), world=2, workers=2, n=2)
@@ -224,6 +225,7 @@ def test_shards_and_ids_split_across_dataloader_workers_and_ranks(data, tmp_path
         assert len(groups) == 2 and sorted(share) == sorted(f"{g}-{v}" for g in groups for v in range(2))
 
 
+@pytest.mark.integration
 def test_selection_and_s3(data, s3_server, tmp_path):
     import s3fs
 
@@ -262,6 +264,7 @@ def _ray_worker(config):
         "\n".join(f"{k} {kind}" for k, kind in zip(keys, kinds_)) + f"\n#{masks_ok}")
 
 
+@pytest.mark.integration
 def test_ray_data_variant_under_ray_train(data, ray_local, tmp_path):
     from ray.data import DataContext
     from ray.train import DataConfig, RunConfig, ScalingConfig

@@ -13,7 +13,7 @@ from factory.engine.shard_plan import PlanError
 from factory.engine.spec import parse_spec
 from factory.schema import SpecError
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 INVERT = "stages_for_tests:InvertStage"
 FAST_RETRIES = {"retries": 2, "retry_backoff_s": 0.01}

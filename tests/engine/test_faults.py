@@ -23,7 +23,7 @@ import seaweed
 import yaml
 from helpers import REPO, SUPPORT, folder_spec, write_folder_source
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 FACTORY = [sys.executable, "-m", "factory.cli"]
 SHARDS = 8

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import folder_spec, read_tar, write_folder_source
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 FACTORY = [sys.executable, "-m", "factory.cli"]
 

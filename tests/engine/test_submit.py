@@ -24,7 +24,7 @@ from helpers import folder_spec, write_folder_source
 from factory.engine.spec import parse_spec
 from factory.engine.submit import submission_id
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 INVERT = "stages_for_tests:InvertStage"
 VENV_BIN = Path(sys.executable).parent

@@ -90,4 +90,4 @@ def test_storage_errors_are_retried_then_reported_without_a_commit(tmp_path, mon
     calls["n"] = -10  # now every attempt fails
     result = write_shard(shard_work(1), store, SETTINGS, JOB)
     assert result.status == "failed" and result.failure.stage == "write"
-    assert "No space left" in result["cause"] and "free space" in result["advice"]
+    assert "No space left" in result.failure.cause and "free space" in result.failure.advice

@@ -19,14 +19,14 @@ from helpers import folder_spec, load_json, read_tar, write_folder_source
 
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
-from factory.models import loading as models
+from factory.models.tiny_diffusion import tiny_controlnet_pipeline_dir
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def upload_tiny_pipeline(options: dict) -> str:
     """Copy the tiny pipeline's files to a fresh prefix of the test bucket; returns its s3:// URL."""
-    tiny = Path(models.tiny_controlnet_pipeline_dir())
+    tiny = Path(tiny_controlnet_pipeline_dir())
     fs = s3fs.S3FileSystem(**options)
     prefix = f"test/models-{uuid.uuid4().hex[:8]}/sd-tiny"
     for f in tiny.rglob("*"):
@@ -44,6 +44,7 @@ def fills(cache: Path, entry: str) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
+@pytest.mark.integration
 def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
     ray_local, s3_server, model_cache, tmp_path
 ):
@@ -99,6 +100,7 @@ print(resolve_model_path(url, options))
 """
 
 
+@pytest.mark.e2e
 def test_processes_racing_for_one_url_fetch_it_once(s3_server, model_cache, tmp_path):
     """The lock that makes it once per node is an fcntl lock between processes: Ray actors are processes."""
     _, options = s3_server
@@ -125,7 +127,7 @@ def test_processes_racing_for_one_url_fetch_it_once(s3_server, model_cache, tmp_
     assert len(paths) == 1
     entry = Path(paths.pop())
     assert entry.parent == cache and len(fills(cache, entry.name)) == 1
-    tiny = Path(models.tiny_controlnet_pipeline_dir())
+    tiny = Path(tiny_controlnet_pipeline_dir())
     for f in tiny.rglob("*"):
         if f.is_file() and f.name != ".factory-complete":
             assert (entry / f.relative_to(tiny)).read_bytes() == f.read_bytes()

@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from factory.models import loading as models
+from factory.models.controlnet import load_controlnet_pipeline
+from factory.models import tiny_diffusion
+from factory.models.tiny_diffusion import TINY_CONTROLNET, tiny_controlnet_pipeline_dir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,23 +33,23 @@ def _cfg(**kw):
 
 
 def test_tiny_dir_is_built_once_and_reused(model_cache, monkeypatch):
-    first = Path(models.tiny_controlnet_pipeline_dir())
-    assert first.parent.parent == model_cache and first.name == models.TINY_CONTROLNET
+    first = Path(tiny_controlnet_pipeline_dir())
+    assert first.parent.parent == model_cache and first.name == TINY_CONTROLNET
     marker = first / ".factory-complete"
     stamp = marker.stat().st_mtime_ns
 
     def must_not_build(target):
         raise AssertionError("the tiny pipeline was built a second time")
 
-    monkeypatch.setattr(models, "build_tiny_controlnet", must_not_build)
-    assert Path(models.tiny_controlnet_pipeline_dir()) == first
+    monkeypatch.setattr(tiny_diffusion, "build_tiny_controlnet", must_not_build)
+    assert Path(tiny_controlnet_pipeline_dir()) == first
     assert marker.stat().st_mtime_ns == stamp
     for part in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
         assert (first / part).exists()
 
 
 def test_tiny_pipeline_loads_through_from_pretrained(model_cache):
-    pipe = models.load_controlnet_pipeline(_cfg(profile="tiny"), "cpu", "auto")
+    pipe = load_controlnet_pipeline(_cfg(profile="tiny"), "cpu", "auto")
     assert type(pipe).__name__ == "StableDiffusionControlNetPipeline"
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
     assert pipe.tokenizer.model_max_length == 77
@@ -58,15 +61,15 @@ def test_tiny_pipeline_loads_through_from_pretrained(model_cache):
 
 
 def test_pretrained_profile_loads_local_and_object_store_paths(model_cache, memfs):
-    tiny = Path(models.tiny_controlnet_pipeline_dir())
-    local = models.load_controlnet_pipeline(
+    tiny = Path(tiny_controlnet_pipeline_dir())
+    local = load_controlnet_pipeline(
         _cfg(base=str(tiny), controlnet=str(tiny / "controlnet")), "cpu", "bf16")
     assert local.unet.dtype == torch.bfloat16 and local.controlnet.dtype == torch.bfloat16
 
     for f in tiny.rglob("*"):
         if f.is_file() and f.name != ".factory-complete":
             memfs.pipe_file(f"/models/sd/{f.relative_to(tiny)}", f.read_bytes())
-    remote = models.load_controlnet_pipeline(
+    remote = load_controlnet_pipeline(
         _cfg(base="memory://models/sd", controlnet="memory://models/sd/controlnet"), "cpu", "fp32")
     assert remote.unet.config.block_out_channels == local.unet.config.block_out_channels
     assert remote.unet.dtype == torch.float32
@@ -135,7 +138,7 @@ def test_hub_id_is_returned_unchanged_and_offline_load_says_so(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = _cfg(base="runwayml/stable-diffusion-v1-5", controlnet="lllyasviel/sd-controlnet-seg")
     with pytest.raises(OSError, match="hub is unreachable") as err:
-        models.load_controlnet_pipeline(cfg, "cpu", "auto")
+        load_controlnet_pipeline(cfg, "cpu", "auto")
     assert "lllyasviel/sd-controlnet-seg" in str(err.value) and "s3://" in str(err.value)
 
 

@@ -54,6 +54,7 @@ def test_parameter_counts_match_the_published_checkpoints():
         assert abs(counted - figure) / figure < 0.015, f"{what}: counted {counted:.0f}M"
 
 
+@pytest.mark.e2e
 def test_every_model_stage_builds_its_random_models(model_cache):
     stages = {
         "controlnet": meta_stage("controlnet"),
@@ -76,6 +77,7 @@ def test_every_model_stage_builds_its_random_models(model_cache):
     assert t2i.generation_size(t2i.params.generators[2], 480, 640) == (768, 1024)  # Sana: multiples of 32
 
 
+@pytest.mark.e2e
 def test_the_gemma3_processor_gives_the_real_input_layout():
     from factory.models.random_vision import random_vlm
 
@@ -90,6 +92,7 @@ def test_the_gemma3_processor_gives_the_real_input_layout():
     assert int(ids.max()) < vlm.config.text_config.vocab_size
 
 
+@pytest.mark.e2e
 def test_full_size_sd15_controlnet_one_denoising_step_at_512(model_cache):
     """The real SD1.5 + sd-controlnet-seg sizes built by the stage, one denoising step at 512 px.
 
@@ -119,6 +122,7 @@ def test_full_size_sd15_controlnet_one_denoising_step_at_512(model_cache):
     assert image.shape == (1, 3, 128, 128) and torch.isfinite(image).all()
 
 
+@pytest.mark.e2e
 def test_full_size_blip_and_clip_run_on_cpu(model_cache):
     caption = resolve_stage("caption")
     captioner = caption(caption.Params(max_new_tokens=3), caption.Model(profile="random", dtype="fp32"),
@@ -138,6 +142,7 @@ def test_full_size_blip_and_clip_run_on_cpu(model_cache):
     assert -1 <= scored.meta["scores"]["cosine"] <= 1 and scored.meta["scores"]["embedding"] == "clip"
 
 
+@pytest.mark.e2e
 def test_seggen_training_models_at_full_size():
     from factory.seggen.models import TrainingModels
     from factory.seggen.spec import TrainModel

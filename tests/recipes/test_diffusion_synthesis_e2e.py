@@ -17,7 +17,7 @@ from factory.engine.spec import load_spec, parse_spec
 from factory.sources import open_source
 from factory.sources.classes import IGNORE, ClassSet, ade150_lookup, class_names_in, class_set
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 VOC = class_set("voc")
 VOC_SOURCE = {

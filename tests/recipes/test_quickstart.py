@@ -12,7 +12,7 @@ from PIL import Image
 
 FACTORY = [sys.executable, "-m", "factory.cli"]
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
 def factory(*args, check=True):

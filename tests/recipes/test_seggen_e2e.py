@@ -17,7 +17,7 @@ from factory.engine.spec import parse_spec
 from factory.sources.classes import IGNORE, class_set
 from factory.sources.scenes import make_scenes
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 JOBS = REPO / "jobs"
 SCENES = 3

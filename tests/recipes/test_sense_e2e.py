@@ -23,7 +23,7 @@ from factory.sources.scenes import make_scenes
 from factory.tools.report import write_report
 from factory.tools.top_fraction import main_select, select_top
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 JOB = REPO / "jobs" / "sense_tiny.yaml"
 SOURCES = 5

@@ -91,6 +91,7 @@ def test_spec_errors_name_the_field_and_hash_ignores_where_and_how_long(tmp_path
     assert parse_train_spec({**good, "palette_seed": 1}).content_hash() != base
 
 
+@pytest.mark.integration
 def test_batches_are_a_pure_function_of_seed_rank_and_step(scenes, tmp_path):
     spec = parse_train_spec(spec_data(scenes, tmp_path, batch_size=2))
     palette = Palette.for_classes(ADE)
@@ -118,6 +119,7 @@ def test_batches_are_a_pure_function_of_seed_rank_and_step(scenes, tmp_path):
     assert colours <= {tuple(c) for c in palette._table().tolist()}
 
 
+@pytest.mark.e2e
 def test_text2mask_trains_checkpoints_and_loads_into_the_stage(reference, model_cache):
     spec, info, out = reference
     assert info["steps"] == 6 and info["starts"] == [0] and info["kind"] == "text2mask"
@@ -146,6 +148,7 @@ def test_text2mask_trains_checkpoints_and_loads_into_the_stage(reference, model_
     assert stage.model_ids() == {"base": tiny_sdxl_dir(), "text2mask": str(final)}
 
 
+@pytest.mark.e2e
 def test_a_finished_run_is_not_redone_and_another_spec_is_refused(reference):
     spec, info, out = reference
     assert train_text2mask(spec) == info
@@ -155,6 +158,7 @@ def test_a_finished_run_is_not_redone_and_another_spec_is_refused(reference):
         train_mask2img(spec)
 
 
+@pytest.mark.e2e
 def test_a_failed_run_resumes_from_its_checkpoint_at_the_right_step(reference, ray_local, tmp_path):
     """An unreadable image in batch 3 fails the run right after the step-3 checkpoint; once repaired,
     the rerun resumes at step 3 and ends bit-identical to the uninterrupted run."""
@@ -182,6 +186,7 @@ def test_a_failed_run_resumes_from_its_checkpoint_at_the_right_step(reference, r
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+@pytest.mark.e2e
 def test_mask2img_trains_data_parallel_to_s3_and_loads_into_the_stage(ray_local, s3_server, scenes, tmp_path, capsys):
     _, options = s3_server
     spec_file = tmp_path / "train.yaml"

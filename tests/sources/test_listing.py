@@ -71,6 +71,7 @@ def test_fsspec_walk_is_globally_sorted_on_adversarial_names(run_size):
         fs.rm(root, recursive=True)
 
 
+@pytest.mark.integration
 def test_s3_walk_is_sorted_and_keeps_no_listings(s3_server, run_size):
     run_size(3)
     _, options = s3_server

@@ -14,7 +14,7 @@ from factory.engine.spec import parse_spec
 from factory.output.layout import OutputStore
 from factory.tools.status import job_status
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 INVERT = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2}}
 

@@ -100,6 +100,7 @@ def test_a_scenes_spec_round_trips_as_the_workers_receive_it():
     assert again == spec.source and list(open_source(again).list_ids())[-1] == "scene-0000009"
 
 
+@pytest.mark.integration
 def test_a_scenes_job_runs_through_the_engine(ray_local, tmp_path):
     spec = parse_spec({
         "name": "scenes", "source": {"kind": "scenes", "count": 5, "size": 32, "seed": 4},

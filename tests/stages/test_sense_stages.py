@@ -1,6 +1,6 @@
 """The SENSE stages on tiny models, without Ray: dense captions, text-to-image, scoring and selection.
 
-`PaletteLabeler` is a test labeling stage (test_report.py runs it in Ray as `test_sense_stages:PaletteLabeler`):
+`PaletteLabeler` (support/stages_for_tests.py) is a test labeling stage (test_report.py runs it in Ray too):
 it labels each pixel with the ADE150 class whose palette colour is nearest, so an image painted in
 palette colours gets its own mask back exactly, which gives the fidelity scores known answers.
 """
@@ -9,12 +9,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from factory.models.tiny_diffusion import tiny_t2i_dir
 from factory.sample import Sample
 from factory.sources.classes import ade150_palette, class_set
-from factory.stages import Stage, StageContext, resolve_stage
+from factory.stages import StageContext, resolve_stage
 from factory.stages.dense_caption import DenseCaptionStage
 from factory.stages.keep import KeepStage
 from factory.stages.score import ScoreStage
@@ -25,32 +25,7 @@ pytestmark = pytest.mark.timeout(300)
 ADE = class_set("ade150")
 
 
-class PaletteLabelerParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    fail_ids: list[str] = []
-
-
-class PaletteLabeler(Stage):
-    """Nearest ADE150 palette colour per pixel; raises on `fail_ids`."""
-
-    name = "test-palette-labeler"
-    Params = PaletteLabelerParams
-
-    def model_ids(self):
-        return {"labeler": "palette"}
-
-    def process(self, samples):
-        palette = ade150_palette().astype(np.int32)
-        for s in samples:
-            if s.source_id in self.params.fail_ids:
-                raise RuntimeError(f"cannot label {s.source_id}")
-            d = ((s.image.astype(np.int32)[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
-            s.mask = d.argmin(-1).astype(np.uint8)
-            s.meta["pseudo_label"] = True
-        return samples
-
-
-LABELER = {"kind": "test_sense_stages:PaletteLabeler"}
+LABELER = {"kind": "stages_for_tests:PaletteLabeler"}
 
 
 def context(label):

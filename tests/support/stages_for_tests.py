@@ -8,6 +8,9 @@ fault tests steer `InvertStage` from outside the job:
 
 from __future__ import annotations
 
+from factory.sources.classes import ade150_palette
+import numpy as np
+
 import os
 import time
 from pathlib import Path
@@ -118,3 +121,27 @@ class OomOverTwoStage(Stage):
         if len(samples) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [s.expand(1)[0] for s in samples]
+
+
+class PaletteLabelerParams(StrictModel):
+    fail_ids: list[str] = []
+
+
+class PaletteLabeler(Stage):
+    """Nearest ADE150 palette colour per pixel; raises on `fail_ids`."""
+
+    name = "test-palette-labeler"
+    Params = PaletteLabelerParams
+
+    def model_ids(self):
+        return {"labeler": "palette"}
+
+    def process(self, samples):
+        palette = ade150_palette().astype(np.int32)
+        for s in samples:
+            if s.source_id in self.params.fail_ids:
+                raise RuntimeError(f"cannot label {s.source_id}")
+            d = ((s.image.astype(np.int32)[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
+            s.mask = d.argmin(-1).astype(np.uint8)
+            s.meta["pseudo_label"] = True
+        return samples

@@ -37,7 +37,7 @@ def job(ray_local, tmp_path_factory):
         {"kind": "controlnet", "name": "synth", "model": {"profile": "tiny"},
          "params": {"variants": 2, "steps": 2, "resolution": 32}, "resources": {"num_cpus": 0.25}},
         {"kind": "score", "model": {"profile": "tiny"},
-         "params": {"auto_label": {"kind": "test_sense_stages:PaletteLabeler"}}, "resources": {"num_cpus": 0.25}},
+         "params": {"auto_label": {"kind": "stages_for_tests:PaletteLabeler"}}, "resources": {"num_cpus": 0.25}},
         {"kind": "keep", "params": {"min": {"density.instances": MIN_INSTANCES}}, "resources": {"num_cpus": 0.25}},
     ]
     spec = folder_spec(tmp / "scenes", tmp / "out", stages, max_failure_fraction=1.0)  # a shard of one corrupt scene
@@ -57,6 +57,7 @@ def report(job):
     return path, path.read_text()
 
 
+@pytest.mark.integration
 def test_stage_table_counts_rows_through_the_pipeline(job):
     store, index, _, sparse = job
     assert index["failed"] == 1 and index["rejected"] == 2 * sparse > 0
@@ -72,6 +73,7 @@ def test_stage_table_counts_rows_through_the_pipeline(job):
     }
 
 
+@pytest.mark.integration
 def test_report_sections_and_numbers(report, job):
     path, html = report
     _, index, tmp, sparse = job
@@ -87,6 +89,7 @@ def test_report_sections_and_numbers(report, job):
     assert f"Source: {4 - sparse} source images" in html
 
 
+@pytest.mark.integration
 def test_report_is_self_contained(report):
     path, html = report
     pngs = sorted(path.parent.glob("*.png"))
@@ -102,6 +105,7 @@ def test_report_is_self_contained(report):
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing fetched from anywhere
 
 
+@pytest.mark.integration
 def test_main_report_cli_entry(job, capsys, tmp_path, monkeypatch):
     store, _, tmp, _ = job
     assert main_report(store.url, str(tmp / "cli-report")) == 0
@@ -116,6 +120,7 @@ def test_main_report_cli_entry(job, capsys, tmp_path, monkeypatch):
         main_report(str(tmp / "nowhere"), str(tmp / "nope"))
 
 
+@pytest.mark.integration
 def test_report_of_an_s3_output_is_uploaded_beside_it(job, s3_server):
     import s3fs
 
@@ -132,6 +137,7 @@ def test_report_of_an_s3_output_is_uploaded_beside_it(job, s3_server):
     assert b"Factory report: report_test" in fs.cat("test/report-job/report/report.html")
 
 
+@pytest.mark.e2e
 def test_report_renders_in_a_headless_browser(report, tmp_path):
     path, _ = report
     shot = tmp_path / "shot.png"
