@@ -264,7 +264,7 @@ def _ray_worker(config):
         "\n".join(f"{k} {kind}" for k, kind in zip(keys, kinds_)) + f"\n#{masks_ok}")
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 def test_ray_data_variant_under_ray_train(data, ray_local, tmp_path):
     from ray.data import DataContext
     from ray.train import DataConfig, RunConfig, ScalingConfig

@@ -30,10 +30,11 @@ SHARDS = 8
 FAST = {"retries": 2, "retry_backoff_s": 0.2}
 
 
-def job_spec(src: Path, out, sleep: float = 0.4, **output) -> dict:
-    """The job every fault hits: the same spec (its hash is in every sample) as the reference run."""
-    stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2, "sleep": sleep},
-             "resources": {"batch_size": 2}}
+def job_spec(src: Path, out, **output) -> dict:
+    """The job every fault hits: the same spec (its hash is in every sample) as the reference run. Where a
+    fault must land mid-job, the run is started with a gate (support/stages_for_tests.py): every shard but
+    the first waits while the gate file exists, however fast the machine."""
+    stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2}, "resources": {"batch_size": 2}}
     spec = folder_spec(src, out, [stage], shard_size=2, **output)
     spec["engine"] = FAST
     return spec
@@ -44,10 +45,13 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
-def env_with(fault: str | None = None, pids: Path | None = None) -> dict:
+def env_with(fault: str | None = None, pids: Path | None = None, gate: Path | None = None) -> dict:
     env = dict(os.environ)
     if pids is not None:
         env["FACTORY_TEST_PIDS"] = str(pids)
+    if gate is not None:
+        gate.touch()
+        env["FACTORY_TEST_GATE"] = str(gate)
     paths = [str(SUPPORT / "faults")] if fault else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(SUPPORT), str(REPO), env.get("PYTHONPATH", "")])
     if fault:
@@ -59,9 +63,10 @@ def run_cli(*args, fault: str | None = None, timeout: float = 300) -> subprocess
     return subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=timeout, env=env_with(fault))
 
 
-def start_cli(*args, fault: str | None = None, pids: Path | None = None) -> subprocess.Popen:
+def start_cli(*args, fault: str | None = None, pids: Path | None = None,
+              gate: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([*FACTORY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_with(fault, pids))
+                            env=env_with(fault, pids, gate))
 
 
 def tars_in(shards: dict[str, bytes]) -> dict[str, bytes]:
@@ -133,12 +138,13 @@ def reference(source, tmp_path_factory, model_cache):
 def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    pids = tmp_path / "pids"
+    pids, gate = tmp_path / "pids", tmp_path / "gate"
     pids.mkdir()
-    proc = start_cli("run", str(spec), pids=pids)
+    proc = start_cli("run", str(spec), pids=pids, gate=gate)
     wait_for(lambda: committed(out) >= 1, "a first commit", proc)
     actor = wait_for(lambda: recorded_process(pids, "stage"), "the stage actor", proc)
-    actor.send_signal(signal.SIGKILL)
+    actor.send_signal(signal.SIGKILL)  # it holds a shard, waiting at the gate
+    gate.unlink()
     code, err = finish(proc)
     if code != 0:  # a clean stop is allowed; the rerun must then finish the job
         assert last_line(err).startswith("factory:"), err[-2000:]
@@ -196,9 +202,11 @@ def test_a_transient_storage_error_is_retried_and_nothing_is_recorded_as_failed(
 def test_a_second_run_on_the_same_output_is_refused(source, reference, tmp_path):
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    first = start_cli("run", str(spec))
+    gate = tmp_path / "gate"
+    first = start_cli("run", str(spec), gate=gate)  # held mid-job until the second run has been refused
     wait_for(lambda: (out / "_lease.json").exists(), "the first run's lease", first)
     second = run_cli("run", str(spec), timeout=120)
+    gate.unlink()
     assert second.returncode == 1
     assert "is being written by another run" in last_line(second.stderr)
     assert "Traceback" not in second.stderr
@@ -270,7 +278,8 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path)
     spec = job_spec(source, "s3://test/faults", endpoint_url=seaweed.endpoint(ports),
                     storage_options={"key": seaweed.KEY, "secret": seaweed.SECRET})
     spec_path = write_spec(tmp_path / "job.yaml", spec)
-    proc = start_cli("run", str(spec_path))
+    gate = tmp_path / "gate"
+    proc = start_cli("run", str(spec_path), gate=gate)
     try:
         def s3_committed():
             fs.invalidate_cache()
@@ -279,7 +288,8 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path)
         wait_for(s3_committed, "a first commit on S3", proc)
         server.send_signal(signal.SIGKILL)
         server.wait()
-        time.sleep(8)
+        gate.unlink()  # the other shards now read, write and commit into the outage
+        time.sleep(3)
         server = seaweed.start(data, ports)
         code, err = finish(proc, timeout=400)  # it rides the outage out or stops cleanly; it never hangs
         if code != 0:
@@ -301,7 +311,7 @@ def test_credentials_never_reach_a_file_or_a_log(source, tmp_path, s3_server):
     endpoint, options = s3_server
     secret = "factory-secret-7f3a9c"
     # The test server checks no signatures: any secret is accepted, and this one is easy to grep for.
-    spec = job_spec(source, "s3://test/secrets", sleep=0.0, endpoint_url=endpoint,
+    spec = job_spec(source, "s3://test/secrets", endpoint_url=endpoint,
                     storage_options={"key": options["key"], "secret": secret})
     spec["source"]["storage_options"] = {"token": secret}  # the local source ignores it, the spec keeps it
     spec_path = write_spec(tmp_path / "job.yaml", spec)

@@ -87,7 +87,7 @@ def ray_cluster(model_cache):
         # process group it leads (its own session, started above) is ended after it.
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             pass
         try:

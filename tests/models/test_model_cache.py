@@ -44,7 +44,7 @@ def fills(cache: Path, entry: str) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-@pytest.mark.integration
+@pytest.mark.e2e
 def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
     ray_local, s3_server, model_cache, tmp_path
 ):

@@ -103,19 +103,19 @@ def test_a_1x1_source_is_too_small(tmp_path):
     assert folder(tmp_path, min_side=1).load("a").image.shape == (1, 1, 3)
 
 
-def test_an_8000x8000_source_is_read_at_2048_with_its_mask(tmp_path):
-    n = 8000
+def test_a_6000x6000_source_is_read_at_2048_with_its_mask(tmp_path):
+    n = 6000
     ramp = np.arange(n, dtype=np.int32)
     image = np.stack(np.broadcast_arrays((ramp[:, None] * 255 // n), (ramp[None, :] * 255 // n), 128), -1)
     write_image(tmp_path / "big_image.jpg", image.astype(np.uint8))
     del image
-    grid = np.arange(64, dtype=np.uint8).reshape(8, 8) % 5  # 8x8 blocks of 1000 px, classes 0..4
-    write_mask(tmp_path / "big_target.png", np.repeat(np.repeat(grid, 1000, 0), 1000, 1))
+    grid = np.arange(64, dtype=np.uint8).reshape(8, 8) % 5  # 8x8 blocks of 750 px, classes 0..4
+    write_mask(tmp_path / "big_target.png", np.repeat(np.repeat(grid, 750, 0), 750, 1))
     rec = folder(tmp_path, image_suffix="_image.jpg").load("big")
     assert rec.image.shape == (2048, 2048, 3) and rec.mask.shape == (2048, 2048)
     assert rec.meta["resized_from"] == [n, n]
     # Nearest neighbour at pixel centres: every label is one of the source's, exactly where it was.
-    centres = ((np.arange(2048) + 0.5) * n / 2048).astype(int) // 1000
+    centres = ((np.arange(2048) + 0.5) * n / 2048).astype(int) // 750
     np.testing.assert_array_equal(rec.mask, grid[centres[:, None], centres[None, :]])
     # The image is scaled, not cropped: its gradient spans the same range.
     assert abs(int(rec.image[-1, 0, 0]) - 254) <= 3 and abs(int(rec.image[0, -1, 1]) - 254) <= 3

@@ -65,8 +65,9 @@ def options(ports: dict[str, int]) -> dict:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    # The data folder is thrown away: no need to wait for weed's own slow shutdown.
     proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(2)
     except subprocess.TimeoutExpired:
         proc.kill()
