@@ -2,7 +2,7 @@
 (and a rerun where the job stopped) every shard is committed exactly once, no partial tar exists, and
 the shards are byte-identical to those of an uninterrupted run.
 
-Driver SIGKILL is in test_kill_resume.py. Storage faults that no real device gives on demand are
+Storage faults that no real device gives on demand are
 injected by tests/support/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
 """
 
@@ -133,6 +133,39 @@ def reference(source, tmp_path_factory, model_cache):
     result = run_cli("run", str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
     return local_tars(out)
+
+
+def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(source, reference, tmp_path):
+    out = tmp_path / "out"
+    spec_data = job_spec(source, out)
+    spec = write_spec(tmp_path / "job.yaml", spec_data)
+    gate = tmp_path / "gate"  # shard 0 commits, the others wait: the kill always lands mid-job
+    proc = start_cli("run", str(spec), gate=gate)
+    wait_for(lambda: committed(out) >= 1, "a first commit", proc)
+    started = psutil.Process(proc.pid).children(recursive=True)  # the local Ray and its workers
+    assert started, "the driver started no process"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    # Nothing the killed driver started outlives it (a local Ray's agents used to).
+    gone, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert committed(out) == 1
+    gate.unlink()
+    local_tars(out)  # whatever sits under a final name after the kill is a whole tar, never a partial one
+
+    resumed = run_cli("run", str(spec))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 already committed" in resumed.stderr
+    assert_exactly_once(out, reference)
+    status = run_cli("status", str(out))
+    assert f"shards   {SHARDS}/{SHARDS}" in status.stdout and f"samples  {4 * SHARDS} written" in status.stdout
+
+    # The same output with another spec: refused on the command line, naming the way out.
+    spec_data["seed"] = 99
+    write_spec(spec, spec_data)
+    again = run_cli("run", str(spec))
+    assert again.returncode == 1
+    assert "already holds job 'e2e'" in again.stderr and "--output" in again.stderr
 
 
 def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path):
@@ -288,8 +321,7 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path)
         wait_for(s3_committed, "a first commit on S3", proc)
         server.send_signal(signal.SIGKILL)
         server.wait()
-        gate.unlink()  # the other shards now read, write and commit into the outage
-        time.sleep(3)
+        gate.unlink()  # the other shards now read, write and commit into the outage (weed takes seconds to start)
         server = seaweed.start(data, ports)
         code, err = finish(proc, timeout=400)  # it rides the outage out or stops cleanly; it never hangs
         if code != 0:
