@@ -15,6 +15,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [
 
 import tiers  # noqa: E402  (needs the support folder on the path)
 
+# Every local Ray the tests start (some thirty: the shared one, each `factory run` subprocess, the
+# benchmark's) skips its metrics agent, a second of start-up each; no test reads Ray's metrics.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+
 
 def pytest_configure(config):
     tiers.install()

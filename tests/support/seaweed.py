@@ -37,6 +37,8 @@ def start(data: Path, ports: dict[str, int]) -> subprocess.Popen:
             weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+            # Its Iceberg and Lance catalogs bind fixed ports: off, so two servers can run side by side.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ],
         stdout=open(data / "weed.log", "ab"),
         stderr=subprocess.STDOUT,
