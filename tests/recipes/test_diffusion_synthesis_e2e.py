@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import SHARED_DATA
+from helpers import DATA
 from helpers import REPO, decode_image, decode_mask, load_json, read_tar
 from PIL import Image
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 VOC = class_set("voc")
 VOC_SOURCE = {
-    "kind": "folder", "path": str(SHARED_DATA / "voc_samples"), "classes": "voc",
+    "kind": "folder", "path": str(DATA / "voc_samples"), "classes": "voc",
     "image_suffix": "_image.png", "mask_suffix": "_target.png", "mask_format": "palette", "palette": "voc",
     "ignore_colors": [[224, 224, 192]],
 }
@@ -123,7 +123,7 @@ def test_scores_and_rejections_are_consistent(voc_job):
 def test_images_only_source_is_labelled_by_the_mask_generator(ray_local, tmp_path):
     src = tmp_path / "images"
     src.mkdir()
-    for path in sorted((SHARED_DATA / "voc_samples").glob("*_image.png")):
+    for path in sorted((DATA / "voc_samples").glob("*_image.png")):
         Image.open(path).convert("RGB").resize((64, 64)).save(src / path.name.replace("_image", ""))
     out = tmp_path / "out"
     spec = parse_spec({

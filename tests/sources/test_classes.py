@@ -3,7 +3,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
-from helpers import SHARED_DATA
+from helpers import DATA
 
 from factory.sources.classes import (
     IGNORE,
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_shipped_palette_is_the_ade20k_color150_mat():
     import scipy.io
 
-    mat = scipy.io.loadmat(SHARED_DATA / "ade20k" / "color150.mat")["colors"]
+    mat = scipy.io.loadmat(DATA / "ade20k" / "color150.mat")["colors"]
     np.testing.assert_array_equal(ade150_palette(), mat)
     pal = ade150_palette()
     assert tuple(pal[0]) == (120, 120, 120) and tuple(pal[1]) == (180, 120, 120) and tuple(pal[2]) == (6, 230, 230)

@@ -6,7 +6,7 @@ import uuid
 import fsspec
 import numpy as np
 import pytest
-from helpers import SHARED_DATA
+from helpers import DATA
 from fixtures_data import (
     COCO_CLASS_NAMES,
     COCO_SEGMENTS,
@@ -197,8 +197,8 @@ def test_folder_through_fsspec_memory():
         fs.rm(root, recursive=True)
 
 
-def test_shared_voc_samples():
-    root = SHARED_DATA / "voc_samples"
+def test_voc_samples_of_the_repository():
+    root = DATA / "voc_samples"
     src = source(
         "folder", root, classes="voc", image_suffix="_image.png", mask_suffix="_target.png",
         mask_format="palette", palette="voc", ignore_colors=[[224, 224, 192]],

@@ -12,7 +12,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 SUPPORT = Path(__file__).resolve().parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+DATA = SUPPORT.parent / "data"  # real sample data the tests read; data/README.md names each origin
 
 
 def write_folder_source(root: Path, n: int, size: int = 32, seed: int = 0) -> dict[str, tuple]:
