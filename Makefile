@@ -24,7 +24,7 @@ run: $(BIN)/.installed
 
 # Every tier (unit, integration, e2e): what CI runs.
 test: $(BIN)/.installed /usr/bin/chromium
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
 test-fast: $(BIN)/.installed

@@ -95,6 +95,9 @@ FAST_PATHS = {
 CPU_FAST_PATHS = ("channels_last", "vae_batch_2")
 
 
+RECIPES = ("diffusion_synthesis", "seggen_imgsyn", "sense")
+
+
 def recipes(by_name: dict[str, Workload]) -> dict[str, list[tuple[Workload | None, dict]]]:
     """Recipe stages as (workload measured alone, stage spec overrides); None: a CPU stage."""
     prompt = {"kind": "prompt", "params": {"mode": "caption_classes", "template": "{caption}; {classes}"}}
@@ -160,15 +163,19 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny models at test sizes (the default without a GPU)")
     p.add_argument("--sections", default="stages,training,recipes,fast_paths")
     p.add_argument("--only", action="append", help="stage workloads to run (names); default all")
+    p.add_argument("--recipes", help="recipes to run, comma-separated (default all: %s)" % ",".join(RECIPES))
     p.add_argument("--minutes", type=float, default=7.5, help="time budget; later sections are skipped")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
+    unknown = set(args.recipes.split(",")) - set(RECIPES) if args.recipes else set()
+    if unknown:
+        p.error(f"--recipes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RECIPES)}")
+    import torch
+
     logging.basicConfig(level=logging.WARNING)
     gpu = torch.cuda.is_available()
     tiny = args.tiny or not gpu
@@ -210,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "recipes" in sections:
         with tempfile.TemporaryDirectory() as work:
             for name, parts in recipes(by_name).items():
+                if args.recipes and name not in args.recipes.split(","):
+                    continue
                 if any(w is not None and w.name not in measured for w, _ in parts):
                     result["skipped"].append(f"recipe {name} (needs its stages measured alone)")
                     continue

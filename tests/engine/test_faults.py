@@ -1,6 +1,7 @@
 """The fault matrix: each fault hits a real `factory run` (a subprocess with its own local Ray), and after it
 (and a rerun where the job stopped) every shard is committed exactly once, no partial tar exists, and
-the shards are byte-identical to those of an uninterrupted run.
+the shards are byte-identical to those of an uninterrupted run (run in this process, on the shared Ray:
+the same spec gives the same bytes wherever it runs).
 
 Storage faults that no real device gives on demand are
 injected by tests/support/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
@@ -9,6 +10,7 @@ injected by tests/support/faults/sitecustomize.py at fsspec's local file layer, 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +24,12 @@ import pytest
 import seaweed
 import yaml
 from helpers import REPO, SUPPORT, folder_spec, write_folder_source
+
+from factory.engine.driver import run_job
+from factory.engine.lease import LeaseError
+from factory.engine.spec import parse_spec
+from factory.output.layout import OutputStore
+from factory.tools.status import format_status, job_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -126,22 +134,30 @@ def source(tmp_path_factory):
     return src
 
 
+def uninterrupted(spec: dict) -> dict[str, bytes]:
+    """Run `spec` to the end without a fault (resuming what its output holds), in this process on the
+    shared Ray; returns its shards."""
+    assert run_job(parse_spec(spec))["complete"]
+    return local_tars(Path(spec["output"]["url"]))
+
+
 @pytest.fixture(scope="module")
-def reference(source, tmp_path_factory, model_cache):
-    out = tmp_path_factory.mktemp("fault-ref") / "out"
-    spec = write_spec(out.parent / "job.yaml", job_spec(source, out))
-    result = run_cli("run", str(spec))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return local_tars(out)
+def reference(source, tmp_path_factory, ray_local):
+    return uninterrupted(job_spec(source, tmp_path_factory.mktemp("fault-ref") / "out"))
 
 
-def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(source, reference, tmp_path):
+def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(source, reference, tmp_path, ray_local,
+                                                                                      caplog):
+    """Also: while the run holds the output, a second run of the same spec there is refused."""
     out = tmp_path / "out"
     spec_data = job_spec(source, out)
     spec = write_spec(tmp_path / "job.yaml", spec_data)
     gate = tmp_path / "gate"  # shard 0 commits, the others wait: the kill always lands mid-job
     proc = start_cli("run", str(spec), gate=gate)
     wait_for(lambda: committed(out) >= 1, "a first commit", proc)
+    # While it runs, a second run of the same spec on the same output is refused (the lease) and writes nothing.
+    with pytest.raises(LeaseError, match="is being written by another run"):
+        run_job(parse_spec(spec_data))
     started = psutil.Process(proc.pid).children(recursive=True)  # the local Ray and its workers
     assert started, "the driver started no process"
     proc.send_signal(signal.SIGKILL)
@@ -153,12 +169,12 @@ def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(sou
     gate.unlink()
     local_tars(out)  # whatever sits under a final name after the kill is a whole tar, never a partial one
 
-    resumed = run_cli("run", str(spec))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "1 already committed" in resumed.stderr
+    with caplog.at_level(logging.INFO, logger="factory"):
+        uninterrupted(spec_data)  # the rerun, in this process: the first run's own Ray is gone, as it should be
+    assert "1 already committed" in caplog.text
     assert_exactly_once(out, reference)
-    status = run_cli("status", str(out))
-    assert f"shards   {SHARDS}/{SHARDS}" in status.stdout and f"samples  {4 * SHARDS} written" in status.stdout
+    status = format_status(job_status(OutputStore.at(parse_spec(spec_data).output)))
+    assert f"shards   {SHARDS}/{SHARDS}" in status and f"samples  {4 * SHARDS} written" in status
 
     # The same output with another spec: refused on the command line, naming the way out.
     spec_data["seed"] = 99
@@ -168,9 +184,10 @@ def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(sou
     assert "already holds job 'e2e'" in again.stderr and "--output" in again.stderr
 
 
-def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path):
+def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path, ray_local):
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    spec_data = job_spec(source, out)
+    spec = write_spec(tmp_path / "job.yaml", spec_data)
     pids, gate = tmp_path / "pids", tmp_path / "gate"
     pids.mkdir()
     proc = start_cli("run", str(spec), pids=pids, gate=gate)
@@ -181,71 +198,48 @@ def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source
     code, err = finish(proc)
     if code != 0:  # a clean stop is allowed; the rerun must then finish the job
         assert last_line(err).startswith("factory:"), err[-2000:]
-        rerun = run_cli("run", str(spec))
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        uninterrupted(spec_data)
     assert_exactly_once(out, reference)
 
 
-def test_a_write_task_killed_mid_write_is_retried(source, reference, tmp_path):
+def test_a_write_task_killed_mid_write_and_a_transient_storage_error_are_retried(source, reference, tmp_path):
+    """Two faults of one run: the first write task is killed while it writes (every write is slowed to catch
+    it), and the first write that gets past that fails once with EIO. Both are retried, nothing is recorded
+    as failed."""
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    pids = tmp_path / "pids"
+    pids, markers = tmp_path / "pids", tmp_path / "markers"
     pids.mkdir()
-    proc = start_cli("run", str(spec), fault="slow:1.0", pids=pids)
+    markers.mkdir()
+    proc = start_cli("run", str(spec), fault=f"slow:0.5|fail-once:{markers}", pids=pids)
     writer = wait_for(lambda: recorded_process(pids, "writer"), "a write task", proc)
     writer.send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert (markers / "failed-once").exists()  # the EIO did fire
+    assert "injected I/O error" in stderr and "retry 1 of 2" in stderr
+    assert ", 0 failed" in stdout and not (out / "failures").exists()
+    assert_exactly_once(out, reference)
+
+
+def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_path, ray_local):
+    def spec(out: Path) -> dict:
+        data = folder_spec(source, out, [], shard_size=2)
+        data["engine"] = FAST
+        return data
+
+    reference = uninterrupted(spec(tmp_path / "reference"))
+    out = tmp_path / "out"
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = start_cli("run", str(write_spec(tmp_path / "job.yaml", spec(out))), fault="slow:0.5", pids=pids)
+    wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar",
+             proc).send_signal(signal.SIGKILL)
     code, err = finish(proc)
     assert code == 0, err[-3000:]
-    assert_exactly_once(out, reference)
-
-
-def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_path):
-    def run(out: Path, fault: str | None = None) -> dict[str, bytes]:
-        spec = folder_spec(source, out, [], shard_size=2)
-        spec["engine"] = FAST
-        pids = out.parent / f"{out.name}-pids"
-        pids.mkdir()
-        proc = start_cli("run", str(write_spec(out.parent / f"{out.name}.yaml", spec)), fault=fault, pids=pids)
-        if fault:
-            wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar",
-                     proc).send_signal(signal.SIGKILL)
-        code, err = finish(proc)
-        assert code == 0, err[-3000:]
-        return local_tars(out)
-
-    reference = run(tmp_path / "reference")
-    out = tmp_path / "out"
-    assert run(out, fault="slow:1.0") == reference
+    assert local_tars(out) == reference
     assert len(reference) == SHARDS and committed(out) == SHARDS
     assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
-
-
-def test_a_transient_storage_error_is_retried_and_nothing_is_recorded_as_failed(source, reference, tmp_path):
-    out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    (tmp_path / "markers").mkdir()
-    result = run_cli("run", str(spec), fault=f"fail-once:{tmp_path / 'markers'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "markers" / "failed-once").exists()  # the fault did fire
-    assert "injected I/O error" in result.stderr and "retry 1 of 2" in result.stderr
-    assert ", 0 failed" in result.stdout and not (out / "failures").exists()
-    assert_exactly_once(out, reference)
-
-
-def test_a_second_run_on_the_same_output_is_refused(source, reference, tmp_path):
-    out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
-    gate = tmp_path / "gate"
-    first = start_cli("run", str(spec), gate=gate)  # held mid-job until the second run has been refused
-    wait_for(lambda: (out / "_lease.json").exists(), "the first run's lease", first)
-    second = run_cli("run", str(spec), timeout=120)
-    gate.unlink()
-    assert second.returncode == 1
-    assert "is being written by another run" in last_line(second.stderr)
-    assert "Traceback" not in second.stderr
-    code, err = finish(first)
-    assert code == 0, err[-3000:]
-    assert_exactly_once(out, reference)
 
 
 @pytest.fixture
@@ -260,10 +254,11 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, reference, tmp_path, small_disk):
+def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, reference, tmp_path, small_disk, ray_local):
     mount, mounted = small_disk
     out = mount / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    spec_data = job_spec(source, out)
+    spec = write_spec(tmp_path / "job.yaml", spec_data)
     # A real full disk where this machine lets the test mount one; else every write fails with ENOSPC.
     result = run_cli("run", str(spec), fault=None if mounted else "enospc")
     assert result.returncode == 1
@@ -274,8 +269,7 @@ def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, referen
         assert (out / "stats" / f"{tar.stem}.json").exists(), f"{tar.name} has no stats"
     if mounted:
         subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
-    rerun = run_cli("run", str(spec))
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    uninterrupted(spec_data)  # the rerun, once there is space, resumes and finishes
     assert_exactly_once(out, reference)
 
 
@@ -300,7 +294,7 @@ def s3_tars(fs, prefix: str) -> dict[str, bytes]:
     return tars_in({p.rsplit("/", 1)[-1]: fs.cat(p) for p in sorted(fs.ls(f"{prefix}/shards"))})
 
 
-def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path):
+def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path, ray_local):
     import s3fs
 
     ports = seaweed.free_ports()
@@ -326,8 +320,7 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path)
         code, err = finish(proc, timeout=400)  # it rides the outage out or stops cleanly; it never hangs
         if code != 0:
             assert last_line(err).startswith("factory:") and "Traceback" not in err, err[-3000:]
-            rerun = run_cli("run", str(spec_path))
-            assert rerun.returncode == 0, rerun.stderr[-3000:]
+            assert run_job(parse_spec(spec))["complete"]  # the rerun resumes and finishes
         assert s3_tars(fs, "test/faults") == reference
         fs.invalidate_cache()
         assert len(fs.ls("test/faults/stats")) == SHARDS

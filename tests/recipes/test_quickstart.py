@@ -1,4 +1,7 @@
-"""The README's main job, through the real command line: scenes -> tiny ControlNet -> shards -> status, preview."""
+"""The README's main job, through the real command line: scenes -> tiny ControlNet -> shards -> status, preview.
+
+`factory run` runs as a subprocess, as `make run` does (it starts and stops its own local Ray); the commands
+that start no Ray run through the same entry point (`factory.cli.main`) in this process."""
 
 import json
 import subprocess
@@ -9,6 +12,8 @@ import pytest
 import webdataset as wds
 from helpers import REPO, decode_image, decode_mask
 from PIL import Image
+
+from factory.cli import main
 
 FACTORY = [sys.executable, "-m", "factory.cli"]
 
@@ -25,7 +30,7 @@ def factory(*args, check=True):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, model_cache):
     tmp = tmp_path_factory.mktemp("quickstart")
-    factory("make-scenes", str(tmp / "scenes"), "--count", "6", "--size", "48")
+    assert main(["make-scenes", str(tmp / "scenes"), "--count", "6", "--size", "48"]) == 0
     run = factory("run", "jobs/quickstart.yaml", "--set", f"source.path={tmp / 'scenes'}", "--output", str(tmp / "out"))
     return tmp, run
 
@@ -49,28 +54,35 @@ def test_quickstart_writes_imgsyn_samples_with_the_source_masks(quickstart):
     assert seen == index["samples"] == 6 * 2 - index["failed"] * 1
 
 
-def test_status_and_preview(quickstart):
+def test_status_and_preview(quickstart, capsys, monkeypatch):
     tmp, _ = quickstart
-    status = factory("status", str(tmp / "out"), "--json")
-    data = json.loads(status.stdout)
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(["status", str(tmp / "out"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert (data["shards_done"], data["shards_total"], data["samples"], data["failed"]) == (2, 2, 12, 0)
     assert data["samples_per_second"] > 0
-    factory("preview", str(tmp / "out"), "--out", str(tmp / "preview.png"), "--count", "3")
+    assert main(["preview", str(tmp / "out"), "--out", str(tmp / "preview.png"), "--count", "3"]) == 0
     sheet = Image.open(tmp / "preview.png")
     assert sheet.size == (3 * 192, 3 * (192 + 14))
 
 
-def test_a_stage_runs_alone(quickstart):
+def test_a_stage_runs_alone(quickstart, capsys, monkeypatch):
     tmp, _ = quickstart
-    out = factory("stage", "jobs/quickstart.yaml", "synth", "--input", str(tmp / "scenes"), "--out", str(tmp / "loose"), "--limit", "2")
-    assert "4 written" in out.stdout
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(["stage", "jobs/quickstart.yaml", "synth", "--input", str(tmp / "scenes"), "--out", str(tmp / "loose"),
+                 "--limit", "2"]) == 0
+    assert "4 written" in capsys.readouterr().out
     assert len(list((tmp / "loose").glob("*.seg.png"))) == 4
 
 
-def test_validate_names_the_bad_field(tmp_path):
+def test_validate_names_the_bad_field(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     spec = (REPO / "jobs" / "quickstart.yaml").read_text().replace("steps: 2", "steps: -2")
     (tmp_path / "bad.yaml").write_text(spec)
-    result = factory("validate", str(tmp_path / "bad.yaml"), check=False)
-    assert result.returncode == 2
-    assert "stages[0].params.steps" in result.stderr
-    assert "ok" in factory("validate", "jobs/quickstart.yaml").stdout
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert "stages[0].params.steps" in capsys.readouterr().err
+    assert main(["validate", "jobs/quickstart.yaml"]) == 0
+    assert "ok" in capsys.readouterr().out

@@ -5,8 +5,8 @@
                  worker processes; no Ray or program of its own
     e2e          anything: `factory` CLI subprocesses, `ray start` clusters, the fault matrix, full-size models
 
-`make test-fast` runs unit + integration, `make test` every tier. Tests run tier by tier (unit first), so
-no unit test ever finds a Ray that an earlier test started: a unit test that needs Ray has to start one,
+`make test-fast` runs unit + integration, `make test` every tier. Unit tests run first, so no unit test
+ever finds a Ray that an earlier test started: a unit test that needs Ray has to start one,
 and that is what the check catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
 `Process.start` for the whole session and fails the running test when its tier does not allow the call.
 The shared fixtures start their processes inside `infrastructure()`, which only an integration or e2e test
@@ -85,8 +85,17 @@ def install() -> None:
 
 
 def order(items: list[pytest.Item]) -> None:
-    """Tier by tier, unit first; within a tier in collection order."""
-    items.sort(key=lambda item: TIERS.index(tier_of(item)))
+    """Unit tests first; then module by module (in collection order) its integration tests before its e2e
+    tests, so a module's fixtures, built once, serve both tiers."""
+    modules: dict[str, int] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], len(modules))
+
+    def key(item: pytest.Item) -> tuple[int, int, int]:
+        tier = TIERS.index(tier_of(item))
+        return (0, 0, 0) if tier == 0 else (1, modules[item.nodeid.split("::")[0]], tier)
+
+    items.sort(key=key)
 
 
 @contextmanager

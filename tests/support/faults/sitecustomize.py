@@ -8,6 +8,8 @@ opening so that writes of shard tars (written under the job's `_tmp/`, then rena
     slow:SECONDS           every write sleeps first, so a write task is easy to catch mid-way
     enospc                 every write raises ENOSPC: a full disk, where a test cannot mount one
 
+Several faults, separated by `|`, act in the order given (e.g. `fail-once:DIR|slow:0.5`).
+
 With FACTORY_TEST_PIDS=DIR as well, every process that starts such a write creates DIR/writer-PID first:
 the test finds the process writing a tar by what it does, not by how Ray names its processes.
 """
@@ -17,30 +19,35 @@ import os
 import time
 
 
-def _install(fault: str) -> None:
+def _install(faults: str) -> None:
     from fsspec.implementations.local import LocalFileSystem
 
-    kind, _, arg = fault.partition(":")
     original = LocalFileSystem._open
 
     def _open(self, path, mode="rb", *args, **kwargs):
         if "w" in mode and "/_tmp/" in str(path) and str(path).endswith(".tar"):
             if os.environ.get("FACTORY_TEST_PIDS"):
                 open(os.path.join(os.environ["FACTORY_TEST_PIDS"], f"writer-{os.getpid()}"), "a").close()
-            if kind == "fail-once":
-                try:
-                    os.close(os.open(os.path.join(arg, "failed-once"), os.O_CREAT | os.O_EXCL))
-                except FileExistsError:
-                    pass
-                else:
-                    raise OSError(errno.EIO, f"injected I/O error writing {path}")
-            elif kind == "slow":
-                time.sleep(float(arg))
-            elif kind == "enospc":
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            for fault in faults.split("|"):
+                _misbehave(fault, path)
         return original(self, path, mode, *args, **kwargs)
 
     LocalFileSystem._open = _open
+
+
+def _misbehave(fault: str, path) -> None:
+    kind, _, arg = fault.partition(":")
+    if kind == "fail-once":
+        try:
+            os.close(os.open(os.path.join(arg, "failed-once"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            raise OSError(errno.EIO, f"injected I/O error writing {path}")
+    elif kind == "slow":
+        time.sleep(float(arg))
+    elif kind == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
 if os.environ.get("FACTORY_TEST_FAULT"):
