@@ -9,8 +9,10 @@ bf16, largest batch that fits), `recipes` (Diffusion Synthesis, SegGen ImgSyn an
 `factory.engine.driver.run_job`, pools from `factory.tools.pool_sizes` on the stage rates just measured, GPU busy
 fraction from NVML) and `fast_paths` (the ControlNet workload with each `model.speed` option on).
 `--minutes` is the time budget: a section that would start after it is recorded as skipped, never
-estimated. Writes `bench/results/<gpu>-<date>.json` (or `--out DIR`) and prints a table. docs/gpu.md
-explains every figure.
+estimated. A workload that fails is recorded in `errors` (section, name, the error's line) and the run
+goes on; the JSON is rewritten after every workload, so a run cut short keeps what it measured.
+`--require-gpu` stops at once where torch sees no CUDA device. Writes `bench/results/<gpu>-<date>.json`
+(or `--out DIR`) and prints a table. docs/gpu.md explains every figure.
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def table(result: dict) -> str:
                     f"ratio to slowest alone {fmt(r.get('ratio_to_slowest_stage'), '.2f')}  "
                     f"GPU busy {fmt(r.get('gpu_busy_fraction'), '.0%')}  wall {r['seconds']}s")
     rows += [f"skipped: {s}" for s in result["skipped"]]
+    rows += [f"failed: {e['section']} {e['name']}: {e['error']}" for e in result["errors"]]
     return "\n".join(rows)
 
 
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--only", action="append", help="stage workloads to run (names); default all")
     p.add_argument("--recipes", help="recipes to run, comma-separated (default all: %s)" % ",".join(RECIPES))
     p.add_argument("--minutes", type=float, default=7.5, help="time budget; later sections are skipped")
+    p.add_argument("--require-gpu", action="store_true", help="stop at once if no CUDA device is visible")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
     unknown = set(args.recipes.split(",")) - set(RECIPES) if args.recipes else set()
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     logging.basicConfig(level=logging.WARNING)
     gpu = torch.cuda.is_available()
+    if args.require_gpu and not gpu:
+        p.error("--require-gpu: torch sees no CUDA device (torch %s, CUDA build %s); nothing was measured"
+                % (torch.__version__, torch.version.cuda))
     tiny = args.tiny or not gpu
     device = "cuda" if gpu else "cpu"
     info = device_info()
@@ -185,12 +192,33 @@ def main(argv: list[str] | None = None) -> dict:
     sections = args.sections.split(",")
     started = time.perf_counter()
     result = {"date": date.today().isoformat(), "gpu": info, "sizes": "tiny" if tiny else "real",
-              "stages": [], "training": [], "recipes": [], "fast_paths": [], "skipped": [], "section_seconds": {}}
+              "stages": [], "training": [], "recipes": [], "fast_paths": [], "skipped": [], "errors": [],
+              "section_seconds": {}}
     mark = [started]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{slug(info['name'])}-{result['date']}.json"
+
+    def save() -> None:
+        """Rewritten after every workload: a run cut short leaves every figure measured so far."""
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    def guarded(section: str, name: str, measure) -> dict | None:
+        """One workload: its figures, or its error recorded in `errors` and the run goes on; saved either way."""
+        try:
+            figures = measure()
+        except Exception as e:  # any failure of one workload (OOM, a missing kernel) must not lose the others
+            logging.getLogger("bench").exception("%s %s failed", section, name)
+            result["errors"].append({"section": section, "name": name, "error": f"{type(e).__name__}: {e}"[:500]})
+            figures = None
+        save()
+        return figures
 
     def section_done(section: str) -> None:
         result["section_seconds"][section] = round(time.perf_counter() - mark[0], 1)
         mark[0] = time.perf_counter()
+        save()
 
     def budget_left(section: str) -> bool:
         if time.perf_counter() - started < args.minutes * 60:
@@ -202,16 +230,18 @@ def main(argv: list[str] | None = None) -> dict:
     by_name = {w.name: w for w in workloads(tiny)}
     if "stages" in sections:
         for w in chosen:
-            if budget_left(w.name):
-                result["stages"].append(measure_stage(w, device, peak))
-                print(f"{w.name}: {result['stages'][-1]['images_per_s']} images/s", flush=True)
+            if budget_left(w.name) and (figures := guarded("stages", w.name, lambda: measure_stage(w, device, peak))):
+                result["stages"].append(figures)
+                save()
+                print(f"{w.name}: {figures['images_per_s']} images/s", flush=True)
         section_done("stages")
     if "training" in sections:
         for kind in ("mask2img", "text2mask"):
-            if budget_left(f"training {kind}"):
-                result["training"].append(measure_training(
+            if budget_left(f"training {kind}") and (figures := guarded("training", kind, lambda: measure_training(
                     kind, "tiny" if tiny else "random", 32 if tiny else 768, [2] if tiny else [16, 8, 4, 2, 1],
-                    1 if tiny else 3, device, peak))
+                    1 if tiny else 3, device, peak))):
+                result["training"].append(figures)
+                save()
         section_done("training")
     measured = {s["name"]: s for s in result["stages"]}
     if "recipes" in sections:
@@ -225,7 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if budget_left(f"recipe {name}"):
                     stages, alone = recipe_stages(parts, measured, tiny, gpu)
                     count, size, shard = (4, 64, 1) if tiny else (8, 512, 2)
-                    result["recipes"].append(measure_recipe(name, stages, count, size, shard, work, alone))
+                    figures = guarded("recipes", name,
+                                      lambda: measure_recipe(name, stages, count, size, shard, work, alone))
+                    if figures:
+                        result["recipes"].append(figures)
+                        save()
         section_done("recipes")
     if "fast_paths" in sections and "controlnet-sd15-512" in measured:
         base = by_name["controlnet-sd15-512"]
@@ -236,14 +270,13 @@ def main(argv: list[str] | None = None) -> dict:
                 variant = Workload(f"controlnet+{option}", base.kind, model, base.params, base.batch, base.calls,
                                    base.size, note=f"controlnet-sd15-512 with {option}")
                 flops = measured["controlnet-sd15-512"]["tflop_per_image"]
-                result["fast_paths"].append(measure_stage(variant, device, peak, count_flops=False,
-                                                          flops_per_image=flops and flops * 1e12))
+                figures = guarded("fast_paths", variant.name, lambda: measure_stage(
+                    variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12))
+                if figures:
+                    result["fast_paths"].append(figures)
+                    save()
         section_done("fast_paths")
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{slug(info['name'])}-{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    save()
     print(table(result))
     print(f"{info['name']} ({'peak %s TFLOP/s bf16' % peak if peak else 'no MFU peak known'}), "
           f"{result['seconds']}s -> {path}")

@@ -22,8 +22,14 @@ from factory.sample import Sample
 from factory.sources.classes import class_set
 from factory.sources.scenes import render_scene
 
-# Dense bf16 tensor-core peak, TFLOP/s, by the name torch reports (first match wins).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
+# Dense bf16 tensor-core peak, TFLOP/s (NVIDIA's data sheets), by a part of the name torch reports: the
+# first match wins, so each variant comes before its family's name (the SXM H100 reports "H100 80GB HBM3").
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
+                    ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_bf16_tflops(name: str) -> float | None:
+    return next((peak for part, peak in PEAK_BF16_TFLOPS if part in name), None)
 
 
 def device_info() -> dict:
@@ -35,7 +41,7 @@ def device_info() -> dict:
     if not torch.cuda.is_available():
         return {**info, "device": "cpu", "name": "cpu", "peak_bf16_tflops": None, "memory_gib": None}
     name = torch.cuda.get_device_name(0)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_bf16_tflops(name)
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
     return {**info, "device": "cuda", "name": name, "peak_bf16_tflops": peak, "memory_gib": round(memory, 1)}
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -26,7 +27,7 @@ class SpeedOptions(StrictModel):
     """GPU fast paths of a diffusion stage (`model.speed`); none changes what is generated beyond rounding."""
 
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
-        "auto", description="scaled-dot-product attention backend; auto lets torch choose per call")
+        "auto", description="scaled-dot-product attention backend of the denoisers; auto lets torch choose per call")
     channels_last: bool = Field(False, description="UNet, ControlNet and VAE weights and activations in NHWC")
     compile: list[Literal["unet", "controlnet", "transformer", "vae"]] = Field(
         default_factory=list, description="modules to torch.compile (once per actor, on the first call)")
@@ -63,10 +64,15 @@ def decode_in_batches(vae: Any, n: int) -> None:
 
 
 def apply_speed(pipe: Any, speed: SpeedOptions) -> None:
-    """channels_last, batched VAE decode and torch.compile on a loaded pipeline, in that order."""
+    """The SDPA backend on the denoisers, channels_last, batched VAE decode and torch.compile on a loaded
+    pipeline, in that order."""
     import torch
 
     modules = {name: getattr(pipe, name, None) for name in (*DENOISERS, "vae")}
+    if speed.sdpa != "auto":
+        for name in DENOISERS:
+            if modules[name] is not None:
+                use_sdpa_backend(modules[name], speed.sdpa)
     if speed.channels_last:
         for name in ("unet", "controlnet", "vae"):
             if modules[name] is not None:
@@ -91,6 +97,20 @@ def sdpa_context(backend: str):
 
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                         "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
+
+
+def use_sdpa_backend(module: Any, backend: str) -> None:
+    """Run `module`'s forward under one SDPA backend. Only the denoisers get it: the VAE's attention has
+    head_dim 512, above flash attention's 256, so a backend forced around the whole pipeline call fails
+    there with "No available kernel"."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def forward_with_backend(*args, **kwargs):
+        with sdpa_context(backend):
+            return forward(*args, **kwargs)
+
+    module.forward = forward_with_backend
 
 
 def mark_cuda_graph_step(pipe, step, timestep, callback_kwargs):

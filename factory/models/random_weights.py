@@ -63,7 +63,10 @@ def _block(device, dtype):
 
     key = (str(device), dtype)
     if key not in _blocks:
-        noise = torch.rand(_PERIOD, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2 - 1
+        # On the CPU, with a CPU generator, whatever the default device (`building` sets it to the model's, and
+        # a CUDA default device with a CPU generator raises): the same weights on every device.
+        noise = torch.rand(_PERIOD, generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
+        noise = noise * 2 - 1
         _blocks[key] = noise.to(device=device, dtype=dtype)
     return _blocks[key]
 

@@ -114,8 +114,10 @@ class TrainingModels:
             pixels = batch["colour" if self.kind == "text2mask" else "image"] * 2 - 1
             latents = self.vae.encode(pixels.to(device, self.vae_dtype)).latent_dist.sample(generator)
             latents = latents.float() * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        steps = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        # Drawn on the CPU, where the generator lives, whatever the default device: the same noise on any device.
+        noise = torch.randn(latents.shape, generator=generator, device="cpu").to(device)
+        steps = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device="cpu")
         steps = steps.to(device)
         noisy = self.noise.add_noise(latents, noise, steps)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from factory.models.pipelines import apply_speed, mark_cuda_graph_step, sdpa_context, unet_size_multiple
+from factory.models.pipelines import apply_speed, mark_cuda_graph_step, unet_size_multiple
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import ClassSet, class_names_in
@@ -160,9 +160,8 @@ class DiffusionStage(Stage):
         if speed.cuda_graphs:
             kwargs["callback_on_step_end"] = mark_cuda_graph_step
         started = time.perf_counter()
-        with sdpa_context(speed.sdpa):
-            result = pipe(generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
-                          output_type="np", **kwargs)
+        result = pipe(generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
+                      output_type="np", **kwargs)
         if "first_call" not in self.seconds:
             self.seconds["first_call"] = round(time.perf_counter() - started, 3)
             if speed.compile:

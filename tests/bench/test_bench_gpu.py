@@ -37,6 +37,47 @@ def test_an_unknown_recipe_is_refused(capsys):
     assert "--recipes: unknown segen" in capsys.readouterr().err
 
 
+def test_a_failing_workload_is_recorded_and_the_others_are_measured(tmp_path, monkeypatch):
+    """Each workload is guarded and the JSON rewritten after it: here the first stage workload fails, the
+    second is measured, and both are in the file (read while the run goes on, at the second workload)."""
+    seen_on_disk = []
+
+    def measure_stage(w, device, peak, **_):
+        if w.name == "controlnet-sd15-512":
+            raise RuntimeError("No available kernel.  Aborting execution.")
+        seen_on_disk.append(json.loads(next(tmp_path.glob("*.json")).read_text()))
+        return {"name": w.name, "kind": w.kind, "images_per_s": 1.5}
+
+    monkeypatch.setattr(bench_gpu, "measure_stage", measure_stage)
+    result = bench_gpu.main(["--tiny", "--sections", "stages", "--only", "controlnet-sd15-512",
+                             "--only", "caption-blip-large", "--out", str(tmp_path)])
+    error = {"section": "stages", "name": "controlnet-sd15-512",
+             "error": "RuntimeError: No available kernel.  Aborting execution."}
+    assert seen_on_disk[0]["errors"] == [error] and seen_on_disk[0]["stages"] == []
+    assert result["errors"] == [error] and [s["name"] for s in result["stages"]] == ["caption-blip-large"]
+    assert json.loads(next(tmp_path.glob("*.json")).read_text()) == result
+
+
+def test_require_gpu_stops_before_measuring_anything(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--require-gpu", "--out", str(tmp_path)])
+    assert "--require-gpu: torch sees no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("Tesla T4", None)])
+def test_the_mfu_peak_is_the_variant_s_own(name, peak):
+    from measure import peak_bf16_tflops
+
+    assert peak_bf16_tflops(name) == peak
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_tiny_benchmark_writes_every_section(tmp_path, ray_local, capsys):
@@ -46,7 +87,7 @@ def test_tiny_benchmark_writes_every_section(tmp_path, ray_local, capsys):
     [path] = tmp_path.glob("*.json")
     result = json.loads(path.read_text())
     assert path.name == f"{result['gpu']['name'].lower()}-{result['date']}.json"
-    assert result["sizes"] == "tiny" and result["skipped"] == []
+    assert result["sizes"] == "tiny" and result["skipped"] == [] and result["errors"] == []
     kinds = {s["kind"] for s in result["stages"]}
     assert kinds == {"controlnet", "mask2img", "text2mask", "caption", "dense_caption", "select", "maskgen", "t2i",
                      "score"}

@@ -28,6 +28,20 @@ def millions(module) -> float:
     return rm.count_parameters(module) / M
 
 
+def test_random_weights_are_drawn_on_the_cpu_whatever_the_default_device():
+    """`building(device)` makes the model's device torch's default; the noise the weights are cycled from is
+    still drawn on the CPU with a CPU generator (on a CUDA default device a CPU generator raises). `meta`
+    stands in for CUDA here: the weights of a CPU tensor filled under it are the ones drawn without it."""
+    key = ("cpu", torch.float64)  # a block no other test builds, so this one draws it
+    rm._blocks.pop(key, None)
+    filled = torch.empty(1000, dtype=torch.float64)
+    with torch.device("meta"):
+        rm._fill_uniform(filled, -1.0, 1.0)
+    noise = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 2 - 1
+    assert rm._blocks.pop(key).device.type == "cpu"
+    torch.testing.assert_close(filled, noise.double())
+
+
 def test_parameter_counts_match_the_published_checkpoints():
     sd15 = rm.pipeline_components(rm.SD15, "meta", torch.float16)
     sdxl = rm.pipeline_components(rm.SDXL, "meta", torch.float16)

@@ -197,3 +197,27 @@ def test_generation_size_keeps_aspect_and_multiple(stage):
     assert stage.generation_size(480, 640) == (48, 64)
     assert stage.generation_size(640, 480) == (64, 48)
     assert stage.generation_size(10, 2000) == (8, 64)
+
+
+def test_a_chosen_attention_backend_applies_to_the_denoisers_only(model_cache):
+    """`model.speed.sdpa` holds inside the UNet and the ControlNet, never around the VAE (whose attention
+    flash kernels cannot take)."""
+    import torch
+
+    stage = ControlNetStage(
+        ControlNetStage.Params(variants=1, steps=2, resolution=32),
+        ControlNetStage.Model(profile="tiny", speed={"sdpa": "math"}),
+        StageContext(label="synth", job_seed=0, classes=ADE, device="cpu"),
+    )
+    stage.setup()
+    flash_enabled: dict[str, list[bool]] = {}
+    # Recorded inside each model's forward (by its first layer), where the backend applies.
+    for name, module in (("unet", stage.pipe.unet.conv_in), ("controlnet", stage.pipe.controlnet.conv_in),
+                         ("vae", stage.pipe.vae.decoder.conv_in)):
+        module.register_forward_pre_hook(
+            lambda _m, _a, name=name: flash_enabled.setdefault(name, []).append(torch.backends.cuda.flash_sdp_enabled()))
+    assert stage.process([mask_sample(shape=(32, 32))])[0].ok
+    assert flash_enabled["unet"] and not any(flash_enabled["unet"])
+    assert flash_enabled["controlnet"] and not any(flash_enabled["controlnet"])
+    assert flash_enabled["vae"] == [True]
+    assert torch.backends.cuda.flash_sdp_enabled()
