@@ -214,8 +214,8 @@ def test_a_chosen_attention_backend_applies_to_the_denoisers_only(model_cache):
     # Recorded inside each model's forward (by its first layer), where the backend applies.
     for name, module in (("unet", stage.pipe.unet.conv_in), ("controlnet", stage.pipe.controlnet.conv_in),
                          ("vae", stage.pipe.vae.decoder.conv_in)):
-        module.register_forward_pre_hook(
-            lambda _m, _a, name=name: flash_enabled.setdefault(name, []).append(torch.backends.cuda.flash_sdp_enabled()))
+        module.register_forward_pre_hook(lambda _m, _a, name=name: flash_enabled.setdefault(name, []).append(
+            torch.backends.cuda.flash_sdp_enabled()))
     assert stage.process([mask_sample(shape=(32, 32))])[0].ok
     assert flash_enabled["unet"] and not any(flash_enabled["unet"])
     assert flash_enabled["controlnet"] and not any(flash_enabled["controlnet"])
