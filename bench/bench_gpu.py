@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--require-gpu", action="store_true", help="stop at once if no CUDA device is visible")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
-    unknown = set(args.recipes.split(",")) - set(RECIPES) if args.recipes else set()
+    chosen_recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
+    unknown = set(chosen_recipes) - set(RECIPES)
     if unknown:
         p.error(f"--recipes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(RECIPES)}")
     import torch
@@ -215,9 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(result, indent=1) + "\n")
 
     def guarded(section: str, name: str, measure) -> dict | None:
-        """One workload: its figures, or its error recorded in `errors` and the run goes on; saved either way."""
+        """One workload: its figures appended to `result[section]`, or its error to `errors` and the run goes
+        on; saved either way."""
         try:
             figures = measure()
+            result[section].append(figures)
         except Exception as e:  # any failure of one workload (OOM, a missing kernel) must not lose the others
             logging.getLogger("bench").exception("%s %s failed", section, name)
             result["errors"].append({"section": section, "name": name, "error": f"{type(e).__name__}: {e}"[:500]})
@@ -241,17 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
     if "stages" in sections:
         for w in chosen:
             if budget_left(w.name) and (figures := guarded("stages", w.name, lambda: measure_stage(w, device, peak))):
-                result["stages"].append(figures)
-                save()
                 print(f"{w.name}: {figures['images_per_s']} images/s", flush=True)
         section_done("stages")
     if "training" in sections:
         for kind in ("mask2img", "text2mask"):
-            if budget_left(f"training {kind}") and (figures := guarded("training", kind, lambda: measure_training(
+            if budget_left(f"training {kind}"):
+                guarded("training", kind, lambda: measure_training(
                     kind, "tiny" if tiny else "random", 32 if tiny else 768, [2] if tiny else [16, 8, 4, 2, 1],
-                    1 if tiny else 3, device, peak))):
-                result["training"].append(figures)
-                save()
+                    1 if tiny else 3, device, peak))
         section_done("training")
     measured = {s["name"]: s for s in result["stages"]}
     if "recipes" in sections and not ray_installed():
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif "recipes" in sections:
         with tempfile.TemporaryDirectory() as work:
             for name, parts in recipes(by_name).items():
-                if args.recipes and name not in args.recipes.split(","):
+                if name not in chosen_recipes:
                     continue
                 if any(w is not None and w.name not in measured for w, _ in parts):
                     result["skipped"].append(f"recipe {name} (needs its stages measured alone)")
@@ -267,11 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if budget_left(f"recipe {name}"):
                     stages, alone = recipe_stages(parts, measured, tiny, gpu)
                     count, size, shard = (4, 64, 1) if tiny else (8, 512, 2)
-                    figures = guarded("recipes", name,
-                                      lambda: measure_recipe(name, stages, count, size, shard, work, alone))
-                    if figures:
-                        result["recipes"].append(figures)
-                        save()
+                    guarded("recipes", name, lambda: measure_recipe(name, stages, count, size, shard, work, alone))
         section_done("recipes")
     if "fast_paths" in sections and "controlnet-sd15-512" in measured:
         base = by_name["controlnet-sd15-512"]
@@ -282,11 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
                 variant = Workload(f"controlnet+{option}", base.kind, model, base.params, base.batch, base.calls,
                                    base.size, note=f"controlnet-sd15-512 with {option}")
                 flops = measured["controlnet-sd15-512"]["tflop_per_image"]
-                figures = guarded("fast_paths", variant.name, lambda: measure_stage(
+                guarded("fast_paths", variant.name, lambda: measure_stage(
                     variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12))
-                if figures:
-                    result["fast_paths"].append(figures)
-                    save()
         section_done("fast_paths")
     save()
     print(table(result))

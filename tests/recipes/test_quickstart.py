@@ -20,10 +20,9 @@ FACTORY = [sys.executable, "-m", "factory.cli"]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
-def factory(*args, check=True):
+def factory(*args):
     result = subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=500, cwd=REPO)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
@@ -54,35 +53,45 @@ def test_quickstart_writes_imgsyn_samples_with_the_source_masks(quickstart):
     assert seen == index["samples"] == 6 * 2 - index["failed"] * 1
 
 
-def test_status_and_preview(quickstart, capsys, monkeypatch):
-    tmp, _ = quickstart
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`factory ARGS` through `factory.cli.main` in this process, from the repository: (exit code, stdout, stderr)."""
     monkeypatch.chdir(REPO)
-    capsys.readouterr()
-    assert main(["status", str(tmp / "out"), "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_status_and_preview(quickstart, cli):
+    tmp, _ = quickstart
+    code, out, _ = cli("status", str(tmp / "out"), "--json")
+    assert code == 0
+    data = json.loads(out)
     assert (data["shards_done"], data["shards_total"], data["samples"], data["failed"]) == (2, 2, 12, 0)
     assert data["samples_per_second"] > 0
-    assert main(["preview", str(tmp / "out"), "--out", str(tmp / "preview.png"), "--count", "3"]) == 0
+    assert cli("preview", str(tmp / "out"), "--out", str(tmp / "preview.png"), "--count", "3")[0] == 0
     sheet = Image.open(tmp / "preview.png")
     assert sheet.size == (3 * 192, 3 * (192 + 14))
 
 
-def test_a_stage_runs_alone(quickstart, capsys, monkeypatch):
+def test_a_stage_runs_alone(quickstart, cli):
     tmp, _ = quickstart
-    monkeypatch.chdir(REPO)
-    capsys.readouterr()
-    assert main(["stage", "jobs/quickstart.yaml", "synth", "--input", str(tmp / "scenes"), "--out", str(tmp / "loose"),
-                 "--limit", "2"]) == 0
-    assert "4 written" in capsys.readouterr().out
+    code, out, _ = cli("stage", "jobs/quickstart.yaml", "synth", "--input", str(tmp / "scenes"),
+                       "--out", str(tmp / "loose"), "--limit", "2")
+    assert code == 0 and "4 written" in out
     assert len(list((tmp / "loose").glob("*.seg.png"))) == 4
 
 
-def test_validate_names_the_bad_field(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_validate_names_the_bad_field(tmp_path, cli):
     spec = (REPO / "jobs" / "quickstart.yaml").read_text().replace("steps: 2", "steps: -2")
     (tmp_path / "bad.yaml").write_text(spec)
-    capsys.readouterr()
-    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
-    assert "stages[0].params.steps" in capsys.readouterr().err
-    assert main(["validate", "jobs/quickstart.yaml"]) == 0
-    assert "ok" in capsys.readouterr().out
+    code, _, err = cli("validate", str(tmp_path / "bad.yaml"))
+    assert code == 2
+    assert "stages[0].params.steps" in err
+    code, out, _ = cli("validate", "jobs/quickstart.yaml")
+    assert code == 0 and "ok" in out

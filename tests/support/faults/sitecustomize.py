@@ -8,7 +8,7 @@ opening so that writes of shard tars (written under the job's `_tmp/`, then rena
     slow:SECONDS           every write sleeps first, so a write task is easy to catch mid-way
     enospc                 every write raises ENOSPC: a full disk, where a test cannot mount one
 
-Several faults, separated by `|`, act in the order given (e.g. `fail-once:DIR|slow:0.5`).
+Several faults, separated by `|`, act in the order given (e.g. `slow:0.5|fail-once:DIR`).
 
 With FACTORY_TEST_PIDS=DIR as well, every process that starts such a write creates DIR/writer-PID first:
 the test finds the process writing a tar by what it does, not by how Ray names its processes.
