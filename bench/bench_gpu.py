@@ -38,8 +38,28 @@ from measure import Workload, device_info, measure_recipe, measure_stage, measur
 
 from factory.tools.pool_sizes import plan  # noqa: E402
 
-ADE_SUBSET = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "grass", "cabinet",
-              "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car"]
+ADE_SUBSET = [
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+]
 PROMPT = {"prompt": "a photo of a living room with a grey sofa, a wooden table, a lamp and a window"}
 
 
@@ -53,35 +73,116 @@ def workloads(tiny: bool) -> list[Workload]:
             Workload("text2mask-sdxl-768", "text2mask", t, {"maps": 2, "steps": 2, "resolution": 32}, 1, 1, 64),
             Workload("caption-blip-large", "caption", t, {"max_new_tokens": 8}, 4, 1, 64),
             Workload("dense-caption-gemma3-4b", "dense_caption", t, {"max_new_tokens": 8}, 2, 1, 64),
-            Workload("embed-clip-vit-l14", "select", t, {"check_miou": False, "eps": -1}, 4, 1, 64,
-                     synthetic=True),
+            Workload("embed-clip-vit-l14", "select", t, {"check_miou": False, "eps": -1}, 4, 1, 64, synthetic=True),
             Workload("label-gdino-b-sam-h", "maskgen", t, {"mode": "replace", "classes": ADE_SUBSET[:4]}, 2, 1, 64),
-            Workload("t2i-flux-dev-1024", "t2i", t, {"generators": [{"name": "flux", "family": "flux", "steps": 2,
-                                                                      "resolution": 32}]}, 2, 1, 64, PROMPT),
+            Workload(
+                "t2i-flux-dev-1024",
+                "t2i",
+                t,
+                {"generators": [{"name": "flux", "family": "flux", "steps": 2, "resolution": 32}]},
+                2,
+                1,
+                64,
+                PROMPT,
+            ),
             Workload("score-clip-vit-l14", "score", t, {}, 4, 1, 64, PROMPT, synthetic=True),
         ]
     r = {"profile": "random"}
     return [
-        Workload("controlnet-sd15-512", "controlnet", {**r, "dtype": "fp16"},
-                 {"variants": 5, "steps": 50, "guidance": 7.5, "resolution": 512}, 2, 2, 512,
-                 note="Diffusion Synthesis defaults: K=5, 50 steps, guidance 7.5; 10 images per call"),
-        Workload("mask2img-sdxl-1024", "mask2img", {**r, "dtype": "bf16"},
-                 {"images": 1, "steps": 40, "resolution": 1024}, 4, 2, 1024, note="SDXL ControlNet, 40 steps"),
-        Workload("text2mask-sdxl-768", "text2mask", {**r, "dtype": "bf16"},
-                 {"maps": 2, "steps": 200, "resolution": 768}, 1, 1, 512, note="SDXL, 200 steps"),
-        Workload("caption-blip-large", "caption", {**r, "family": "blip", "dtype": "fp16"}, {"max_new_tokens": 30},
-                 32, 2, 512, note="BLIP-large, greedy, up to 30 tokens"),
-        Workload("dense-caption-gemma3-4b", "dense_caption", r, {"max_new_tokens": 200}, 16, 1, 512,
-                 note="Gemma-3-4B-it, bf16, up to 200 new tokens"),
-        Workload("embed-clip-vit-l14", "select", {**r, "dtype": "fp16"}, {"check_miou": False, "eps": -1}, 64, 2,
-                 512, synthetic=True, note="select's cosine check: real + synthetic image embedded"),
-        Workload("label-gdino-b-sam-h", "maskgen", {**r, "dtype": "bf16"},
-                 {"mode": "replace", "classes": ADE_SUBSET}, 8, 2, 512,
-                 note="GroundingDINO-B (900 queries, 256 text tokens) + SAM ViT-H, 20 class names"),
-        Workload("t2i-flux-dev-1024", "t2i", r, {"generators": [{"name": "flux", "family": "flux"}]}, 2, 1, 512,
-                 PROMPT, note="FLUX.1-dev, 28 steps, guidance 3.5, 1024 px, T5 512 tokens"),
-        Workload("score-clip-vit-l14", "score", {**r, "dtype": "fp16"}, {}, 64, 2, 512, PROMPT, synthetic=True,
-                 note="CLIP score + density"),
+        Workload(
+            "controlnet-sd15-512",
+            "controlnet",
+            {**r, "dtype": "fp16"},
+            {"variants": 5, "steps": 50, "guidance": 7.5, "resolution": 512},
+            2,
+            2,
+            512,
+            note="Diffusion Synthesis defaults: K=5, 50 steps, guidance 7.5; 10 images per call",
+        ),
+        Workload(
+            "mask2img-sdxl-1024",
+            "mask2img",
+            {**r, "dtype": "bf16"},
+            {"images": 1, "steps": 40, "resolution": 1024},
+            4,
+            2,
+            1024,
+            note="SDXL ControlNet, 40 steps",
+        ),
+        Workload(
+            "text2mask-sdxl-768",
+            "text2mask",
+            {**r, "dtype": "bf16"},
+            {"maps": 2, "steps": 200, "resolution": 768},
+            1,
+            1,
+            512,
+            note="SDXL, 200 steps",
+        ),
+        Workload(
+            "caption-blip-large",
+            "caption",
+            {**r, "family": "blip", "dtype": "fp16"},
+            {"max_new_tokens": 30},
+            32,
+            2,
+            512,
+            note="BLIP-large, greedy, up to 30 tokens",
+        ),
+        Workload(
+            "dense-caption-gemma3-4b",
+            "dense_caption",
+            r,
+            {"max_new_tokens": 200},
+            16,
+            1,
+            512,
+            note="Gemma-3-4B-it, bf16, up to 200 new tokens",
+        ),
+        Workload(
+            "embed-clip-vit-l14",
+            "select",
+            {**r, "dtype": "fp16"},
+            {"check_miou": False, "eps": -1},
+            64,
+            2,
+            512,
+            synthetic=True,
+            note="select's cosine check: real + synthetic image embedded",
+        ),
+        Workload(
+            "label-gdino-b-sam-h",
+            "maskgen",
+            {**r, "dtype": "bf16"},
+            {"mode": "replace", "classes": ADE_SUBSET},
+            8,
+            2,
+            512,
+            note="GroundingDINO-B (900 queries, 256 text tokens) + SAM ViT-H, 20 class names",
+        ),
+        Workload(
+            "t2i-flux-dev-1024",
+            "t2i",
+            r,
+            {"generators": [{"name": "flux", "family": "flux"}]},
+            2,
+            1,
+            512,
+            PROMPT,
+            note="FLUX.1-dev, 28 steps, guidance 3.5, 1024 px, T5 512 tokens",
+        ),
+        Workload(
+            "score-clip-vit-l14",
+            "score",
+            {**r, "dtype": "fp16"},
+            {},
+            64,
+            2,
+            512,
+            PROMPT,
+            synthetic=True,
+            note="CLIP score + density",
+        ),
     ]
 
 
@@ -105,11 +206,18 @@ def recipes(by_name: dict[str, Workload]) -> dict[str, list[tuple[Workload | Non
     """Recipe stages as (workload measured alone, stage spec overrides); None: a CPU stage."""
     prompt = {"kind": "prompt", "params": {"mode": "caption_classes", "template": "{caption}; {classes}"}}
     return {
-        "diffusion_synthesis": [(by_name["caption-blip-large"], {}), (None, prompt),
-                                (by_name["controlnet-sd15-512"], {}), (by_name["embed-clip-vit-l14"], {})],
+        "diffusion_synthesis": [
+            (by_name["caption-blip-large"], {}),
+            (None, prompt),
+            (by_name["controlnet-sd15-512"], {}),
+            (by_name["embed-clip-vit-l14"], {}),
+        ],
         "seggen_imgsyn": [(by_name["caption-blip-large"], {}), (by_name["mask2img-sdxl-1024"], {})],
-        "sense": [(by_name["dense-caption-gemma3-4b"], {}), (by_name["t2i-flux-dev-1024"], {}),
-                  (by_name["score-clip-vit-l14"], {})],
+        "sense": [
+            (by_name["dense-caption-gemma3-4b"], {}),
+            (by_name["t2i-flux-dev-1024"], {}),
+            (by_name["score-clip-vit-l14"], {}),
+        ],
     }
 
 
@@ -127,8 +235,12 @@ def recipe_stages(parts, stage_results: dict[str, dict], tiny: bool, gpu: bool) 
     for w, spec in parts:
         label = w.name if w is not None else spec["kind"]
         p = balanced[label]
-        resources = {"num_cpus": 0.25 if tiny else 2, "num_gpus": p.gpus_per_actor if gpu and w else 0,
-                     "concurrency": 1, "batch_size": int(p.rows_in * (w.batch if w else 4))}
+        resources = {
+            "num_cpus": 0.25 if tiny else 2,
+            "num_gpus": p.gpus_per_actor if gpu and w else 0,
+            "concurrency": 1,
+            "batch_size": int(p.rows_in * (w.batch if w else 4)),
+        }
         if w is None:
             stages.append({**spec, "resources": resources})
             continue
@@ -142,25 +254,32 @@ def slug(text: str) -> str:
 
 
 def table(result: dict) -> str:
-    rows = [f"{'stage':<26}{'img/s':>9}{'TFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}{'load s':>8}"
-            f"{'1st s':>7}"]
+    rows = [
+        f"{'stage':<26}{'img/s':>9}{'TFLOP/img':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>9}{'load s':>8}{'1st s':>7}"
+    ]
 
     def fmt(v, spec):
         return format(v, spec) if v is not None else "-"
 
     for s in result["stages"] + result["fast_paths"]:
-        rows.append(f"{s['name']:<26}{fmt(s.get('images_per_s'), '.3f'):>9}{fmt(s.get('tflop_per_image'), '.2f'):>10}"
-                    f"{fmt(s.get('achieved_tflops'), '.1f'):>9}{fmt(s.get('mfu'), '.1%'):>7}"
-                    f"{fmt(s.get('peak_memory_gib'), '.1f'):>9}{fmt(s.get('load_s'), '.1f'):>8}"
-                    f"{fmt(s.get('first_call_s'), '.1f'):>7}")
+        rows.append(
+            f"{s['name']:<26}{fmt(s.get('images_per_s'), '.3f'):>9}{fmt(s.get('tflop_per_image'), '.2f'):>10}"
+            f"{fmt(s.get('achieved_tflops'), '.1f'):>9}{fmt(s.get('mfu'), '.1%'):>7}"
+            f"{fmt(s.get('peak_memory_gib'), '.1f'):>9}{fmt(s.get('load_s'), '.1f'):>8}"
+            f"{fmt(s.get('first_call_s'), '.1f'):>7}"
+        )
     for t in result["training"]:
-        rows.append(f"train {t['kind']:<20}{fmt(t.get('samples_per_s'), '.3f'):>9}"
-                    f"{fmt(t.get('tflop_per_step'), '.2f'):>10}{fmt(t.get('achieved_tflops'), '.1f'):>9}"
-                    f"{fmt(t.get('mfu'), '.1%'):>7}{fmt(t.get('peak_memory_gib'), '.1f'):>9}  batch {t.get('batch')}")
+        rows.append(
+            f"train {t['kind']:<20}{fmt(t.get('samples_per_s'), '.3f'):>9}"
+            f"{fmt(t.get('tflop_per_step'), '.2f'):>10}{fmt(t.get('achieved_tflops'), '.1f'):>9}"
+            f"{fmt(t.get('mfu'), '.1%'):>7}{fmt(t.get('peak_memory_gib'), '.1f'):>9}  batch {t.get('batch')}"
+        )
     for r in result["recipes"]:
-        rows.append(f"recipe {r['name']:<19}{fmt(r.get('samples_per_s_steady'), '.3f'):>9}  "
-                    f"ratio to slowest alone {fmt(r.get('ratio_to_slowest_stage'), '.2f')}  "
-                    f"GPU busy {fmt(r.get('gpu_busy_fraction'), '.0%')}  wall {r['seconds']}s")
+        rows.append(
+            f"recipe {r['name']:<19}{fmt(r.get('samples_per_s_steady'), '.3f'):>9}  "
+            f"ratio to slowest alone {fmt(r.get('ratio_to_slowest_stage'), '.2f')}  "
+            f"GPU busy {fmt(r.get('gpu_busy_fraction'), '.0%')}  wall {r['seconds']}s"
+        )
     rows += [f"skipped: {s}" for s in result["skipped"]]
     rows += [f"failed: {e['section']} {e['name']}: {e['error']}" for e in result["errors"]]
     return "\n".join(rows)
@@ -180,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny models at test sizes (the default without a GPU)")
     p.add_argument("--sections", default="stages,training,recipes,fast_paths")
     p.add_argument("--only", action="append", help="stage workloads to run (names); default all")
-    p.add_argument("--recipes", help="recipes to run, comma-separated (default all: %s)" % ",".join(RECIPES))
+    p.add_argument("--recipes", help=f"recipes to run, comma-separated (default all: {','.join(RECIPES)})")
     p.add_argument("--minutes", type=float, default=7.5, help="time budget; later sections are skipped")
     p.add_argument("--require-gpu", action="store_true", help="stop at once if no CUDA device is visible")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -194,17 +313,28 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     gpu = torch.cuda.is_available()
     if args.require_gpu and not gpu:
-        p.error("--require-gpu: torch sees no CUDA device (torch %s, CUDA build %s); nothing was measured"
-                % (torch.__version__, torch.version.cuda))
+        p.error(
+            f"--require-gpu: torch sees no CUDA device (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda}); nothing was measured"
+        )
     tiny = args.tiny or not gpu
     device = "cuda" if gpu else "cpu"
     info = device_info()
     peak = info["peak_bf16_tflops"]
     sections = args.sections.split(",")
     started = time.perf_counter()
-    result = {"date": date.today().isoformat(), "gpu": info, "sizes": "tiny" if tiny else "real",
-              "stages": [], "training": [], "recipes": [], "fast_paths": [], "skipped": [], "errors": [],
-              "section_seconds": {}}
+    result = {
+        "date": date.today().isoformat(),
+        "gpu": info,
+        "sizes": "tiny" if tiny else "real",
+        "stages": [],
+        "training": [],
+        "recipes": [],
+        "fast_paths": [],
+        "skipped": [],
+        "errors": [],
+        "section_seconds": {},
+    }
     mark = [started]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,9 +379,19 @@ def main(argv: list[str] | None = None) -> dict:
     if "training" in sections:
         for kind in ("mask2img", "text2mask"):
             if budget_left(f"training {kind}"):
-                guarded("training", kind, lambda: measure_training(
-                    kind, "tiny" if tiny else "random", 32 if tiny else 768, [2] if tiny else [16, 8, 4, 2, 1],
-                    1 if tiny else 3, device, peak))
+                guarded(
+                    "training",
+                    kind,
+                    lambda: measure_training(
+                        kind,
+                        "tiny" if tiny else "random",
+                        32 if tiny else 768,
+                        [2] if tiny else [16, 8, 4, 2, 1],
+                        1 if tiny else 3,
+                        device,
+                        peak,
+                    ),
+                )
         section_done("training")
     measured = {s["name"]: s for s in result["stages"]}
     if "recipes" in sections and not ray_installed():
@@ -275,16 +415,31 @@ def main(argv: list[str] | None = None) -> dict:
             if budget_left(f"fast path {option}"):
                 over = FAST_PATHS[option]
                 model = {**base.model, **over, "speed": {**base.model.get("speed", {}), **over.get("speed", {})}}
-                variant = Workload(f"controlnet+{option}", base.kind, model, base.params, base.batch, base.calls,
-                                   base.size, note=f"controlnet-sd15-512 with {option}")
+                variant = Workload(
+                    f"controlnet+{option}",
+                    base.kind,
+                    model,
+                    base.params,
+                    base.batch,
+                    base.calls,
+                    base.size,
+                    note=f"controlnet-sd15-512 with {option}",
+                )
                 flops = measured["controlnet-sd15-512"]["tflop_per_image"]
-                guarded("fast_paths", variant.name, lambda: measure_stage(
-                    variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12))
+                guarded(
+                    "fast_paths",
+                    variant.name,
+                    lambda: measure_stage(
+                        variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12
+                    ),
+                )
         section_done("fast_paths")
     save()
     print(table(result))
-    print(f"{info['name']} ({'peak %s TFLOP/s bf16' % peak if peak else 'no MFU peak known'}), "
-          f"{result['seconds']}s -> {path}")
+    print(
+        f"{info['name']} ({f'peak {peak} TFLOP/s bf16' if peak else 'no MFU peak known'}), "
+        f"{result['seconds']}s -> {path}"
+    )
     return result
 
 

@@ -38,8 +38,11 @@ def plain_loop(spec, out: Path) -> tuple[int, float]:
     st = spec.stages[0]
     cls = resolve_stage(st.kind)
     start = time.perf_counter()
-    stage = cls(cls.Params(**st.params), cls.Model(**st.model),
-                StageContext(label=st.label, job_seed=spec.seed, classes=source.classes, device="cpu"))
+    stage = cls(
+        cls.Params(**st.params),
+        cls.Model(**st.model),
+        StageContext(label=st.label, job_seed=spec.seed, classes=source.classes, device="cpu"),
+    )
     stage.setup()
     reader = ShardReader(spec.source.model_dump_json(), "", {}, retries=0, backoff=0.0)
     n = 0
@@ -83,24 +86,36 @@ def main() -> None:
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - t0
-        results = {"plain_loop": {"samples": loop_n, "seconds": round(loop_s, 2),
-                                  "samples_per_s": round(loop_n / loop_s, 3)}}
+        results = {
+            "plain_loop": {"samples": loop_n, "seconds": round(loop_s, 2), "samples_per_s": round(loop_n / loop_s, 3)}
+        }
         for actors in (1, 2):
             n, s = factory_pipeline(spec_for(str(tmp / f"ray-{actors}")), actors)
-            results[f"factory_{actors}_actor"] = {"samples": n, "seconds": round(s, 2), "samples_per_s": round(n / s, 3),
-                                                  "ratio_vs_loop": round((n / s) / (loop_n / loop_s), 2)}
+            results[f"factory_{actors}_actor"] = {
+                "samples": n,
+                "seconds": round(s, 2),
+                "samples_per_s": round(n / s, 3),
+                "ratio_vs_loop": round((n / s) / (loop_n / loop_s), 2),
+            }
         ray.shutdown()
 
     results["setup"] = {
-        "scenes": args.scenes, "size": args.size, "variants": args.variants, "steps": args.steps,
-        "ray_start_s": round(ray_start, 2), "cpus": 2, "torch_threads_loop": torch.get_num_threads(),
+        "scenes": args.scenes,
+        "size": args.size,
+        "variants": args.variants,
+        "steps": args.steps,
+        "ray_start_s": round(ray_start, 2),
+        "cpus": 2,
+        "torch_threads_loop": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
     print(json.dumps(results, indent=2))
     print("\n| run | samples | seconds | samples/s | ratio vs loop |\n|---|---|---|---|---|")
     for name, r in results.items():
         if name != "setup":
-            print(f"| {name} | {r['samples']} | {r['seconds']} | {r['samples_per_s']} | {r.get('ratio_vs_loop', 1.0)} |")
+            print(
+                f"| {name} | {r['samples']} | {r['seconds']} | {r['samples_per_s']} | {r.get('ratio_vs_loop', 1.0)} |"
+            )
 
 
 if __name__ == "__main__":

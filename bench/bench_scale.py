@@ -1,7 +1,8 @@
 """The engine at scale and under load, on this machine: planning, memory while processing, a stalled sample,
 the engine against a plain loop, and resume over many committed shards on a real S3 server.
 
-    .venv/bin/python bench/bench_scale.py [--only plan,listing,loop,process,stall,stall_every_shard,resume] [--process 100000]
+    .venv/bin/python bench/bench_scale.py [--process 100000]
+        [--only plan,listing,loop,process,stall,stall_every_shard,resume]
 
 Writes bench/results/scale-<date>.json and prints a table. Each part:
 - plan:    plan a `scenes` source of 10M ids (no files) in a child process: seconds, peak RSS.
@@ -45,9 +46,16 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH), str(REPO), 
 def _spec(source: dict, out: str, stages: list, shard_size: int, image_format: str = "png", **engine) -> dict:
     from factory.engine.spec import parse_spec
 
-    return parse_spec({"name": "bench", "seed": 0, "source": source, "stages": stages,
-                       "output": {"url": out, "shard_size": shard_size, "image_format": image_format},
-                       "engine": engine})
+    return parse_spec(
+        {
+            "name": "bench",
+            "seed": 0,
+            "source": source,
+            "stages": stages,
+            "output": {"url": out, "shard_size": shard_size, "image_format": image_format},
+            "engine": engine,
+        }
+    )
 
 
 def _scenes(count: int, size: int) -> dict:
@@ -85,8 +93,13 @@ def bench_listing(tmp: Path) -> dict:
     folder = tmp / "folder-100k"
     folder.mkdir()
     write_empty_files(str(folder), 100_000, 10)
-    source = {"kind": "folder", "path": str(folder), "classes": "ade150", "image_suffix": "_image.png",
-              "mask_suffix": None}
+    source = {
+        "kind": "folder",
+        "path": str(folder),
+        "classes": "ade150",
+        "image_suffix": "_image.png",
+        "mask_suffix": None,
+    }
     return _plan_in_child(source, 1000, tmp / "plan-100k")
 
 
@@ -151,7 +164,10 @@ def bench_process(tmp: Path, count: int) -> dict:
         seconds = time.perf_counter() - start
         mem.mark("driver_rss_at_end")
     return {
-        "sources": count, "samples": index["samples"], "rejected": index["rejected"], "seconds": round(seconds, 1),
+        "sources": count,
+        "samples": index["samples"],
+        "rejected": index["rejected"],
+        "seconds": round(seconds, 1),
         "samples_per_s": round(index["samples"] / seconds, 1),
         "driver_rss_mib_at_10pct": round(mem.marks.get("driver_rss_at_10pct", 0) / 2**20, 1),
         "driver_rss_mib_at_end": round(mem.marks["driver_rss_at_end"] / 2**20, 1),
@@ -175,8 +191,11 @@ def bench_stall(tmp: Path) -> dict:
     slow = "scene-0000350"  # in shard 3
     stages = [
         {"kind": "bench_stages:ExpandStage", "params": {"variants": 2}},
-        {"kind": "bench_stages:RejectStage", "resources": {"concurrency": 2, "num_cpus": 0.25},
-         "params": {"fraction": 0.25, "sleep_s": 30.0, "sleep_id": slow, "marker_dir": str(markers)}},
+        {
+            "kind": "bench_stages:RejectStage",
+            "resources": {"concurrency": 2, "num_cpus": 0.25},
+            "params": {"fraction": 0.25, "sleep_s": 30.0, "sleep_id": slow, "marker_dir": str(markers)},
+        },
     ]
     commits: list[float] = []
 
@@ -199,7 +218,10 @@ def bench_stall(tmp: Path) -> dict:
     began = float((markers / "sleep-start").read_text())
     ended = float((markers / "sleep-end").read_text())
     return {
-        "sources": 2000, "shards": index["num_shards"], "seconds": round(seconds, 1), "stall_s": round(ended - began, 1),
+        "sources": 2000,
+        "shards": index["num_shards"],
+        "seconds": round(seconds, 1),
+        "stall_s": round(ended - began, 1),
         "shards_committed_during_stall": sum(began <= t <= ended for t in commits),
         "driver_peak_rss_mib": round(mem.driver_peak / 2**20, 1),
         "largest_worker_rss_mib": round(mem.worker_peak / 2**20, 1),
@@ -241,8 +263,11 @@ def bench_stall_every_shard(tmp: Path, shards: int = 8, sleep_s: float = 30.0, p
 
     stages = [
         {"kind": "bench_stages:ExpandStage", "params": {"variants": 2}},
-        {"kind": "bench_stages:RejectStage", "resources": {"concurrency": pool, "num_cpus": 0.25},
-         "params": {"fraction": 0.25, "sleep_s": sleep_s, "sleep_index": 50}},
+        {
+            "kind": "bench_stages:RejectStage",
+            "resources": {"concurrency": pool, "num_cpus": 0.25},
+            "params": {"fraction": 0.25, "sleep_s": sleep_s, "sleep_index": 50},
+        },
     ]
     with MemorySampler() as mem:
         start = time.perf_counter()
@@ -250,7 +275,10 @@ def bench_stall_every_shard(tmp: Path, shards: int = 8, sleep_s: float = 30.0, p
         seconds = time.perf_counter() - start
     assert index["num_shards"] == shards and index["complete"]
     return {
-        "shards": shards, "sleep_s_per_shard": sleep_s, "pool": pool, "seconds": round(seconds, 1),
+        "shards": shards,
+        "sleep_s_per_shard": sleep_s,
+        "pool": pool,
+        "seconds": round(seconds, 1),
         "sleeps_over_pool_s": shards * sleep_s / pool,
         "driver_peak_rss_mib": round(mem.driver_peak / 2**20, 1),
         "largest_worker_rss_mib": round(mem.worker_peak / 2**20, 1),
@@ -265,8 +293,13 @@ def bench_loop(tmp: Path) -> dict:
     for size, count in ((128, 2000), (512, 400)):
         scenes = tmp / f"scenes-{size}"
         make_scenes(scenes, count=count, size=size)
-        source = {"kind": "folder", "path": str(scenes), "classes": "ade150",
-                  "image_suffix": "_image.png", "mask_suffix": "_mask.png"}
+        source = {
+            "kind": "folder",
+            "path": str(scenes),
+            "classes": "ade150",
+            "image_suffix": "_image.png",
+            "mask_suffix": "_mask.png",
+        }
         spec = _spec(source, str(tmp / f"engine-{size}"), [], shard_size=100, read_cpus=1.0, write_cpus=1.0)
         # Each side runs twice, alternating: the first engine job on a fresh Ray also pays its workers'
         # imports, the first loop its own imports and a cold page cache. Ratios pair first with first,
@@ -311,8 +344,14 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
         stats = {"samples": 1, "failed": 0, "rejected": 0}
         batch = 500
         for start in range(0, committed, batch):  # commit markers of the shards "already done"
-            fs.pipe({store.stats_path(s): json.dumps({**stats, "shard": s, "url": store.public_url("shards", f"{s}")})
-                     .encode() for s in range(start, min(start + batch, committed))})
+            fs.pipe(
+                {
+                    store.stats_path(s): json.dumps(
+                        {**stats, "shard": s, "url": store.public_url("shards", f"{s}")}
+                    ).encode()
+                    for s in range(start, min(start + batch, committed))
+                }
+            )
         first_new = store.stats_path(committed)
         times: dict[str, float] = {}
 
@@ -328,9 +367,13 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
         start = time.perf_counter()
         index = run_job(spec)
         end = time.perf_counter()
-        return {"committed_before": committed, "new_shards": new, "complete": index["complete"],
-                "seconds_to_first_new_commit": round(times.get("first", end) - start, 2),
-                "seconds_total": round(end - start, 2)}
+        return {
+            "committed_before": committed,
+            "new_shards": new,
+            "complete": index["complete"],
+            "seconds_to_first_new_commit": round(times.get("first", end) - start, 2),
+            "seconds_total": round(end - start, 2),
+        }
     finally:
         seaweed.stop(server)
 
@@ -342,8 +385,11 @@ def main() -> None:
     p.add_argument("--process", type=int, default=100_000, help="scenes in the process part")
     args = p.parse_args()
     chosen = args.only.split(",")
-    results: dict = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} CPUs, "
-                     f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, no GPU"}
+    results: dict = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, no GPU",
+    }
     if {"process", "stall", "loop", "resume"} & set(chosen):
         import ray
 

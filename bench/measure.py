@@ -24,8 +24,15 @@ from factory.sources.scenes import render_scene
 
 # Dense bf16 tensor-core peak, TFLOP/s (NVIDIA's data sheets), by a part of the name torch reports: the
 # first match wins, so each variant comes before its family's name (the SXM H100 reports "H100 80GB HBM3").
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H200", 989.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+)
 
 
 def peak_bf16_tflops(name: str) -> float | None:
@@ -123,8 +130,10 @@ def significant(x: float | None, digits: int = 4) -> float | None:
 
 def throughput(flops: int | None, seconds: float, peak: float | None) -> dict:
     tflops = flops / seconds / 1e12 if flops else None
-    return {"achieved_tflops": significant(tflops),
-            "mfu": None if tflops is None or peak is None else round(tflops / peak, 4)}
+    return {
+        "achieved_tflops": significant(tflops),
+        "mfu": None if tflops is None or peak is None else round(tflops / peak, 4),
+    }
 
 
 # ---------------------------------------------------------------- a stage alone
@@ -151,8 +160,7 @@ def sources(w: Workload, call: int) -> list[Sample]:
     out = []
     for i in range(w.batch):
         image, mask = render_scene(w.size, seed=call, index=i)
-        sample = Sample(shard=call, index=i, source_id=f"bench-{call}-{i}", image=image, mask=mask,
-                        meta=dict(w.meta))
+        sample = Sample(shard=call, index=i, source_id=f"bench-{call}-{i}", image=image, mask=mask, meta=dict(w.meta))
         if w.synthetic:
             sample.source_image = render_scene(w.size, seed=call + 1000, index=i)[0]
         out.append(sample)
@@ -163,12 +171,16 @@ def build_stage(kind: str, model: dict, params: dict, device: str, label: str | 
     from factory.stages import StageContext, resolve_stage
 
     cls = resolve_stage(kind)
-    return cls(cls.Params.model_validate(params), cls.Model.model_validate(model),
-               StageContext(label=label or kind, job_seed=0, classes=class_set("ade150"), device=device))
+    return cls(
+        cls.Params.model_validate(params),
+        cls.Model.model_validate(model),
+        StageContext(label=label or kind, job_seed=0, classes=class_set("ade150"), device=device),
+    )
 
 
-def measure_stage(w: Workload, device: str, peak: float | None, count_flops: bool = True,
-                  flops_per_image: float | None = None) -> dict:
+def measure_stage(
+    w: Workload, device: str, peak: float | None, count_flops: bool = True, flops_per_image: float | None = None
+) -> dict:
     """images/s (output rows/s), FLOPs per image, TFLOP/s, MFU, memory and set-up times of one stage alone."""
     reset_memory()
     stage = build_stage(w.kind, w.model, w.params, device)
@@ -198,18 +210,29 @@ def measure_stage(w: Workload, device: str, peak: float | None, count_flops: boo
     seconds = time.perf_counter() - started
     per_call = seconds / w.calls
     result = {
-        "name": w.name, "kind": w.kind, "rows_per_source": k, "batch_sources": w.batch,
-        "images_per_call": rows // w.calls, "timed_calls": w.calls, "failed_rows": failed,
-        "images_per_s": round(rows / seconds, 4), "sources_per_s": round(rows / k / seconds, 4),
+        "name": w.name,
+        "kind": w.kind,
+        "rows_per_source": k,
+        "batch_sources": w.batch,
+        "images_per_call": rows // w.calls,
+        "timed_calls": w.calls,
+        "failed_rows": failed,
+        "images_per_s": round(rows / seconds, 4),
+        "sources_per_s": round(rows / k / seconds, 4),
         "seconds_per_call": round(per_call, 3),
         "tflop_per_image": significant(flops_per_image and flops_per_image / 1e12),
         **throughput(flops_per_image * rows if flops_per_image else None, seconds, peak),
-        "weights_gib": weights, "peak_memory_gib": memory_gib(), "load_s": round(load_s, 2),
+        "weights_gib": weights,
+        "peak_memory_gib": memory_gib(),
+        "load_s": round(load_s, 2),
         "first_call_s": round(first_s, 2),
         # With torch.compile the first call compiles: its excess over a steady call is the compile time.
-        "compile_s": round(first_s - per_call, 2) if getattr(getattr(stage.model, "speed", None), "compile", None)
+        "compile_s": round(first_s - per_call, 2)
+        if getattr(getattr(stage.model, "speed", None), "compile", None)
         else None,
-        "model": w.model, "params": w.params, "note": w.note,
+        "model": w.model,
+        "params": w.params,
+        "note": w.note,
     }
     del stage
     reset_memory()
@@ -224,17 +247,26 @@ def training_batch(kind: str, size: int, resolution: int) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    batch = {"prompt": ["a photo of a living room with a sofa and a lamp"] * size,
-             "colour": torch.rand(size, 3, resolution, resolution, generator=g),
-             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size,
-                                      dtype=torch.float32)}
+    batch = {
+        "prompt": ["a photo of a living room with a sofa and a lamp"] * size,
+        "colour": torch.rand(size, 3, resolution, resolution, generator=g),
+        "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * size, dtype=torch.float32),
+    }
     if kind == "mask2img":
         batch["image"] = torch.rand(size, 3, resolution, resolution, generator=g)
     return batch
 
 
-def measure_training(kind: str, profile: str, resolution: int, batch_sizes: list[int], steps: int, device: str,
-                     peak: float | None, mixed_precision: str = "bf16") -> dict:
+def measure_training(
+    kind: str,
+    profile: str,
+    resolution: int,
+    batch_sizes: list[int],
+    steps: int,
+    device: str,
+    peak: float | None,
+    mixed_precision: str = "bf16",
+) -> dict:
     """samples/s, FLOPs and memory of `factory train KIND` steps (AdamW, autocast), at the largest batch of
     `batch_sizes` that fits (tried largest first; a CUDA out-of-memory moves on to the next)."""
     import torch
@@ -267,12 +299,20 @@ def measure_training(kind: str, profile: str, resolution: int, batch_sizes: list
             tried.append(size)
             models = optimizer = batch = None
             continue
-        result = {"kind": kind, "resolution": resolution, "batch": size, "out_of_memory_at": tried,
-                  "mixed_precision": mixed_precision if device == "cuda" else "no", "timed_steps": steps,
-                  "samples_per_s": round(size * steps / seconds, 4), "seconds_per_step": round(seconds / steps, 3),
-                  "tflop_per_step": significant(flops / 1e12), **throughput(flops * steps, seconds, peak),
-                  "trainable_params_m": round(sum(p.numel() for p in models.trainable.parameters()) / 1e6, 1),
-                  "peak_memory_gib": memory_gib()}
+        result = {
+            "kind": kind,
+            "resolution": resolution,
+            "batch": size,
+            "out_of_memory_at": tried,
+            "mixed_precision": mixed_precision if device == "cuda" else "no",
+            "timed_steps": steps,
+            "samples_per_s": round(size * steps / seconds, 4),
+            "seconds_per_step": round(seconds / steps, 3),
+            "tflop_per_step": significant(flops / 1e12),
+            **throughput(flops * steps, seconds, peak),
+            "trainable_params_m": round(sum(p.numel() for p in models.trainable.parameters()) / 1e6, 1),
+            "peak_memory_gib": memory_gib(),
+        }
         del models, optimizer, batch
         reset_memory()
         return result
@@ -282,8 +322,9 @@ def measure_training(kind: str, profile: str, resolution: int, batch_sizes: list
 # ---------------------------------------------------------------- a whole recipe through the engine
 
 
-def measure_recipe(name: str, stages: list[dict], count: int, size: int, shard_size: int, work_dir,
-                   stage_rates: dict[str, float]) -> dict:
+def measure_recipe(
+    name: str, stages: list[dict], count: int, size: int, shard_size: int, work_dir, stage_rates: dict[str, float]
+) -> dict:
     """A recipe run by `factory.engine.driver.run_job` on procedural scenes: wall and steady samples/s, the ratio of
     its sources/s to the slowest stage alone (`stage_rates`: sources/s per stage label), GPU busy fraction.
 
@@ -301,13 +342,21 @@ def measure_recipe(name: str, stages: list[dict], count: int, size: int, shard_s
 
     work_dir = Path(work_dir)
     make_scenes(work_dir / f"{name}-scenes", count=count, size=size)
-    spec = parse_spec({
-        "name": f"bench-{name}", "seed": 0,
-        "source": {"kind": "folder", "path": str(work_dir / f"{name}-scenes"), "classes": "ade150",
-                   "image_suffix": "_image.png", "mask_suffix": "_mask.png"},
-        "stages": stages,
-        "output": {"url": str(work_dir / f"{name}-out"), "shard_size": shard_size, "image_format": "jpg"},
-    })
+    spec = parse_spec(
+        {
+            "name": f"bench-{name}",
+            "seed": 0,
+            "source": {
+                "kind": "folder",
+                "path": str(work_dir / f"{name}-scenes"),
+                "classes": "ade150",
+                "image_suffix": "_image.png",
+                "mask_suffix": "_mask.png",
+            },
+            "stages": stages,
+            "output": {"url": str(work_dir / f"{name}-out"), "shard_size": shard_size, "image_format": "jpg"},
+        }
+    )
     with BusySampler() as busy:
         started = time.perf_counter()
         index = run_job(spec, overwrite=True)
@@ -320,10 +369,18 @@ def measure_recipe(name: str, stages: list[dict], count: int, size: int, shard_s
     steady_sources = sum(s["sources"] for s in later) / span if span > 0.05 else None
     slowest = min(stage_rates.items(), key=lambda kv: kv[1]) if stage_rates else None
     return {
-        "name": name, "stages": [s.get("name") or s["kind"] for s in stages], "sources": count, "size": size,
-        "shards": len(stats), "complete": index["complete"], "samples": index["samples"],
-        "rejected": index["rejected"], "failed": index["failed"], "seconds": round(seconds, 2),
-        "samples_per_s_wall": round(rows / seconds, 4), "samples_per_s_steady": significant(steady),
+        "name": name,
+        "stages": [s.get("name") or s["kind"] for s in stages],
+        "sources": count,
+        "size": size,
+        "shards": len(stats),
+        "complete": index["complete"],
+        "samples": index["samples"],
+        "rejected": index["rejected"],
+        "failed": index["failed"],
+        "seconds": round(seconds, 2),
+        "samples_per_s_wall": round(rows / seconds, 4),
+        "samples_per_s_steady": significant(steady),
         "sources_per_s_steady": significant(steady_sources),
         "slowest_stage": slowest and slowest[0],
         "ratio_to_slowest_stage": round(steady_sources / slowest[1], 3) if slowest and steady_sources else None,

@@ -148,8 +148,9 @@ def cmd_make_scenes(args) -> int:
 def cmd_plan_resources(args) -> int:
     from factory.tools.pool_sizes import main_plan_resources
 
-    return main_plan_resources(_job_spec(args, absolute=False), args.gpus, args.rates, args.sources, args.samples,
-                               args.json)
+    return main_plan_resources(
+        _job_spec(args, absolute=False), args.gpus, args.rates, args.sources, args.samples, args.json
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--follow", action="store_true", help="stream the logs until the job ends")
     q.set_defaults(func=cmd_logs)
 
-    for name, func, text in (("status", cmd_status, "shards done, samples, failures"),
-                             ("preview", cmd_preview, "a PNG contact sheet: image | mask | overlay")):
+    for name, func, text in (
+        ("status", cmd_status, "shards done, samples, failures"),
+        ("preview", cmd_preview, "a PNG contact sheet: image | mask | overlay"),
+    ):
         q = sub.add_parser(name, help=text)
         q.add_argument("output", help="the job's output URL")
         q.add_argument("--endpoint-url", help="S3 endpoint for s3:// outputs")
@@ -248,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=64)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--start", type=int, default=0, help="first scene index (disjoint splits of one seed)")
-    q.add_argument("--style", choices=["palette", "varied"], default="palette",
-                   help="palette: each class in its ADE150 colour; varied: random colours and textures per scene")
+    q.add_argument(
+        "--style",
+        choices=["palette", "varied"],
+        default="palette",
+        help="palette: each class in its ADE150 colour; varied: random colours and textures per scene",
+    )
     q.set_defaults(func=cmd_make_scenes)
     for q in sub.choices.values():
         q.add_argument("--verbose", action="store_true", help="print the traceback of a failure")

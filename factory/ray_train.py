@@ -20,8 +20,9 @@ def fit_on_ray(loop, config: dict, spec, name: str, address: str | None) -> None
         result = TorchTrainer(
             loop,
             train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                         resources_per_worker={"CPU": spec.cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker={"CPU": spec.cpus_per_worker}
+            ),
             run_config=RunConfig(name=name, storage_path=ray_storage),
         ).fit()
     if result.error is not None:

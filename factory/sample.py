@@ -67,22 +67,20 @@ class Sample:
     def seed(self, job_seed: int, salt: str = "") -> int:
         return derive_seed(job_seed, self.source_id, self.variant, salt)
 
-    def fail(self, stage: str, reason: str, detail: str = "") -> "Sample":
+    def fail(self, stage: str, reason: str, detail: str = "") -> Sample:
         self.error = {"stage": stage, "reason": reason, "detail": detail[:500]}
         self.image = self.mask = self.instances = self.source_image = None
         return self
 
-    def reject(self, stage: str, reason: str, detail: str = "") -> "Sample":
+    def reject(self, stage: str, reason: str, detail: str = "") -> Sample:
         """Mark as filtered out; the pixels stay, for the optional rejected shard set."""
         self.rejected = {"stage": stage, "reason": reason, "detail": detail[:500]}
         return self
 
-    def expand(self, k: int) -> list["Sample"]:
+    def expand(self, k: int) -> list[Sample]:
         """k variants of this sample (their own meta, shared arrays); k == 1 adds no level to the path."""
         if k == 1:
             return [replace(self, meta=dict(self.meta))]
         width = len(str(k - 1))  # zero-padded, so keys sort in variant order within a level
         prefix = f"{self.variant}-" if self.variant else ""
         return [replace(self, meta=dict(self.meta), variant=f"{prefix}{j:0{width}d}") for j in range(k)]
-
-

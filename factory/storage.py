@@ -148,7 +148,7 @@ class Folder:
     def download_dir(self, local: Path, *parts: str) -> Path:
         source = self.path(*parts)
         for remote in self.fs.find(source):
-            rel = remote[len(source):].lstrip("/")
+            rel = remote[len(source) :].lstrip("/")
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(remote, str(local / rel))
         return local

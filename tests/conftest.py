@@ -9,9 +9,17 @@ SUPPORT = TESTS / "support"
 sys.path.insert(0, str(SUPPORT))
 # Ray workers unpickle what tests hand them (plug-in stages, readers defined in a test module) by module
 # name, as pytest imported them: the support folder and every test folder are importable there too.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [
-    str(SUPPORT), *sorted(str(d) for d in TESTS.iterdir() if d.is_dir() and any(d.glob("test_*.py"))),
-    str(TESTS.parent), os.environ.get("PYTHONPATH")]))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(
+        None,
+        [
+            str(SUPPORT),
+            *sorted(str(d) for d in TESTS.iterdir() if d.is_dir() and any(d.glob("test_*.py"))),
+            str(TESTS.parent),
+            os.environ.get("PYTHONPATH"),
+        ],
+    )
+)
 
 import tiers  # noqa: E402  (needs the support folder on the path)
 
@@ -50,8 +58,9 @@ def ray_local(model_cache):
     import ray
 
     with tiers.infrastructure("the shared local Ray"):
-        ray.init(num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}})
+        ray.init(
+            num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}}
+        )
     yield ray
     ray.shutdown()
 

@@ -42,8 +42,10 @@ def check_heldout(spec: EvalSpec) -> None:
         for j, inp in enumerate(arm.synthetic):
             source = SourceSpec.model_validate(inp.store().read_manifest()["spec"]["source"])
             if same_data(source, spec.heldout):
-                raise SpecError(f"arms[{i}].synthetic[{j}].url: {inp.url} was made from the held-out split "
-                                f"({spec.heldout.path}); an arm may not train on it")
+                raise SpecError(
+                    f"arms[{i}].synthetic[{j}].url: {inp.url} was made from the held-out split "
+                    f"({spec.heldout.path}); an arm may not train on it"
+                )
 
 
 # ---------------------------------------------------------------- metrics
@@ -65,10 +67,20 @@ def summarize(spec: EvalSpec, results: dict[tuple[str, int], dict]) -> dict:
     arms = {}
     for name in [BASELINE, *(a.name for a in spec.arms)]:
         values = [results[(name, s)]["miou"] for s in range(spec.seeds)]
-        arms[name] = {"miou": values, "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)),
-                      "vs_real_only": None if name == BASELINE else paired_difference(values, base)}
-    return {"name": spec.name, "spec_hash": spec.content_hash(), "seeds": spec.seeds, "segmenter": spec.segmenter.kind,
-            "steps": spec.train.steps, "arms": arms}
+        arms[name] = {
+            "miou": values,
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)),
+            "vs_real_only": None if name == BASELINE else paired_difference(values, base),
+        }
+    return {
+        "name": spec.name,
+        "spec_hash": spec.content_hash(),
+        "seeds": spec.seeds,
+        "segmenter": spec.segmenter.kind,
+        "steps": spec.train.steps,
+        "arms": arms,
+    }
 
 
 def arm_line(name: str, arm: dict, seeds: int) -> str:
@@ -103,10 +115,14 @@ def run_eval(spec: EvalSpec, address: str | None = None) -> dict:
     out.ensure_root()
     record = out.read_json(SPEC_RECORD)
     if record is not None and record["spec_hash"] != spec.content_hash():
-        raise SpecError(f"{spec.output.url} holds results of another eval spec (hash {record['spec_hash']}, this "
-                        f"one {spec.content_hash()}); give another output.url")
-    out.write_bytes(json.dumps({"spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")},
-                               indent=1).encode(), SPEC_RECORD)
+        raise SpecError(
+            f"{spec.output.url} holds results of another eval spec (hash {record['spec_hash']}, this "
+            f"one {spec.content_hash()}); give another output.url"
+        )
+    out.write_bytes(
+        json.dumps({"spec_hash": spec.content_hash(), "spec": spec.model_dump(mode="json")}, indent=1).encode(),
+        SPEC_RECORD,
+    )
 
     def done() -> dict[tuple[str, int], dict]:
         found = {run: out.read_json(*run_path(*run)) for run in spec.runs()}
@@ -115,8 +131,13 @@ def run_eval(spec: EvalSpec, address: str | None = None) -> dict:
     pending = [run for run in spec.runs() if run not in done()]
     log.info("eval %s: %d runs, %d to do -> %s", spec.name, len(spec.runs()), len(pending), spec.output.url)
     if pending:
-        fit_on_ray(_eval_worker_entry, {"spec": spec.model_dump(mode="json"), "pending": pending}, spec,
-                   f"eval-{spec.name}", address)
+        fit_on_ray(
+            _eval_worker_entry,
+            {"spec": spec.model_dump(mode="json"), "pending": pending},
+            spec,
+            f"eval-{spec.name}",
+            address,
+        )
     summary = summarize(spec, done())
     out.write_bytes(json.dumps(summary, indent=1).encode(), "eval.json")
     out.write_bytes(plot(summary), "eval.png")
@@ -150,8 +171,9 @@ def plot(summary: dict) -> bytes:
     for i, d in enumerate(diffs):
         if d is not None:
             colour = "#4c9a5e" if d["low"] > 0 else "#c44e52" if d["high"] < 0 else "#777777"
-            right.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o",
-                           color=colour, capsize=4)
+            right.errorbar(
+                d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", color=colour, capsize=4
+            )
     right.axvline(0, color="black", linewidth=0.8)
     right.set_yticks(y, names)
     right.set_ylim(left.get_ylim())
@@ -169,8 +191,10 @@ def main_eval(spec_path: str, address: str | None = None, check_only: bool = Fal
     spec = load_eval_spec(spec_path)
     if check_only:
         check_eval(spec)
-        print(f"{spec_path}: ok (eval {spec.name}: {len(spec.arms)} arms + {BASELINE}, {spec.seeds} seeds, "
-              f"spec hash {spec.content_hash()})")
+        print(
+            f"{spec_path}: ok (eval {spec.name}: {len(spec.arms)} arms + {BASELINE}, {spec.seeds} seeds, "
+            f"spec hash {spec.content_hash()})"
+        )
         return 0
     summary = run_eval(spec, address)
     for name, arm in summary["arms"].items():

@@ -62,8 +62,9 @@ class EvalSpec(StrictModel):
         if same_data(self.real, self.heldout):
             raise ValueError("heldout: is the training data itself (same kind, path and split)")
         if self.segmenter.kind.startswith("deeplabv3") and self.train.batch_size < 2:
-            raise ValueError("train.batch_size: DeepLabV3's image-pooling batch norm needs at least 2 images "
-                             "per worker")
+            raise ValueError(
+                "train.batch_size: DeepLabV3's image-pooling batch norm needs at least 2 images per worker"
+            )
         return self
 
     def content_hash(self) -> str:
@@ -78,8 +79,16 @@ class EvalSpec(StrictModel):
 
     def mix(self, arm: str, seed: int) -> MixSpec:
         t = self.train
-        common = {"real": self.real, "batch_size": t.batch_size, "seed": seed, "resize": t.resize, "crop": t.crop,
-                  "flip": t.flip, "photometric": t.photometric, "shuffle_buffer": t.shuffle_buffer}
+        common = {
+            "real": self.real,
+            "batch_size": t.batch_size,
+            "seed": seed,
+            "resize": t.resize,
+            "crop": t.crop,
+            "flip": t.flip,
+            "photometric": t.photometric,
+            "shuffle_buffer": t.shuffle_buffer,
+        }
         if arm == BASELINE:
             return MixSpec(strategy={"kind": "real"}, **common)
         chosen = next(a for a in self.arms if a.name == arm)
@@ -103,13 +112,20 @@ def load_eval_spec(path: str | Path) -> EvalSpec:
 
 def with_absolute_paths(spec: EvalSpec) -> EvalSpec:
     """Local relative paths made absolute: the workers may run in another directory."""
-    arms = [arm.model_copy(update={"synthetic": [s.model_copy(update={"url": absolute_path(s.url)})
-                                                 for s in arm.synthetic]}) for arm in spec.arms]
-    return spec.model_copy(update={
-        "real": spec.real.model_copy(update={"path": absolute_path(spec.real.path)}),
-        "heldout": spec.heldout.model_copy(update={"path": absolute_path(spec.heldout.path)}),
-        "arms": arms,
-        "segmenter": spec.segmenter.model_copy(
-            update={"backbone_checkpoint": absolute_path(spec.segmenter.backbone_checkpoint)}),
-        "output": spec.output.model_copy(update={"url": absolute_path(spec.output.url)}),
-    })
+    arms = [
+        arm.model_copy(
+            update={"synthetic": [s.model_copy(update={"url": absolute_path(s.url)}) for s in arm.synthetic]}
+        )
+        for arm in spec.arms
+    ]
+    return spec.model_copy(
+        update={
+            "real": spec.real.model_copy(update={"path": absolute_path(spec.real.path)}),
+            "heldout": spec.heldout.model_copy(update={"path": absolute_path(spec.heldout.path)}),
+            "arms": arms,
+            "segmenter": spec.segmenter.model_copy(
+                update={"backbone_checkpoint": absolute_path(spec.segmenter.backbone_checkpoint)}
+            ),
+            "output": spec.output.model_copy(update={"url": absolute_path(spec.output.url)}),
+        }
+    )

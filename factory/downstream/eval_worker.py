@@ -57,9 +57,16 @@ def eval_worker(config: dict) -> None:
             conf = conf.to(device)
             torch.distributed.all_reduce(conf)
         ious = class_iou(conf.cpu())
-        result = {"arm": arm, "seed": seed, "miou": float(np.mean(list(ious.values()))) if ious else 0.0,
-                  "class_iou": {classes.names[c]: v for c, v in sorted(ious.items())}, "steps": spec.train.steps,
-                  "final_loss": loss, "seconds": round(time.time() - started, 1), "spec_hash": spec.content_hash()}
+        result = {
+            "arm": arm,
+            "seed": seed,
+            "miou": float(np.mean(list(ious.values()))) if ious else 0.0,
+            "class_iou": {classes.names[c]: v for c, v in sorted(ious.items())},
+            "steps": spec.train.steps,
+            "final_loss": loss,
+            "seconds": round(time.time() - started, 1),
+            "spec_hash": spec.content_hash(),
+        }
         if rank == 0:
             if arm == BASELINE:
                 buf = io.BytesIO()
@@ -83,19 +90,22 @@ def _teacher(spec: EvalSpec, arm: str, seed: int, num_classes: int, out: Folder,
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def train_run(spec: EvalSpec, arm: str, seed: int, model, teacher, rank: int, world: int, device,
-              ignore_index: int) -> float:
+def train_run(
+    spec: EvalSpec, arm: str, seed: int, model, teacher, rank: int, world: int, device, ignore_index: int
+) -> float:
     """`steps` AdamW steps on the arm's mix with a poly learning-rate decay; returns the last loss."""
     t = spec.train
     threshold = next((a.teacher_threshold for a in spec.arms if a.name == arm), None)
-    loader = torch.utils.data.DataLoader(MixDataset(spec.mix(arm, seed), rank=rank, world=world), batch_size=None,
-                                         num_workers=t.loader_workers)
+    loader = torch.utils.data.DataLoader(
+        MixDataset(spec.mix(arm, seed), rank=rank, world=world), batch_size=None, num_workers=t.loader_workers
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     model.train()
     batches = iter(loader)
     loss = torch.zeros(())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=t.mixed_precision == "bf16" and torch.device(device).type == "cuda")
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=t.mixed_precision == "bf16" and torch.device(device).type == "cuda"
+    )
     for step in range(t.steps):
         batch = next(batches)
         if teacher is not None:
@@ -116,8 +126,9 @@ def train_run(spec: EvalSpec, arm: str, seed: int, model, teacher, rank: int, wo
 
 
 @torch.no_grad()
-def score_heldout(spec: EvalSpec, model: Segmenter, rank: int, world: int, device, num_classes: int,
-                  ignore_index: int) -> torch.Tensor:
+def score_heldout(
+    spec: EvalSpec, model: Segmenter, rank: int, world: int, device, num_classes: int, ignore_index: int
+) -> torch.Tensor:
     """The confusion matrix of this worker's share of the held-out images (each at its own size, after
     the training resize), in batches of equal-sized images."""
     source = open_source(spec.heldout)
@@ -140,8 +151,9 @@ def score_heldout(spec: EvalSpec, model: Segmenter, rank: int, world: int, devic
             continue
         if rec.mask is None:
             continue
-        image, mask = (resize_short_side(rec.image, rec.mask, spec.train.resize) if spec.train.resize
-                       else (rec.image, rec.mask))
+        image, mask = (
+            resize_short_side(rec.image, rec.mask, spec.train.resize) if spec.train.resize else (rec.image, rec.mask)
+        )
         if pending and (mask.shape != pending[0][1].shape or len(pending) == spec.eval_batch_size):
             flush()
         pending.append((image, mask))

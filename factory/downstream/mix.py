@@ -30,7 +30,7 @@ Ray Data reads each worker's share in tasks, the worker mixes).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -77,6 +77,7 @@ def synthetic_draws(spec: MixSpec, epoch_rows: Callable[[int], Iterable[dict]], 
     """The synthetic stream of a strategy, epoch after epoch: each epoch's samples shuffled, or (Diffusion
     Synthesis) its sources shuffled with one of each source's variants drawn uniformly. The shuffle
     buffer never spans two epochs, so an epoch draws every sample (or source) once."""
+
     def epoch(e: int) -> Iterator[dict]:
         if spec.strategy.kind != "diffusion_synthesis":
             return shuffled(epoch_rows(e), spec.shuffle_buffer, [*seed, e])
@@ -87,8 +88,15 @@ def synthetic_draws(spec: MixSpec, epoch_rows: Callable[[int], Iterable[dict]], 
     return forever(epoch, "the synthetic outputs")
 
 
-def mixed_batches(spec: MixSpec, rank: int, batch_indices: Iterator[int], real: Iterator[dict],
-                  synthetic: Iterator[dict] | None, ignore_index: int, mask_dtype) -> Iterator[dict]:
+def mixed_batches(
+    spec: MixSpec,
+    rank: int,
+    batch_indices: Iterator[int],
+    real: Iterator[dict],
+    synthetic: Iterator[dict] | None,
+    ignore_index: int,
+    mask_dtype,
+) -> Iterator[dict]:
     """Batches `batch_indices` drawn from the two streams by the strategy's law, transformed and collated."""
     for b in batch_indices:
         rows = [next(synthetic) if is_synthetic else next(real) for is_synthetic in slot_kinds(spec, rank, b)]
@@ -103,8 +111,10 @@ def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[n
     h, w = mask.shape
     scale = size / min(h, w)
     shape = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return (np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR)),
-            np.asarray(Image.fromarray(mask).resize(shape, Image.NEAREST)))
+    return (
+        np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR)),
+        np.asarray(Image.fromarray(mask).resize(shape, Image.NEAREST)),
+    )
 
 
 def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: int) -> dict:
@@ -120,7 +130,7 @@ def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: 
         padded_mask = np.full((max(h, c), max(w, c)), ignore_index, mask.dtype)
         padded_image[:h, :w], padded_mask[:h, :w] = image, mask
         top, left = int(rng.integers(padded_mask.shape[0] - c + 1)), int(rng.integers(padded_mask.shape[1] - c + 1))
-        image, mask = padded_image[top:top + c, left:left + c], padded_mask[top:top + c, left:left + c]
+        image, mask = padded_image[top : top + c, left : left + c], padded_mask[top : top + c, left : left + c]
     if spec.flip and rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if spec.photometric:  # the image's colours say less: a segmenter has to rely on shape and context
@@ -177,14 +187,17 @@ class MixDataset(torch.utils.data.IterableDataset):
         w, n = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * n + w, self.world * n
         if len(self.ids) < slots:
-            raise ValueError(f"mix: the real dataset has {len(self.ids)} samples, fewer than the {slots} readers "
-                             f"({self.world} ranks x {n} loader workers)")
+            raise ValueError(
+                f"mix: the real dataset has {len(self.ids)} samples, fewer than the {slots} readers "
+                f"({self.world} ranks x {n} loader workers)"
+            )
         spec = self.spec
         real = forever(lambda e: real_rows(spec, self.ids, e, slot, slots), "the real dataset")
         synthetic = None
         if self.shards:
-            synthetic = synthetic_draws(spec, lambda e: synthetic_epoch(spec, self.shards, e, slot, slots),
-                                        [spec.seed, slot])
+            synthetic = synthetic_draws(
+                spec, lambda e: synthetic_epoch(spec, self.shards, e, slot, slots), [spec.seed, slot]
+            )
         ignore_index, mask_dtype = _class_info(spec)
         indices = iter(range(self.start + w, 2**62, n))
         yield from mixed_batches(spec, self.rank, indices, real, synthetic, ignore_index, mask_dtype)
@@ -197,8 +210,9 @@ class MixDataset(torch.utils.data.IterableDataset):
 
 
 @torch.no_grad()
-def pseudo_label(batch: dict, teacher: torch.nn.Module, threshold: float, ignore_index: int = 255,
-                 preprocess=None) -> dict:
+def pseudo_label(
+    batch: dict, teacher: torch.nn.Module, threshold: float, ignore_index: int = 255, preprocess=None
+) -> dict:
     """Label the batch's unlabelled synthetic images with `teacher`: a pixel gets the teacher's class where
     its softmax confidence is >= `threshold`, else `ignore_index`. Those samples become PSEUDO.
 

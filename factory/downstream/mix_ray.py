@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 from factory.downstream.mix import _class_info, mixed_batches, synthetic_draws
 from factory.downstream.mix_spec import MixSpec, check_inputs
@@ -31,13 +31,15 @@ def ray_datasets(spec: MixSpec, world: int, num_cpus: float = 0.5) -> dict:
     for r in range(world):
         mine = ids[r::world]
         out[f"real_{r}"] = ray.data.from_items([{"id": i} for i in mine]).flat_map(
-            _load_real_row, fn_kwargs={"spec": payload}, num_cpus=num_cpus)
+            _load_real_row, fn_kwargs={"spec": payload}, num_cpus=num_cpus
+        )
         if shards:
             share, by_group = shard_share(shards, r, world)
-            out[f"synthetic_{r}"] = ray.data.from_items(
-                [{"input": i, "shard": s} for i, s in share]).flat_map(
-                _read_shard_rows, fn_kwargs={"spec": payload, "slot": r, "slots": world, "by_group": by_group},
-                num_cpus=num_cpus)
+            out[f"synthetic_{r}"] = ray.data.from_items([{"input": i, "shard": s} for i, s in share]).flat_map(
+                _read_shard_rows,
+                fn_kwargs={"spec": payload, "slot": r, "slots": world, "by_group": by_group},
+                num_cpus=num_cpus,
+            )
     return out
 
 
@@ -65,8 +67,10 @@ def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
 
     rank = ray.train.get_context().get_world_rank()
     real_shard = ray.train.get_dataset_shard(f"real_{rank}")
-    real = forever(lambda e: shuffled(real_shard.iter_rows(), spec.shuffle_buffer, [spec.seed, rank, e]),
-                   "this worker's real dataset")
+    real = forever(
+        lambda e: shuffled(real_shard.iter_rows(), spec.shuffle_buffer, [spec.seed, rank, e]),
+        "this worker's real dataset",
+    )
     synthetic = None
     if spec.synthetic:
         synthetic_shard = ray.train.get_dataset_shard(f"synthetic_{rank}")

@@ -4,7 +4,7 @@ one per arm; user training code writes its own."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -32,8 +32,9 @@ class SyntheticInput(StrictModel):
 
     def passes(self, scores: dict[str, float | None]) -> bool:
         """Within every bound; a null score fails a bound on it."""
-        return (all(scores[k] is not None and scores[k] >= v for k, v in self.min.items())
-                and all(scores[k] is not None and scores[k] <= v for k, v in self.max.items()))
+        return all(scores[k] is not None and scores[k] >= v for k, v in self.min.items()) and all(
+            scores[k] is not None and scores[k] <= v for k, v in self.max.items()
+        )
 
 
 class RealOnly(StrictModel):
@@ -59,7 +60,7 @@ class Sense(StrictModel):
     kind: Literal["sense"]
 
 
-Strategy = Annotated[Union[RealOnly, SegGen, SegGenPretrain, DiffusionSynthesis, Sense], Field(discriminator="kind")]
+Strategy = Annotated[RealOnly | SegGen | SegGenPretrain | DiffusionSynthesis | Sense, Field(discriminator="kind")]
 
 
 class MixSpec(StrictModel):
@@ -82,8 +83,10 @@ class MixSpec(StrictModel):
         if kind == "real" and self.synthetic:
             raise ValueError("strategy real reads no synthetic data: remove `synthetic` or pick a mixing strategy")
         if kind == "sense" and self.batch_size % 2:
-            raise ValueError(f"strategy sense splits each batch in half real, half synthetic: batch_size "
-                             f"{self.batch_size} must be even")
+            raise ValueError(
+                f"strategy sense splits each batch in half real, half synthetic: batch_size "
+                f"{self.batch_size} must be even"
+            )
         return self
 
 
@@ -101,7 +104,9 @@ def check_inputs(spec: MixSpec) -> None:
         store = inp.store()
         manifest = store.read_manifest()
         if manifest["classes"] != list(classes.names):
-            raise SpecError(f"synthetic[{i}].url: {inp.url} labels with {len(manifest['classes'])} classes "
-                            f"({manifest['classes'][:3]}...), not the real dataset's {len(classes)} ({classes.name})")
+            raise SpecError(
+                f"synthetic[{i}].url: {inp.url} labels with {len(manifest['classes'])} classes "
+                f"({manifest['classes'][:3]}...), not the real dataset's {len(classes)} ({classes.name})"
+            )
         if inp.selection:
             read_selection(store, inp.selection)

@@ -14,8 +14,8 @@ shuffle buffer holds JPEG bytes, not pixels); `decode` turns any row into arrays
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from itertools import count
-from typing import Iterable, Iterator
 
 import numpy as np
 from webdataset.filters import shuffle
@@ -55,10 +55,21 @@ def load_real(source, sample_id: str) -> list[dict]:
     except BadSample as e:
         log.warning("mix: skipping real sample %s: %s", sample_id, e)
         return []
-    mask = rec.mask if rec.mask is not None else np.full(rec.image.shape[:2], source.classes.ignore_index,
-                                                         source.classes.mask_dtype)
-    return [{"image": rec.image, "mask": mask, "labelled": rec.mask is not None, "kind": REAL,
-             "key": sample_id, "source_id": sample_id}]
+    mask = (
+        rec.mask
+        if rec.mask is not None
+        else np.full(rec.image.shape[:2], source.classes.ignore_index, source.classes.mask_dtype)
+    )
+    return [
+        {
+            "image": rec.image,
+            "mask": mask,
+            "labelled": rec.mask is not None,
+            "kind": REAL,
+            "key": sample_id,
+            "source_id": sample_id,
+        }
+    ]
 
 
 # ---------------------------------------------------------------- synthetic
@@ -92,9 +103,14 @@ def shard_rows(spec: MixSpec, item: tuple[int, int], slot: int, slots: int, by_g
             continue
         if (selected is not None and key not in selected) or not inp.passes(flatten_scores(meta.get("scores"))):
             continue
-        yield {"image_bytes": image_bytes(files), "mask_bytes": files.get("seg.png", b""),
-               "kind": PSEUDO if meta.get("pseudo_label") else SYNTHETIC, "labelled": "seg.png" in files,
-               "key": key, "source_id": f"{index}:{meta['source_id']}"}
+        yield {
+            "image_bytes": image_bytes(files),
+            "mask_bytes": files.get("seg.png", b""),
+            "kind": PSEUDO if meta.get("pseudo_label") else SYNTHETIC,
+            "labelled": "seg.png" in files,
+            "key": key,
+            "source_id": f"{index}:{meta['source_id']}",
+        }
 
 
 def synthetic_epoch(spec: MixSpec, shards: list, epoch: int, slot: int, slots: int) -> Iterator[dict]:
@@ -116,8 +132,10 @@ def forever(epoch_rows, what: str) -> Iterator[dict]:
             empty = False
             yield row
         if empty:
-            raise RuntimeError(f"mix: {what} has no usable sample in this reader's share (check filters, "
-                               "selection, and that there are at least as many samples as readers)")
+            raise RuntimeError(
+                f"mix: {what} has no usable sample in this reader's share (check filters, "
+                "selection, and that there are at least as many samples as readers)"
+            )
 
 
 def shuffled(rows: Iterable, buffer: int, seed: list[int]) -> Iterator:
@@ -142,6 +160,7 @@ def decode(row: dict, ignore_index: int, mask_dtype) -> dict:
     if "image" in row:
         return row
     image = decode_image_bytes(row["image_bytes"])
-    mask = (decode_mask_bytes(row["mask_bytes"]) if row["labelled"]
-            else np.full(image.shape[:2], ignore_index, mask_dtype))
+    mask = (
+        decode_mask_bytes(row["mask_bytes"]) if row["labelled"] else np.full(image.shape[:2], ignore_index, mask_dtype)
+    )
     return {"image": image, "mask": mask, **{k: row[k] for k in ("labelled", "kind", "key", "source_id")}}

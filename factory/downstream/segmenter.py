@@ -20,14 +20,25 @@ from pydantic import Field
 
 from factory.schema import StrictModel
 
-TORCHVISION_KINDS = ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-                     "deeplabv3_mobilenet_v3_large")
+TORCHVISION_KINDS = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class SegmenterConfig(StrictModel):
-    kind: Literal["unet", "fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101",
-                  "deeplabv3_mobilenet_v3_large"] = "unet"
+    kind: Literal[
+        "unet",
+        "fcn_resnet50",
+        "fcn_resnet101",
+        "deeplabv3_resnet50",
+        "deeplabv3_resnet101",
+        "deeplabv3_mobilenet_v3_large",
+    ] = "unet"
     width: int = Field(16, gt=0, description="unet: channels of the first level (doubled at each level)")
     depth: int = Field(3, ge=1, le=6, description="unet: levels (the input is padded to a multiple of 2^depth)")
     backbone_checkpoint: str | None = Field(None, description="state dict for the backbone (path or fsspec URL)")
@@ -53,8 +64,14 @@ class Segmenter(nn.Module):
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SmallUNet(nn.Module):
@@ -120,6 +137,8 @@ def load_backbone(backbone: nn.Module, url: str, storage_options: dict[str, Any]
         raise ValueError(f"backbone_checkpoint {url}: {len(missing)} backbone weights missing, e.g. {missing[:3]}")
     bad = [k for k in wanted if found[k].shape != wanted[k].shape]
     if bad:
-        raise ValueError(f"backbone_checkpoint {url}: shapes differ for {bad[:3]} "
-                         f"(e.g. {tuple(found[bad[0]].shape)} vs {tuple(wanted[bad[0]].shape)})")
+        raise ValueError(
+            f"backbone_checkpoint {url}: shapes differ for {bad[:3]} "
+            f"(e.g. {tuple(found[bad[0]].shape)} vs {tuple(wanted[bad[0]].shape)})"
+        )
     backbone.load_state_dict(found)

@@ -45,16 +45,17 @@ def resource_problems(spec: JobSpec, nodes: list[dict]) -> list[str]:
         for field, key, want in (("num_gpus", "GPU", r.num_gpus), ("num_cpus", "CPU", r.num_cpus)):
             if want > 0 and not any(n.get(key, 0) >= want for n in nodes):
                 best = max((n.get(key, 0) for n in nodes), default=0)
-                problems.append(f"stages[{i}].resources.{field}: stage {st.label!r} asks for {want:g} {key} per "
-                                f"worker, but the largest node has {best:g}")
-        pool = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
-        cpu_need += pool * r.num_cpus
-        gpu_need += pool * r.num_gpus
+                problems.append(
+                    f"stages[{i}].resources.{field}: stage {st.label!r} asks for {want:g} {key} per "
+                    f"worker, but the largest node has {best:g}"
+                )
+        cpu_need += r.min_pool * r.num_cpus
+        gpu_need += r.min_pool * r.num_gpus
     if not problems:
         for key, need, have in (("CPU", cpu_need, cpu), ("GPU", gpu_need, gpu)):
             if need > have + 1e-9:
                 pools = ", ".join(
-                    f"{st.label} {st.resources.concurrency if isinstance(st.resources.concurrency, int) else st.resources.concurrency[0]}"
+                    f"{st.label} {st.resources.min_pool}"
                     f" x {st.resources.num_cpus if key == 'CPU' else st.resources.num_gpus:g}"
                     for st in spec.stages
                 )
@@ -71,9 +72,8 @@ def _bundles(spec: JobSpec) -> list[dict]:
     bundles = []
     for st in spec.stages:
         r = st.resources
-        pool = r.concurrency if isinstance(r.concurrency, int) else r.concurrency[0]
         bundle = {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0}
-        bundles += [bundle] * pool if bundle else []
+        bundles += [bundle] * r.min_pool if bundle else []
     return bundles
 
 
@@ -86,8 +86,11 @@ def check_resources(spec: JobSpec) -> None:
         raise SpecError("; ".join(problems))
     from ray.autoscaler.sdk import request_resources
 
-    log.info("waiting up to %.0fs for the cluster to offer what the job needs: %s",
-             spec.engine.resource_wait_s, "; ".join(problems))
+    log.info(
+        "waiting up to %.0fs for the cluster to offer what the job needs: %s",
+        spec.engine.resource_wait_s,
+        "; ".join(problems),
+    )
     request_resources(bundles=_bundles(spec))
     deadline = time.time() + spec.engine.resource_wait_s
     while problems := resource_problems(spec, _alive_nodes()):

@@ -55,7 +55,7 @@ def _driver_stages(spec: JobSpec, classes: ClassSet):
 
 def check_stages(spec: JobSpec, classes: ClassSet) -> None:
     """Stage checks that need the source's classes, before anything is written."""
-    for i, (st, stage) in enumerate(_driver_stages(spec, classes)):
+    for i, (_, stage) in enumerate(_driver_stages(spec, classes)):
         try:
             stage.check()
         except ValueError as e:
@@ -83,8 +83,9 @@ def _check_resume(store: OutputStore, spec: JobSpec) -> dict | None:
 def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
     """Stream the listing into plan parts, then write the manifest last: a job without one is planned again."""
     store.fs.makedirs(store.path(PLAN_DIR), exist_ok=True)
-    plan = plan_shards(source.list_ids(), spec.output.shard_size,
-                       lambda name: store.fs.open(store.path(PLAN_DIR, name), "wb"))
+    plan = plan_shards(
+        source.list_ids(), spec.output.shard_size, lambda name: store.fs.open(store.path(PLAN_DIR, name), "wb")
+    )
     manifest = {
         "name": spec.name,
         "spec": redacted_spec(spec),
@@ -119,8 +120,15 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
         plan = Plan(num_samples=manifest["plan"]["num_samples"], shard_size=manifest["plan"]["shard_size"])
         done = set(store.committed_shards())
         pending = [s for s in range(plan.num_shards) if s not in done]
-        log.info("job %s: %d samples in %d shards, %d already committed, %d to do -> %s",
-                 spec.name, plan.num_samples, plan.num_shards, len(done), len(pending), store.url)
+        log.info(
+            "job %s: %d samples in %d shards, %d already committed, %d to do -> %s",
+            spec.name,
+            plan.num_samples,
+            plan.num_shards,
+            len(done),
+            len(pending),
+            store.url,
+        )
         failed: list[ShardResult] = []
         if pending:
             store.clear_tmp()
@@ -137,12 +145,15 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
 def _failure_message(failed: list[ShardResult], attempted: int) -> str:
     first, why = failed[0], failed[0].failure
     others = ", ".join(str(f.shard) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
-    return (f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first.shard} at stage "
-            f"{why.stage}: {why.cause}" + (f" (also shards {others})" if others else "") + f"; {why.advice}")
+    return (
+        f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first.shard} at stage "
+        f"{why.stage}: {why.cause}" + (f" (also shards {others})" if others else "") + f"; {why.advice}"
+    )
 
 
-def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Plan, pending: list[int],
-                  lease: Lease) -> list[ShardResult]:
+def _run_pipeline(
+    spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Plan, pending: list[int], lease: Lease
+) -> list[ShardResult]:
     """Stream the pending shards through the pipeline; returns the shards that failed."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -154,8 +165,7 @@ def _run_pipeline(spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Pl
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
     failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
-    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job,
-                               counter)) as results:
+    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job, counter)) as results:
         for result in results:
             progress.shard_done(result)
             lease.check()

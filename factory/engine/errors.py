@@ -80,13 +80,27 @@ def advice(exc: BaseException) -> str:
         word in text for word in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
     ):
         return "object storage refused the credentials: check key/secret (or AWS_* variables), then " + RERUN
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
-                "ConnectionRefusedError", "ConnectionResetError", "ReadTimeoutError") or isinstance(exc, ConnectionError):
+    if name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ConnectionRefusedError",
+        "ConnectionResetError",
+        "ReadTimeoutError",
+    ) or isinstance(exc, ConnectionError):
         return f"object storage is unreachable: check the endpoint is up, then {RERUN}"
     if is_cuda_oom(exc):
         return "a single sample does not fit in GPU memory: lower the stage's resolution or give it a whole GPU"
-    if name in ("ActorDiedError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError",
-                "ObjectLostError", "OwnerDiedError"):
+    if name in (
+        "ActorDiedError",
+        "RayActorError",
+        "WorkerCrashedError",
+        "NodeDiedError",
+        "OutOfMemoryError",
+        "ObjectLostError",
+        "OwnerDiedError",
+    ):
         return f"a Ray worker or node died (see the Ray logs for why); {RERUN}"
     return RERUN
 

@@ -52,8 +52,13 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict:
-        return {"run_id": self.run_id, "host": self.host, "pid": os.getpid(), "started": self.started,
-                "heartbeat": time.time()}
+        return {
+            "run_id": self.run_id,
+            "host": self.host,
+            "pid": os.getpid(),
+            "started": self.started,
+            "heartbeat": time.time(),
+        }
 
     def _abandoned(self, lease: dict) -> bool:
         if lease.get("host") == self.host and not _pid_alive(int(lease.get("pid", -1))):
@@ -62,9 +67,11 @@ class Lease:
 
     def _holder(self, lease: dict) -> str:
         age = time.time() - float(lease.get("heartbeat", 0))
-        return (f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(lease.get('started', 0))))}, "
-                f"heartbeat {age:.0f}s ago)")
+        return (
+            f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(lease.get('started', 0))))}, "
+            f"heartbeat {age:.0f}s ago)"
+        )
 
     def acquire(self) -> None:
         current = self.store.read_json(LEASE_FILE)

@@ -40,8 +40,9 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total_shards: int, done_before: int, stages: list[str], counter=None, every: float = 5.0,
-                 stream=None):
+    def __init__(
+        self, total_shards: int, done_before: int, stages: list[str], counter=None, every: float = 5.0, stream=None
+    ):
         self.total_shards = total_shards
         self.done_before = done_before
         self.stages = stages
@@ -91,9 +92,12 @@ class Progress:
         eta = _duration(elapsed / self.committed * remaining) if self.committed else "?"
         width = 20
         filled = int(width * done / max(self.total_shards, 1))
-        stages = "  ".join(f"{s} {self.stage_rows.get(s, 0)} in ({self.stage_rows.get(s, 0) / elapsed:.1f}/s)"
-                           for s in self.stages)
+        stages = "  ".join(
+            f"{s} {self.stage_rows.get(s, 0)} in ({self.stage_rows.get(s, 0) / elapsed:.1f}/s)" for s in self.stages
+        )
         failed = f", {self.failed_shards} failed" if self.failed_shards else ""
-        return (f"[{'#' * filled}{'.' * (width - filled)}] shards {done}/{self.total_shards}{failed}  "
-                f"samples {self.rows['samples']} (failed {self.rows['failed']}, rejected {self.rows['rejected']})  "
-                f"{self.rows['samples'] / elapsed:.2f} samples/s  ETA {eta}" + (f"  | {stages}" if stages else ""))
+        return (
+            f"[{'#' * filled}{'.' * (width - filled)}] shards {done}/{self.total_shards}{failed}  "
+            f"samples {self.rows['samples']} (failed {self.rows['failed']}, rejected {self.rows['rejected']})  "
+            f"{self.rows['samples'] / elapsed:.2f} samples/s  ETA {eta}" + (f"  | {stages}" if stages else "")
+        )

@@ -14,7 +14,11 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-             **({} if address else {"include_dashboard": False}))
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+        **({} if address else {"include_dashboard": False}),
+    )
     if address is None:
         watch_local_ray()

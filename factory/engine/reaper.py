@@ -24,14 +24,24 @@ def watch_local_ray() -> None:
     me = psutil.Process()
     agents = [
         agent
-        for raylet in me.children() if "raylet" in raylet.name()
+        for raylet in me.children()
+        if "raylet" in raylet.name()
         for agent in raylet.children()
         if any(name in " ".join(agent.cmdline()) for name in _AGENTS)
     ]
     if agents:
         subprocess.Popen(
-            [sys.executable, "-m", "factory.engine.reaper", str(me.pid), *(f"{a.pid}:{a.create_time()}" for a in agents)],
-            start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "factory.engine.reaper",
+                str(me.pid),
+                *(f"{a.pid}:{a.create_time()}" for a in agents),
+            ],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
 

@@ -25,7 +25,7 @@ class Failure:
     advice: str  # what the user should do
 
     @classmethod
-    def of(cls, stage: str, exc: BaseException) -> "Failure":
+    def of(cls, stage: str, exc: BaseException) -> Failure:
         return cls(stage=stage, **describe(exc))
 
 
@@ -73,21 +73,29 @@ class ShardResult:
         return self.status == "committed"
 
     @classmethod
-    def failed_at(cls, shard: int, failure: Failure, samples: int = 0, failed: int = 0,
-                  rejected: int = 0) -> "ShardResult":
+    def failed_at(
+        cls, shard: int, failure: Failure, samples: int = 0, failed: int = 0, rejected: int = 0
+    ) -> ShardResult:
         return cls(shard, "failed", samples, failed, rejected, failure)
 
     def to_row(self) -> dict:
         """A flat row for Ray Data (one column per field); `from_row` reads it back."""
         failure = asdict(self.failure) if self.failure else dict.fromkeys(("stage", "cause", "advice"))
-        return {"shard": self.shard, "status": self.status, "samples": self.samples, "failed": self.failed,
-                "rejected": self.rejected, **failure}
+        return {
+            "shard": self.shard,
+            "status": self.status,
+            "samples": self.samples,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            **failure,
+        }
 
     @classmethod
-    def from_row(cls, row: dict) -> "ShardResult":
+    def from_row(cls, row: dict) -> ShardResult:
         failure = Failure(row["stage"], row["cause"], row["advice"]) if row.get("stage") is not None else None
-        return cls(int(row["shard"]), row["status"], int(row["samples"]), int(row["failed"]), int(row["rejected"]),
-                   failure)
+        return cls(
+            int(row["shard"]), row["status"], int(row["samples"]), int(row["failed"]), int(row["rejected"]), failure
+        )
 
 
 @dataclass
@@ -112,5 +120,5 @@ class ShardWork:
         return pickle.dumps(self, protocol=5)
 
     @staticmethod
-    def from_bytes(data: bytes) -> "ShardWork":
+    def from_bytes(data: bytes) -> ShardWork:
         return pickle.loads(data)

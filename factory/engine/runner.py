@@ -29,7 +29,7 @@ log = logging.getLogger("factory")
 
 
 def stage_device(spec: StageSpec) -> str:
-    """"cuda" for a stage given GPUs, which then must see one: a GPU stage never falls back to the CPU."""
+    """ "cuda" for a stage given GPUs, which then must see one: a GPU stage never falls back to the CPU."""
     if spec.resources.num_gpus <= 0:
         return "cpu"
     import torch
@@ -43,8 +43,9 @@ def stage_device(spec: StageSpec) -> str:
 
 
 class StageRunner:
-    def __init__(self, stage_spec: dict, job_seed: int, classes: ClassSet, retries: int = 3,
-                 backoff: float = 2.0, progress=None):
+    def __init__(
+        self, stage_spec: dict, job_seed: int, classes: ClassSet, retries: int = 3, backoff: float = 2.0, progress=None
+    ):
         spec = StageSpec.model_validate(stage_spec)
         cls = resolve_stage(spec.kind)
         self.label = spec.label
@@ -111,15 +112,23 @@ class StageRunner:
                     torch.cuda.empty_cache()
                     counts.oom_splits += 1
                     half = len(inputs) // 2
-                    log.warning("stage %s: CUDA out of memory on %d samples; splitting the batch",
-                                self.label, len(inputs))
+                    log.warning(
+                        "stage %s: CUDA out of memory on %d samples; splitting the batch", self.label, len(inputs)
+                    )
                     return self.process_batch(inputs[:half], counts) + self.process_batch(inputs[half:], counts)
                 if attempt == self.retries:
                     raise ShardFailed(self.label, e) from e
                 counts.retries += 1
                 delay = self.backoff * 2**attempt
-                log.warning("stage %s failed on a batch of %d (%s); retry %d of %d in %.1fs",
-                            self.label, len(inputs), one_line(e), attempt + 1, self.retries, delay)
+                log.warning(
+                    "stage %s failed on a batch of %d (%s); retry %d of %d in %.1fs",
+                    self.label,
+                    len(inputs),
+                    one_line(e),
+                    attempt + 1,
+                    self.retries,
+                    delay,
+                )
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -130,14 +139,23 @@ class StageRunner:
         image, mask = s.image, s.mask
         problem = None
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            problem = (f"image must be an (H, W, 3) uint8 array, got {getattr(image, 'dtype', type(image))} "
-                       f"{getattr(image, 'shape', '')}")
+            problem = (
+                f"image must be an (H, W, 3) uint8 array, got {getattr(image, 'dtype', type(image))} "
+                f"{getattr(image, 'shape', '')}"
+            )
         elif mask is not None and (mask.shape != image.shape[:2] or mask.dtype not in (np.uint8, np.uint16)):
-            problem = f"mask must be (H, W) uint8/uint16 matching the image {image.shape[:2]}, got {mask.dtype} {mask.shape}"
-        elif s.instances is not None and (s.instances.shape != image.shape[:2] or s.instances.dtype.kind not in "ui"
-                                          or (s.instances.size and int(s.instances.max()) > np.iinfo(np.uint16).max)):
-            problem = (f"instances must be (H, W) integer ids below 65536 matching the image (stored as uint16), "
-                       f"got {s.instances.dtype} {s.instances.shape}")
+            problem = (
+                f"mask must be (H, W) uint8/uint16 matching the image {image.shape[:2]}, got {mask.dtype} {mask.shape}"
+            )
+        elif s.instances is not None and (
+            s.instances.shape != image.shape[:2]
+            or s.instances.dtype.kind not in "ui"
+            or (s.instances.size and int(s.instances.max()) > np.iinfo(np.uint16).max)
+        ):
+            problem = (
+                f"instances must be (H, W) integer ids below 65536 matching the image (stored as uint16), "
+                f"got {s.instances.dtype} {s.instances.shape}"
+            )
         return s.fail(self.label, "bad_output", problem) if problem else s
 
     def _check_contract(self, inputs: list[Sample], produced: list[Sample]) -> None:

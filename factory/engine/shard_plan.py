@@ -39,8 +39,13 @@ class Plan:
         return min(self.shard_size, self.num_samples - shard * self.shard_size)
 
     def summary(self) -> dict:
-        return {"num_samples": self.num_samples, "num_shards": self.num_shards, "shard_size": self.shard_size,
-                "dir": PLAN_DIR, "shards_per_part": SHARDS_PER_PART}
+        return {
+            "num_samples": self.num_samples,
+            "num_shards": self.num_shards,
+            "shard_size": self.shard_size,
+            "dir": PLAN_DIR,
+            "shards_per_part": SHARDS_PER_PART,
+        }
 
 
 def plan_shards(ids: Iterable[str], shard_size: int, open_part: Callable[[str], BinaryIO]) -> Plan:

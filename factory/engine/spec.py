@@ -36,6 +36,11 @@ class ResourcesSpec(StrictModel):
             raise ValueError("pool size must be >= 1 (and min <= max)")
         return v
 
+    @property
+    def min_pool(self) -> int:
+        """The pool's size, or its minimum size when it autoscales."""
+        return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
+
 
 class StageSpec(StrictModel):
     kind: str = Field(description="a registered stage name (factory stages) or module:Class")
@@ -122,7 +127,8 @@ def _redact(data: Any, inside: bool = False) -> Any:
     """A copy with every credential-like value inside a `storage_options` section replaced."""
     if isinstance(data, dict):
         return {
-            k: "<redacted>" if inside and _SECRET.search(k) and not isinstance(v, (dict, list))
+            k: "<redacted>"
+            if inside and _SECRET.search(k) and not isinstance(v, (dict, list))
             else _redact(v, inside or k == "storage_options")
             for k, v in data.items()
         }

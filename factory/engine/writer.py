@@ -85,8 +85,11 @@ def failure_records(samples: list[Sample]) -> list[dict]:
 
 def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, job: JobInfo) -> ShardResult:
     """Commit one shard, or leave it uncommitted; returns what the driver counts of it."""
-    counts = {"samples": sum(s.ok for s in work.samples), "failed": sum(s.error is not None for s in work.samples),
-              "rejected": sum(s.error is None and s.rejected is not None for s in work.samples)}
+    counts = {
+        "samples": sum(s.ok for s in work.samples),
+        "failed": sum(s.error is not None for s in work.samples),
+        "rejected": sum(s.error is None and s.rejected is not None for s in work.samples),
+    }
     if work.failure is not None:
         return ShardResult.failed_at(work.shard, work.failure, **counts)
     rows = len(work.samples)
@@ -96,13 +99,18 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
         too_many = Failure(
             stage="commit",
             cause=f"{counts['failed']} of {rows} rows failed ({top}), above output.max_failure_fraction "
-                  f"{settings.max_failure_fraction}",
+            f"{settings.max_failure_fraction}",
             advice="fix the input data or the stage (factory stage SPEC NAME runs it alone), or raise "
-                   "output.max_failure_fraction")
+            "output.max_failure_fraction",
+        )
         return ShardResult.failed_at(work.shard, too_many, **counts)
     try:
-        retry(lambda: _commit(work, store, settings, job), f"writing shard {work.shard}", settings.retries,
-              settings.backoff)
+        retry(
+            lambda: _commit(work, store, settings, job),
+            f"writing shard {work.shard}",
+            settings.retries,
+            settings.backoff,
+        )
     except Exception as e:
         return ShardResult.failed_at(work.shard, Failure.of("write", e), **counts)
     return ShardResult(work.shard, "committed", **counts)
@@ -171,10 +179,13 @@ def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job: J
 def _write_stats(work: ShardWork, store: OutputStore, job: JobInfo, name: str, kept_rejected: bool) -> dict:
     failures = failure_records(work.samples)
     if failures:
-        store.put_bytes(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures),
-                        FAILURES_DIR, f"{name}.jsonl")
-    by_kind = {kind: Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == kind)
-               for kind in ("failed", "rejected")}
+        store.put_bytes(
+            b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in failures), FAILURES_DIR, f"{name}.jsonl"
+        )
+    by_kind = {
+        kind: Counter(f"{r['stage']}:{r['reason']}" for r in failures if r["kind"] == kind)
+        for kind in ("failed", "rejected")
+    }
     finished = time.time()
     stats = {
         "shard": work.shard,

@@ -36,8 +36,13 @@ def load_controlnet_pipeline(model_cfg: Any, device: str, dtype_name: str):
         controlnet = resolve_model_path(controlnet_ref, model_cfg.storage_options)
     cn = from_pretrained(ControlNetModel, controlnet_ref, controlnet, dtype=dtype)
     pipe = from_pretrained(
-        StableDiffusionControlNetPipeline, base_ref, base,
-        controlnet=cn, safety_checker=None, requires_safety_checker=False, dtype=dtype,
+        StableDiffusionControlNetPipeline,
+        base_ref,
+        base,
+        controlnet=cn,
+        safety_checker=None,
+        requires_safety_checker=False,
+        dtype=dtype,
     )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -30,29 +30,39 @@ SAM_VIT_H = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pt
 
 
 # Dataset names that are one glued word read badly as detector prompts.
-DEFAULT_PHRASES = {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "diningtable": "dining table",
-                   "aeroplane": "airplane"}
+DEFAULT_PHRASES = {
+    "pottedplant": "potted plant",
+    "tvmonitor": "tv monitor",
+    "diningtable": "dining table",
+    "aeroplane": "airplane",
+}
 
 
 class DetectionParams(StrictModel):
     """What decides the pseudo-labels; shared by the maskgen and select stages."""
 
     box_threshold: float = Field(0.35, ge=0, le=1, description="keep a box if its best token probability is above")
-    text_threshold: float = Field(0.25, ge=0, le=1, description="label a box with a class only if that class's "
-                                  "tokens score above; boxes with no such class are dropped")
+    text_threshold: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="label a box with a class only if that class's "
+        "tokens score above; boxes with no such class are dropped",
+    )
     nms_threshold: float = Field(0.7, gt=0, le=1, description="boxes of one class overlapping more are merged")
     max_boxes: int = Field(100, ge=1, description="most boxes per image given to SAM, highest scores first")
-    phrases: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PHRASES),
-                                    description="class name -> text the detector is prompted with")
-    skip_classes: list[str] = Field(default_factory=lambda: ["background"],
-                                    description="classes never prompted for: no object to find")
+    phrases: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_PHRASES), description="class name -> text the detector is prompted with"
+    )
+    skip_classes: list[str] = Field(
+        default_factory=lambda: ["background"], description="classes never prompted for: no object to find"
+    )
     detector_batch_size: int = Field(8, ge=1, description="(image, prompt) pairs per detector call")
     sam_batch_size: int = Field(4, ge=1, description="images per SAM image-encoder call")
 
 
 class MaskGenModelConfig(ModelConfig):
-    profile: Profile = Field(
-        "pretrained", description=PROFILE_HELP + " (GroundingDINO-B, SAM of sam_type)")
+    profile: Profile = Field("pretrained", description=PROFILE_HELP + " (GroundingDINO-B, SAM of sam_type)")
     detector: str = Field("IDEA-Research/grounding-dino-base", description="hub id, local dir or s3:// URL")
     sam: str = Field(SAM_VIT_H, description="SAM checkpoint .pth: local path or fsspec URL")
     sam_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="segment-anything registry size")
@@ -109,8 +119,10 @@ def merge_masks(masks, scores, class_ids, ignore: int, dtype) -> PseudoLabel:
     instances = torch.where(covered, number[best], 0)
     semantic = torch.where(covered, class_ids[best], ignore)
     return PseudoLabel(
-        semantic.cpu().numpy().astype(dtype), instances.cpu().numpy().astype(np.int32),
-        [round(float(s), 6) for s in scores[won]], [int(c) for c in class_ids[won]],
+        semantic.cpu().numpy().astype(dtype),
+        instances.cpu().numpy().astype(np.int32),
+        [round(float(s), 6) for s in scores[won]],
+        [int(c) for c in class_ids[won]],
     )
 
 
@@ -142,8 +154,12 @@ class MaskGenerator:
         # Inference only: no parameter needs a gradient (and FLOP counting traces outputs that would).
         self.predictor = SamPredictor(build_sam(sam_type, sam_path, device).to(device).requires_grad_(False))
         # SAM's checkpoints are fp32: lower precision is applied by autocast on GPUs only.
-        self.autocast = partial(torch.autocast, device_type="cuda", dtype=self.dtype,
-                                enabled=device.startswith("cuda") and self.dtype != torch.float32)
+        self.autocast = partial(
+            torch.autocast,
+            device_type="cuda",
+            dtype=self.dtype,
+            enabled=device.startswith("cuda") and self.dtype != torch.float32,
+        )
         self._token_counts: dict[str, int] = {}
 
     @staticmethod
@@ -214,24 +230,33 @@ class MaskGenerator:
         for _, same_size in itertools.groupby(pairs, key=lambda p: images[p[0]].shape[:2]):
             same_size = list(same_size)
             n = s.detector_batch_size
-            batches += [same_size[k:k + n] for k in range(0, len(same_size), n)]
+            batches += [same_size[k : k + n] for k in range(0, len(same_size), n)]
         found: list[list[tuple]] = [[] for _ in images]
         for batch in batches:
             texts, spans = zip(*(self._prompt(chunk) for _, chunk in batch))
-            text = self.processor.tokenizer(list(texts), padding="max_length", truncation=True,
-                                            max_length=self.detector.config.max_text_len,
-                                            return_offsets_mapping=True, return_tensors="pt").to(self.device)
+            text = self.processor.tokenizer(
+                list(texts),
+                padding="max_length",
+                truncation=True,
+                max_length=self.detector.config.max_text_len,
+                return_offsets_mapping=True,
+                return_tensors="pt",
+            ).to(self.device)
             offsets = text.pop("offset_mapping")
             pixels = self.processor.image_processor([images[i] for i, _ in batch], return_tensors="pt")
             with torch.no_grad():
-                out = self.detector(**text, pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
-                                    pixel_mask=pixels["pixel_mask"].to(self.device))
-            probs = out.logits[:, :, :offsets.shape[1]].float().sigmoid()  # (pairs, queries, tokens)
+                out = self.detector(
+                    **text,
+                    pixel_values=pixels["pixel_values"].to(self.device, self.dtype),
+                    pixel_mask=pixels["pixel_mask"].to(self.device),
+                )
+            probs = out.logits[:, :, : offsets.shape[1]].float().sigmoid()  # (pairs, queries, tokens)
             # A token counts when it is text (not [CLS], [SEP] or padding, which have empty offsets).
             real = (offsets[..., 1] > offsets[..., 0]) & text["attention_mask"].bool()
             for b, (i, chunk) in enumerate(batch):
-                in_span = torch.stack([(offsets[b, :, 0] >= a) & (offsets[b, :, 1] <= e) & real[b]
-                                       for a, e in spans[b]])  # (names, tokens)
+                in_span = torch.stack(
+                    [(offsets[b, :, 0] >= a) & (offsets[b, :, 1] <= e) & real[b] for a, e in spans[b]]
+                )  # (names, tokens)
                 box_score = torch.where(real[b], probs[b], 0).max(-1).values
                 class_score, best = torch.where(in_span[None], probs[b][:, None, :], 0).max(-1).values.max(-1)
                 keep = (box_score > s.box_threshold) & (class_score > s.text_threshold)
@@ -263,14 +288,14 @@ class MaskGenerator:
 
         sam, transform = self.predictor.model, self.predictor.transform
         for start in range(0, len(images), self.settings.sam_batch_size):
-            chunk = images[start:start + self.settings.sam_batch_size]
+            chunk = images[start : start + self.settings.sam_batch_size]
             resized = [transform.apply_image(im) for im in chunk]
-            batch = torch.stack([
-                sam.preprocess(torch.as_tensor(r, device=self.device).permute(2, 0, 1)) for r in resized
-            ])
+            batch = torch.stack(
+                [sam.preprocess(torch.as_tensor(r, device=self.device).permute(2, 0, 1)) for r in resized]
+            )
             features = sam.image_encoder(batch)
             for j, r in enumerate(resized):
-                yield features[j:j + 1], r.shape[:2]
+                yield features[j : j + 1], r.shape[:2]
 
     def _segment(self, image: np.ndarray, encoded, boxes):
         """(N, H, W) bool masks, one per box, from a single batched decoder call."""
@@ -279,7 +304,9 @@ class MaskGenerator:
         p.reset_image()
         p.features, p.original_size, p.input_size, p.is_image_set = features, image.shape[:2], tuple(input_size), True
         masks, _, _ = p.predict_torch(
-            point_coords=None, point_labels=None,
-            boxes=p.transform.apply_boxes_torch(boxes.to(self.device), image.shape[:2]), multimask_output=False,
+            point_coords=None,
+            point_labels=None,
+            boxes=p.transform.apply_boxes_torch(boxes.to(self.device), image.shape[:2]),
+            multimask_output=False,
         )
         return masks[:, 0]

@@ -17,9 +17,10 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import fsspec
 from pydantic import Field
@@ -29,8 +30,10 @@ from factory.schema import StrictModel
 log = logging.getLogger(__name__)
 
 Profile = Literal["pretrained", "tiny", "random"]
-PROFILE_HELP = ("pretrained: the named weights; tiny: small random-weight models (tests); random: the real "
-                "architecture with random weights, from configs shipped in the package (benchmarks, memory planning)")
+PROFILE_HELP = (
+    "pretrained: the named weights; tiny: small random-weight models (tests); random: the real "
+    "architecture with random weights, from configs shipped in the package (benchmarks, memory planning)"
+)
 Dtype = Literal["auto", "fp16", "bf16", "fp32"]
 
 
@@ -39,6 +42,7 @@ class ModelConfig(StrictModel):
 
     profile: Profile = Field("pretrained", description=PROFILE_HELP)
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+
 
 _COMPLETE = ".factory-complete"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -78,8 +82,10 @@ def fill_once(dest: Path, fill: Callable[[Path], None]) -> Path:
         fill(dest)
         (dest / _COMPLETE).write_text("ok\n")
         with open(dest.with_name(dest.name + ".log"), "a") as record:
-            record.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} filled by {socket.gethostname()} "
-                         f"pid {os.getpid()} in {time.time() - started:.1f}s\n")
+            record.write(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} filled by {socket.gethostname()} "
+                f"pid {os.getpid()} in {time.time() - started:.1f}s\n"
+            )
     return dest
 
 
@@ -90,7 +96,7 @@ def is_hub_id(ref: str) -> bool:
 def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
     """A name `from_pretrained` can load: hub ids unchanged, local paths checked, URLs copied to the cache."""
     if ref.startswith("file://"):
-        ref = ref[len("file://"):]
+        ref = ref[len("file://") :]
     if "://" not in ref:
         path = Path(ref).expanduser()
         if path.exists():
@@ -112,7 +118,7 @@ def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
             fs.get_file(root, str(target / name))
             return
         for src in fs.find(root, withdirs=False):
-            rel = src[len(root):].lstrip("/")
+            rel = src[len(root) :].lstrip("/")
             (target / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(src, str(target / rel))
 
@@ -162,5 +168,3 @@ def torch_dtype(dtype_name: str, device: str):
     if dtype_name not in table:
         raise ValueError(f"unknown dtype {dtype_name!r}; use auto, fp16, bf16 or fp32")
     return table[dtype_name]
-
-

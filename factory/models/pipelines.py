@@ -27,10 +27,12 @@ class SpeedOptions(StrictModel):
     """GPU fast paths of a diffusion stage (`model.speed`); none changes what is generated beyond rounding."""
 
     sdpa: Literal["auto", "flash", "efficient", "cudnn", "math"] = Field(
-        "auto", description="scaled-dot-product attention backend of the denoisers; auto lets torch choose per call")
+        "auto", description="scaled-dot-product attention backend of the denoisers; auto lets torch choose per call"
+    )
     channels_last: bool = Field(False, description="UNet, ControlNet and VAE weights and activations in NHWC")
     compile: list[Literal["unet", "controlnet", "transformer", "vae"]] = Field(
-        default_factory=list, description="modules to torch.compile (once per actor, on the first call)")
+        default_factory=list, description="modules to torch.compile (once per actor, on the first call)"
+    )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"
     cuda_graphs: bool = Field(False, description="capture the compiled modules in CUDA graphs (needs compile)")
     vae_batch: int | None = Field(None, ge=1, description="decode latents this many at a time; none: all at once")
@@ -95,8 +97,14 @@ def sdpa_context(backend: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[backend]
+    )
 
 
 def use_sdpa_backend(module: Any, backend: str) -> None:

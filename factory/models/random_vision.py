@@ -28,8 +28,11 @@ def random_captioner(family: str, device: str, dtype):
         model = random_weights.transformers_model(BlipForConditionalGeneration, config, device, dtype)
     else:
         tokenizer = tiny_bert_tokenizer(("<image>",), bos_token="[CLS]", eos_token="[SEP]")
-        processor = Blip2Processor(image_processor=random_weights.image_processor(name), tokenizer=tokenizer,
-                                   num_query_tokens=config.num_query_tokens)
+        processor = Blip2Processor(
+            image_processor=random_weights.image_processor(name),
+            tokenizer=tokenizer,
+            num_query_tokens=config.num_query_tokens,
+        )
         random_weights.align_special_tokens(config.text_config, tokenizer)
         config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
         model = random_weights.transformers_model(Blip2ForConditionalGeneration, config, device, dtype)
@@ -44,11 +47,26 @@ def random_vlm(device: str, dtype):
     from factory.models import random_weights
 
     tokenizer = char_tokenizer(
-        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>",
-         "<start_of_turn>", "<end_of_turn>"],
-        pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
+        [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+        ],
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
     )
     template = (
         "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for c in m['content'] %}"
@@ -56,8 +74,12 @@ def random_vlm(device: str, dtype):
         "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
     )
     config = random_weights.transformers_config(VLM)
-    processor = Gemma3Processor(image_processor=random_weights.image_processor(VLM), tokenizer=tokenizer,
-                                chat_template=template, image_seq_length=config.mm_tokens_per_image)
+    processor = Gemma3Processor(
+        image_processor=random_weights.image_processor(VLM),
+        tokenizer=tokenizer,
+        chat_template=template,
+        image_seq_length=config.mm_tokens_per_image,
+    )
     ids = tokenizer.convert_tokens_to_ids
     config.boi_token_index, config.eoi_token_index = ids("<start_of_image>"), ids("<end_of_image>")
     config.image_token_index = ids("<image_soft_token>")
@@ -74,8 +96,9 @@ def random_detector(device: str, dtype):
     tokenizer = tiny_bert_tokenizer()
     config = random_weights.transformers_config(GROUNDING_DINO)
     random_weights.align_special_tokens(config.text_config, tokenizer)
-    processor = GroundingDinoProcessor(image_processor=random_weights.image_processor(GROUNDING_DINO),
-                                       tokenizer=tokenizer)
+    processor = GroundingDinoProcessor(
+        image_processor=random_weights.image_processor(GROUNDING_DINO), tokenizer=tokenizer
+    )
     return random_weights.transformers_model(GroundingDinoForObjectDetection, config, device, dtype), processor
 
 
@@ -91,8 +114,9 @@ def random_clip(device: str, dtype):
         tokenizer = write_tiny_clip_tokenizer(Path(work))
     config = random_weights.transformers_config(random_weights.CLIP_L)
     random_weights.align_special_tokens(config.text_config, tokenizer)
-    processor = CLIPProcessor(image_processor=random_weights.image_processor(random_weights.CLIP_L),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=random_weights.image_processor(random_weights.CLIP_L), tokenizer=tokenizer
+    )
     return random_weights.transformers_model(CLIPModel, config, device, dtype), processor
 
 

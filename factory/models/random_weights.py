@@ -80,8 +80,8 @@ def _fill_uniform(tensor, low: float, high: float):
     with torch.no_grad():
         flat, block = tensor.view(-1), _block(tensor.device, tensor.dtype)
         for start in range(0, flat.numel(), _PERIOD):
-            part = flat[start:start + _PERIOD]
-            part.copy_(block[:part.numel()])
+            part = flat[start : start + _PERIOD]
+            part.copy_(block[: part.numel()])
         flat.mul_((high - low) / 2).add_((high + low) / 2)
     return tensor
 
@@ -113,9 +113,16 @@ def _fast_init_functions() -> dict:
     def orthogonal_(tensor, gain=1, generator=None):
         return normal_(tensor, 0.0, gain / math.sqrt(tensor.shape[-1]))
 
-    return {"uniform_": uniform_, "normal_": normal_, "trunc_normal_": trunc_normal_, "kaiming_uniform_": kaiming_,
-            "kaiming_normal_": kaiming_, "xavier_uniform_": xavier_, "xavier_normal_": xavier_,
-            "orthogonal_": orthogonal_}
+    return {
+        "uniform_": uniform_,
+        "normal_": normal_,
+        "trunc_normal_": trunc_normal_,
+        "kaiming_uniform_": kaiming_,
+        "kaiming_normal_": kaiming_,
+        "xavier_uniform_": xavier_,
+        "xavier_normal_": xavier_,
+        "orthogonal_": orthogonal_,
+    }
 
 
 @contextmanager
@@ -128,9 +135,12 @@ def building(device: str, dtype):
     from transformers import initialization
 
     fast = _fast_init_functions()
-    patched = [(module, name, getattr(module, name)) for module in
-               (sys.modules[m] for m in initialization.TORCH_MODULES_TO_PATCH if m in sys.modules)
-               for name in fast if hasattr(module, name)]
+    patched = [
+        (module, name, getattr(module, name))
+        for module in (sys.modules[m] for m in initialization.TORCH_MODULES_TO_PATCH if m in sys.modules)
+        for name in fast
+        if hasattr(module, name)
+    ]
     originals = {name: initialization.TORCH_INIT_FUNCTIONS[name] for name in fast}
     previous = torch.get_default_dtype()
     try:

@@ -19,13 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from factory.models.loading import (
-    Dtype,
-    from_pretrained,
-    is_hub_id,
-    resolve_model_path,
-    torch_dtype,
-)
+from factory.models.loading import Dtype, from_pretrained, is_hub_id, resolve_model_path, torch_dtype
 from factory.models.pipelines import DiffusionModelConfig
 from factory.models.tiny_diffusion import TINY_MASK2IMG, TINY_SDXL, TINY_TEXT2MASK, tiny_sdxl_dir, tiny_seggen_dir
 from factory.sources.classes import class_set
@@ -41,7 +35,7 @@ class SDXLModelConfig(DiffusionModelConfig):
 
     base: str = Field(SDXL_BASE, description="SDXL base: hub id, local dir or s3:// URL (VAE, text encoders)")
     weights: str | None = Field(
-        None, description="the model folder `factory train` wrote (<output>/final): local dir, s3:// URL or hub id",
+        None, description="the model folder `factory train` wrote (<output>/final): local dir, s3:// URL or hub id"
     )
     vae: str | None = Field(None, description="optional VAE replacing the base's (e.g. an fp16-safe SDXL VAE)")
     dtype: Dtype = "auto"
@@ -121,16 +115,25 @@ def load_seggen_pipeline(model: SDXLModelConfig, kind: str, device: str) -> tupl
     palette = Palette.load(folder)
     extra = {}
     if model.vae:
-        extra["vae"] = from_pretrained(AutoencoderKL, model.vae, resolve_model_path(model.vae, model.storage_options),
-                                       dtype=dtype)
+        extra["vae"] = from_pretrained(
+            AutoencoderKL, model.vae, resolve_model_path(model.vae, model.storage_options), dtype=dtype
+        )
     if kind == "text2mask":
         unet = from_pretrained(UNet2DConditionModel, weights_name, folder, subfolder="unet", dtype=dtype)
-        pipe = from_pretrained(StableDiffusionXLPipeline, base_name, base, unet=unet, dtype=dtype,
-                               add_watermarker=False, **extra)
+        pipe = from_pretrained(
+            StableDiffusionXLPipeline, base_name, base, unet=unet, dtype=dtype, add_watermarker=False, **extra
+        )
     else:
         controlnet = from_pretrained(ControlNetModel, weights_name, folder, subfolder="controlnet", dtype=dtype)
-        pipe = from_pretrained(StableDiffusionXLControlNetPipeline, base_name, base, controlnet=controlnet,
-                               dtype=dtype, add_watermarker=False, **extra)
+        pipe = from_pretrained(
+            StableDiffusionXLControlNetPipeline,
+            base_name,
+            base,
+            controlnet=controlnet,
+            dtype=dtype,
+            add_watermarker=False,
+            **extra,
+        )
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, palette
@@ -160,9 +163,8 @@ def use_scheduler(pipe: Any, name: Scheduler) -> None:
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     elif name == "dpmpp_2m_karras":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(
-            pipe.scheduler.config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2)
+            pipe.scheduler.config, use_karras_sigmas=True, algorithm_type="dpmsolver++", solver_order=2
+        )
 
 
 # ---------------------------------------------------------------- training
-
-

@@ -15,13 +15,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from factory.models.loading import (
-    from_pretrained,
-    resolve_model_path,
-    torch_dtype,
-)
+from factory.models.loading import from_pretrained, resolve_model_path, torch_dtype
 from factory.models.pipelines import unet_size_multiple
-from factory.models.tiny_diffusion import tiny_t2i_dir
+from factory.models.tiny_t2i import tiny_t2i_dir
 
 
 @dataclass(frozen=True)
@@ -40,15 +36,51 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "flux": Family("FluxPipeline", "black-forest-labs/FLUX.1-dev", {"tokenizer": "clip", "tokenizer_2": "long"},
-                   28, 3.5, 1024, 512, "bf16", {}),
-    "sd3": Family("StableDiffusion3Pipeline", "stabilityai/stable-diffusion-3.5-large",
-                  {"tokenizer": "clip", "tokenizer_2": "clip", "tokenizer_3": "long"}, 28, 3.5, 1024, 512, "bf16", {}),
+    "flux": Family(
+        "FluxPipeline",
+        "black-forest-labs/FLUX.1-dev",
+        {"tokenizer": "clip", "tokenizer_2": "long"},
+        28,
+        3.5,
+        1024,
+        512,
+        "bf16",
+        {},
+    ),
+    "sd3": Family(
+        "StableDiffusion3Pipeline",
+        "stabilityai/stable-diffusion-3.5-large",
+        {"tokenizer": "clip", "tokenizer_2": "clip", "tokenizer_3": "long"},
+        28,
+        3.5,
+        1024,
+        512,
+        "bf16",
+        {},
+    ),
     # Sana's resolution binning would snap every size to its own table; the stage picks sizes itself.
-    "sana": Family("SanaPipeline", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", {"tokenizer": "long"},
-                   20, 4.5, 1024, 300, "bf16", {"use_resolution_binning": False}),
-    "sdxl": Family("StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0",
-                   {"tokenizer": "clip", "tokenizer_2": "clip"}, 30, 5.0, 1024, None, "fp16", {}),
+    "sana": Family(
+        "SanaPipeline",
+        "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+        {"tokenizer": "long"},
+        20,
+        4.5,
+        1024,
+        300,
+        "bf16",
+        {"use_resolution_binning": False},
+    ),
+    "sdxl": Family(
+        "StableDiffusionXLPipeline",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        {"tokenizer": "clip", "tokenizer_2": "clip"},
+        30,
+        5.0,
+        1024,
+        None,
+        "fp16",
+        {},
+    ),
 }
 
 
@@ -81,8 +113,16 @@ def prompt_tokens(pipe: Any, family: str, prompt: str, max_sequence_length: int 
 # ---------------------------------------------------------------- loading
 
 
-def load_t2i_pipeline(family: str, ref: str | None, profile: str, dtype_name: str, device: str,
-                      storage_options: dict, variant: str | None = None, offload: bool = False):
+def load_t2i_pipeline(
+    family: str,
+    ref: str | None,
+    profile: str,
+    dtype_name: str,
+    device: str,
+    storage_options: dict,
+    variant: str | None = None,
+    offload: bool = False,
+):
     """A family's pipeline on `device`: tiny, random (the published architecture), or `ref` (hub id, local
     dir, s3:// URL)."""
     import diffusers

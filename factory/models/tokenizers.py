@@ -15,8 +15,7 @@ def write_tiny_clip_tokenizer(target: Path):
     """A byte-level CLIP BPE tokenizer with every byte in its vocabulary, so any prompt tokenizes."""
     from transformers import CLIPTokenizer
 
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     # GPT-2's byte -> unicode table: bytes that are not printable get code points from 256 upwards.
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     vocab: dict[str, int] = {}

@@ -46,8 +46,9 @@ def plan_part_name(shard: int) -> str:
     return f"part-{shard // SHARDS_PER_PART:05d}.parquet"
 
 
-def open_output(url: str, storage_options: dict[str, Any] | None = None,
-                endpoint_url: str | None = None) -> "OutputStore":
+def open_output(
+    url: str, storage_options: dict[str, Any] | None = None, endpoint_url: str | None = None
+) -> OutputStore:
     """The output at `url` (a path, file://, s3://...); `endpoint_url` is the S3 endpoint shortcut."""
     return OutputStore(url, fsspec_options(storage_options, endpoint_url))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -23,8 +23,9 @@ IMAGE_EXTS = ("jpg", "png")
 # ---------------------------------------------------------------- samples
 
 
-def iter_shard_samples(store: OutputStore, shard: int,
-                       select_files: Callable[[str], bool] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_shard_samples(
+    store: OutputStore, shard: int, select_files: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for each sample of a committed shard, in tar order.
 
     `select_files` (a predicate on member names, e.g. only `.json`) skips the other members' bytes, so a
@@ -38,8 +39,9 @@ def iter_shard_samples(store: OutputStore, shard: int,
             yield key, sample
 
 
-def iter_samples(store: OutputStore, shards: Iterable[int] | None = None,
-                 select_files: Callable[[str], bool] | None = None) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+def iter_samples(
+    store: OutputStore, shards: Iterable[int] | None = None, select_files: Callable[[str], bool] | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes]]]:
     """(shard, key, files) over the given shards (default: every committed one), in shard order."""
     for shard in store.committed_shards() if shards is None else shards:
         for key, files in iter_shard_samples(store, shard, select_files):

@@ -53,10 +53,7 @@ def _areas_from_components(mask: np.ndarray, class_ids: np.ndarray, min_pixels: 
 
 
 def density(
-    mask: np.ndarray | None,
-    instances: np.ndarray | None = None,
-    ignore_index: int = 255,
-    min_pixels: int = 1,
+    mask: np.ndarray | None, instances: np.ndarray | None = None, ignore_index: int = 255, min_pixels: int = 1
 ) -> dict[str, float | int | None]:
     """The density scores of one mask; `min_pixels` drops connected components smaller than that (noise).
 
@@ -156,10 +153,7 @@ def fidelity(
     """mIoU and boundary F between a target mask and an auto-label; both None when either is missing."""
     if target is None or label is None:
         return {"miou": None, "boundary_f": None}
-    return {
-        "miou": miou(target, label, ignore_index),
-        "boundary_f": boundary_f(target, label, tolerance, ignore_index),
-    }
+    return {"miou": miou(target, label, ignore_index), "boundary_f": boundary_f(target, label, tolerance, ignore_index)}
 
 
 def check_score_names(bounds: dict[str, float]) -> dict[str, float]:

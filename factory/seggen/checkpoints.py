@@ -35,7 +35,7 @@ class TrainingStore(Folder):
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(CHECKPOINTS), detail=False)]
         except FileNotFoundError:
             return {}
-        steps = [int(n[len("step-"):]) for n in names if n.startswith("step-") and n[len("step-"):].isdigit()]
+        steps = [int(n[len("step-") :]) for n in names if n.startswith("step-") and n[len("step-") :].isdigit()]
         return {s: self.complete(CHECKPOINTS, step_dir(s)) for s in steps}
 
     def latest(self) -> int | None:

@@ -47,7 +47,7 @@ class PairStream:
         """The source ids of this worker's batch k."""
         b, share_len = self.spec.batch_size, len(range(self.rank, len(self.ids), self.world))
         epoch, offset = divmod(k, -(-share_len // b))
-        order = np.random.default_rng([self.spec.seed, epoch]).permutation(len(self.ids))[self.rank::self.world]
+        order = np.random.default_rng([self.spec.seed, epoch]).permutation(len(self.ids))[self.rank :: self.world]
         return [self.ids[order[(offset * b + i) % share_len]] for i in range(b)]
 
     def batch(self, k: int) -> dict:

@@ -18,8 +18,9 @@ def encode_prompts(tokenizers: list, text_encoders: list, prompts: list[str], de
 
     embeds, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         out = encoder(ids, output_hidden_states=True)
         pooled = out[0]  # the last encoder's projected text embedding
         embeds.append(out.hidden_states[-2])
@@ -45,8 +46,11 @@ class TrainingModels:
         # The SDXL VAE overflows in fp16; it stays fp32 then (bf16 has the range).
         self.vae_dtype = torch.bfloat16 if amp == "bf16" else torch.float32
         ref = {"pretrained": model.base, "tiny": f"tiny:{TINY_SDXL}", "random": "random"}[model.profile]
-        base = {"pretrained": lambda: resolve_model_path(ref, model.storage_options), "tiny": tiny_sdxl_dir,
-                "random": lambda: None}[model.profile]()
+        base = {
+            "pretrained": lambda: resolve_model_path(ref, model.storage_options),
+            "tiny": tiny_sdxl_dir,
+            "random": lambda: None,
+        }[model.profile]()
         work = tempfile.TemporaryDirectory()
 
         def load(cls, folder: str, dtype=None, checkpoint: Path | None = None):
@@ -57,13 +61,16 @@ class TrainingModels:
             if base is None:  # the random profile: built on the device, from the shipped SDXL configs
                 from factory.models import random_weights
 
-                return random_weights.component(random_weights.SDXL, folder, str(device), dtype or torch.float32,
-                                               Path(work.name))
+                return random_weights.component(
+                    random_weights.SDXL, folder, str(device), dtype or torch.float32, Path(work.name)
+                )
             return from_pretrained(cls, ref, base, **kwargs)
 
         self.tokenizers = [load(CLIPTokenizer, "tokenizer"), load(CLIPTokenizer, "tokenizer_2")]
-        self.text_encoders = [load(CLIPTextModel, "text_encoder", frozen),
-                              load(CLIPTextModelWithProjection, "text_encoder_2", frozen)]
+        self.text_encoders = [
+            load(CLIPTextModel, "text_encoder", frozen),
+            load(CLIPTextModelWithProjection, "text_encoder_2", frozen),
+        ]
         self.vae = load(AutoencoderKL, "vae", self.vae_dtype)
         self.noise = DDPMScheduler.from_config(load(DDPMScheduler, "scheduler").config)
         work.cleanup()
@@ -78,8 +85,9 @@ class TrainingModels:
                 from factory.models import random_weights
 
                 self.unet = load(UNet2DConditionModel, "unet", frozen)
-                self.trainable = random_weights.diffusers_component(random_weights.SDXL_CONTROLNET, "", str(device),
-                                                                   torch.float32)
+                self.trainable = random_weights.diffusers_component(
+                    random_weights.SDXL_CONTROLNET, "", str(device), torch.float32
+                )
             else:
                 # The ControlNet starts as a copy of the UNet's encoder: copy it from fp32 weights, then
                 # cast the frozen UNet down, so the trained model does not start from rounded weights.
@@ -116,8 +124,9 @@ class TrainingModels:
             latents = latents.float() * self.vae.config.scaling_factor
         # Drawn on the CPU, where the generator lives, whatever the default device: the same noise on any device.
         noise = torch.randn(latents.shape, generator=generator, device="cpu").to(device)
-        steps = torch.randint(0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device="cpu")
+        steps = torch.randint(
+            0, self.noise.config.num_train_timesteps, (latents.shape[0],), generator=generator, device="cpu"
+        )
         steps = steps.to(device)
         noisy = self.noise.add_noise(latents, noise, steps)
         added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}
@@ -125,10 +134,22 @@ class TrainingModels:
             if self.kind == "text2mask":
                 pred = model(noisy, steps, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
             else:
-                down, mid = model(noisy, steps, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                                  controlnet_cond=batch["colour"].to(device), return_dict=False)
-                pred = self.unet(noisy, steps, encoder_hidden_states=embeds, added_cond_kwargs=added,
-                                 down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                down, mid = model(
+                    noisy,
+                    steps,
+                    encoder_hidden_states=embeds,
+                    added_cond_kwargs=added,
+                    controlnet_cond=batch["colour"].to(device),
+                    return_dict=False,
+                )
+                pred = self.unet(
+                    noisy,
+                    steps,
+                    encoder_hidden_states=embeds,
+                    added_cond_kwargs=added,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                ).sample
         if self.noise.config.prediction_type == "v_prediction":
             target = self.noise.get_velocity(latents, noise, steps)
         else:

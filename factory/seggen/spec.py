@@ -19,7 +19,8 @@ KINDS = ("text2mask", "mask2img")
 
 class TrainModel(StrictModel):
     profile: Literal["pretrained", "tiny", "random"] = Field(
-        "pretrained", description="random: the SDXL base architecture with random weights (benchmarks only)")
+        "pretrained", description="random: the SDXL base architecture with random weights (benchmarks only)"
+    )
     base: str = Field(SDXL_BASE, description="SDXL base: hub id, local dir or s3:// URL")
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -33,7 +34,7 @@ class TrainSpec(StrictModel):
     palette_seed: int = 0
     outlines: bool = Field(False, description="draw instance outlines in the edge colour (panoptic/instance data)")
     prompt: str = Field("a photo of {classes}", description="prompt for samples without a caption")
-    captions: str | None = Field(None, description="JSON lines {\"id\": ..., \"caption\": ...} per source id")
+    captions: str | None = Field(None, description='JSON lines {"id": ..., "caption": ...} per source id')
     empty_prompt_prob: float = Field(0.0, ge=0, le=1, description="share of empty prompts (for guidance)")
     steps: int = Field(30000, gt=0, description="optimizer steps; paper: 30K iterations")
     batch_size: int = Field(4, gt=0, description="samples per worker per step")
@@ -52,8 +53,18 @@ class TrainSpec(StrictModel):
 
     def content_hash(self) -> str:
         """What decides the weights; where they go, how long, and how often they are saved may change."""
-        data = self.model_dump(mode="json", exclude={"output", "steps", "checkpoint_every", "keep_checkpoints",
-                                                     "use_gpu", "cpus_per_worker", "loader_workers"})
+        data = self.model_dump(
+            mode="json",
+            exclude={
+                "output",
+                "steps",
+                "checkpoint_every",
+                "keep_checkpoints",
+                "use_gpu",
+                "cpus_per_worker",
+                "loader_workers",
+            },
+        )
         data["source"].pop("storage_options")
         data["model"].pop("storage_options")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

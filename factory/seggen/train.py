@@ -85,8 +85,15 @@ def _worker_loop(config: dict) -> None:
                 models.scaler.load_state_dict(saved["scaler"])
         model = ray.train.torch.prepare_model(models.trainable)
         starts = [*state["starts"], start]
-        log.info("%s worker %d/%d: %s at step %d of %d", kind, rank, world,
-                 "resuming" if resume else "starting", start, spec.steps)
+        log.info(
+            "%s worker %d/%d: %s at step %d of %d",
+            kind,
+            rank,
+            world,
+            "resuming" if resume else "starting",
+            start,
+            spec.steps,
+        )
 
         # The probe: rank 0's first batch with fixed noise, scored at the start and at every checkpoint.
         probe = PairStream(spec, kind, palette, 0, world).batch(0) if rank == 0 else None
@@ -101,8 +108,9 @@ def _worker_loop(config: dict) -> None:
         if probe_start is None:
             probe_start = probe_loss()
 
-        loader = torch.utils.data.DataLoader(LoaderBatches(spec, kind, palette, rank, world, start), batch_size=None,
-                                             num_workers=spec.loader_workers)
+        loader = torch.utils.data.DataLoader(
+            LoaderBatches(spec, kind, palette, rank, world, start), batch_size=None, num_workers=spec.loader_workers
+        )
         batches = iter(loader)
         loss = None
         for step in range(start, spec.steps):
@@ -123,8 +131,13 @@ def _worker_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if done % spec.checkpoint_every == 0 or done == spec.steps:
-                info = {"steps": done, "starts": starts, "probe_loss_start": probe_start,
-                        "probe_loss": probe_loss(), "loss": loss.item()}
+                info = {
+                    "steps": done,
+                    "starts": starts,
+                    "probe_loss_start": probe_start,
+                    "probe_loss": probe_loss(),
+                    "loss": loss.item(),
+                }
                 if rank == 0:
                     _save_checkpoint(store, Path(tmp) / f"ckpt-{done}", kind, models, optimizer, palette, spec, info)
                 if world > 1:
@@ -134,20 +147,37 @@ def _worker_loop(config: dict) -> None:
 
         if rank == 0:
             final = Path(tmp) / "final"
-            info = {"steps": max(start, spec.steps), "starts": starts, "probe_loss_start": probe_start,
-                    "probe_loss": probe_loss(), "loss": None if loss is None else loss.item()}
+            info = {
+                "steps": max(start, spec.steps),
+                "starts": starts,
+                "probe_loss_start": probe_start,
+                "probe_loss": probe_loss(),
+                "loss": None if loss is None else loss.item(),
+            }
             _write_model(final, kind, models.trainable, palette, spec, info)
             store.upload_dir(final, FINAL, marker=COMPLETE)
             log.info("%s: final model at %s", kind, store.path(FINAL))
 
 
-def _save_checkpoint(store: TrainingStore, folder: Path, kind: str, models: TrainingModels, optimizer, palette: Palette,
-                     spec: TrainSpec, info: dict) -> None:
+def _save_checkpoint(
+    store: TrainingStore,
+    folder: Path,
+    kind: str,
+    models: TrainingModels,
+    optimizer,
+    palette: Palette,
+    spec: TrainSpec,
+    info: dict,
+) -> None:
     step = info["steps"]
     _write_model(folder, kind, models.trainable, palette, spec, info)
-    torch.save({"optimizer": optimizer.state_dict(),
-                "scaler": models.scaler.state_dict() if models.scaler is not None else None},
-               folder / "optimizer.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scaler": models.scaler.state_dict() if models.scaler is not None else None,
+        },
+        folder / "optimizer.pt",
+    )
     (folder / "state.json").write_text(json.dumps({"step": step, **info}, indent=1))
     store.upload_dir(folder, CHECKPOINTS, step_dir(step), marker=COMPLETE)
     shutil.rmtree(folder)
@@ -184,8 +214,13 @@ def train(kind: str, spec: TrainSpec, address: str | None = None) -> dict:
         log.info("%s: %s already holds a model trained %d steps", kind, store.path(FINAL), done["steps"])
         return {**done, "url": store.path(FINAL)}
 
-    fit_on_ray(_worker_loop, {"spec": spec.model_dump(mode="json"), "kind": kind, "palette": palette.to_json()},
-               spec, f"{spec.name}-{kind}", address)
+    fit_on_ray(
+        _worker_loop,
+        {"spec": spec.model_dump(mode="json"), "kind": kind, "palette": palette.to_json()},
+        spec,
+        f"{spec.name}-{kind}",
+        address,
+    )
     info = store.read_json(FINAL, MODEL_INFO)
     return {**info, "url": store.path(FINAL)}
 
@@ -201,6 +236,8 @@ def train_mask2img(spec: TrainSpec, address: str | None = None) -> dict:
 def main_train(kind: str, spec_path: str) -> int:
     """`factory train KIND SPEC`: 0 once the final model folder is written."""
     info = train(kind, load_train_spec(spec_path))
-    print(f"{kind}: {info['steps']} steps, probe loss {info['probe_loss_start']:.4f} -> {info['probe_loss']:.4f}; "
-          f"model at {info['url']}")
+    print(
+        f"{kind}: {info['steps']} steps, probe loss {info['probe_loss_start']:.4f} -> {info['probe_loss']:.4f}; "
+        f"model at {info['url']}"
+    )
     return 0

@@ -1,14 +1,14 @@
 """Sources: the datasets a job reads, as sorted streams of ids and one sample per id.
 
-    spec.py       the `source` section of a spec
-    base.py       the reader interface (`Source`), the base of file readers, class-set resolution
-    folder.py     `folder`: image/mask pairs by file-name suffix, id or colour masks
-    datasets.py   ADE20K, COCO panoptic, PASCAL VOC, Cityscapes in their published layouts
-    scenes.py     procedural scenes (files for the quickstart and tests, and the `scenes` kind)
-    listing.py    sorted listings as streams in bounded memory
-    images.py     decoding, bit depths, the size rule
-    classes.py    class sets, the ADE150 palette, colour maps for conditioning
-    palettes.py   SegGen's palettes: masks <-> colour maps
+spec.py       the `source` section of a spec
+base.py       the reader interface (`Source`), the base of file readers, class-set resolution
+folder.py     `folder`: image/mask pairs by file-name suffix, id or colour masks
+datasets.py   ADE20K, COCO panoptic, PASCAL VOC, Cityscapes in their published layouts
+scenes.py     procedural scenes (files for the quickstart and tests, and the `scenes` kind)
+listing.py    sorted listings as streams in bounded memory
+images.py     decoding, bit depths, the size rule
+classes.py    class sets, the ADE150 palette, colour maps for conditioning
+palettes.py   SegGen's palettes: masks <-> colour maps
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import itertools
 import logging
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import fsspec
 import numpy as np

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
@@ -52,7 +52,7 @@ def _data_path(name: str):
     return resources.files("factory.data").joinpath(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _ade150_rows() -> list[dict]:
     with _data_path("ade150.csv").open() as f:
         return list(csv.DictReader(f))
@@ -79,18 +79,53 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 VOC_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
     "tvmonitor",
 )
 
 CITYSCAPES_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def class_set(name: str) -> ClassSet:
     """A named class set shipped with the factory: ade150, voc, cityscapes."""
     if name == "ade150":
@@ -108,7 +143,7 @@ def class_set(name: str) -> ClassSet:
     raise KeyError(f"unknown class set {name!r}; known: ade150, voc, cityscapes, or a list of names")
 
 
-@lru_cache(maxsize=None)
+@cache
 def ade150_class_map(class_set_name: str) -> dict[str, str | None]:
     """Source class name -> ADE150 class name used to condition an ADE150-trained model (None: unlabeled)."""
     if class_set_name == "ade150":
@@ -158,6 +193,7 @@ def decode_palette_mask(
     `ignore_colors` (VOC's boundary colour, black for "unlabeled") are ignore by definition; any other
     unknown colour is counted so the reader can reject the mask instead of guessing.
     """
+
     def pack(c: np.ndarray) -> np.ndarray:
         c = c.astype(np.int64)
         return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -109,9 +109,7 @@ class CocoPanopticSource(FileSource):
             for ann in data["annotations"]:
                 stem = posixpath.splitext(ann["file_name"])[0]
                 image_file = image_files.get(ann["image_id"], stem + ".jpg")
-                segments = tuple(
-                    (s["id"], s["category_id"], bool(s.get("iscrowd", 0))) for s in ann["segments_info"]
-                )
+                segments = tuple((s["id"], s["category_id"], bool(s.get("iscrowd", 0))) for s in ann["segments_info"])
                 index[stem] = (ann["file_name"], image_file, segments)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{self._json_path}: not a COCO panoptic annotation file ({e!r})") from None
@@ -201,8 +199,25 @@ class VOCSource(FileSource):
 
 # The official Cityscapes labelId -> trainId table (labels.py); other labelIds are unlabeled.
 CITYSCAPES_TRAIN_IDS = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-    27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 
 

@@ -45,7 +45,8 @@ def to_rgb8(im: Image.Image, path: str) -> np.ndarray:
         if values.size and (values.min() < 0 or values.max() > _UINT16_MAX):
             raise BadSample(
                 "unsupported_image",
-                f"{path}: {im.mode} pixels span {values.min()}..{values.max()}, beyond 16 bits; no 8-bit scale is defined",
+                f"{path}: {im.mode} pixels span {values.min()}..{values.max()}, beyond 16 bits; "
+                "no 8-bit scale is defined",
             )
         grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)

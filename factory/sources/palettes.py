@@ -44,12 +44,12 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """sRGB uint8 (..., 3) -> CIELAB (D65) float64 (..., 3)."""
     c = np.asarray(rgb, dtype=np.float64) / 255.0
     linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    to_xyz = np.array([[0.4124564, 0.3575761, 0.1804375],
-                       [0.2126729, 0.7151522, 0.0721750],
-                       [0.0193339, 0.1191920, 0.9503041]])
+    to_xyz = np.array(
+        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+    )
     t = (linear @ to_xyz.T) / np.array([0.95047, 1.0, 1.08883])
     delta = 6 / 29
-    f = np.where(t > delta ** 3, np.cbrt(t), t / (3 * delta ** 2) + 4 / 29)
+    f = np.where(t > delta**3, np.cbrt(t), t / (3 * delta**2) + 4 / 29)
     return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
@@ -65,8 +65,11 @@ def _farthest_points(n: int, taken: np.ndarray, seed: int | None) -> np.ndarray:
         nearest = np.minimum(nearest, np.linalg.norm(lab - colour, axis=1))
     chosen = []
     for i in range(n):
-        pick = int(np.random.default_rng(seed).integers(len(grid))) if i == 0 and seed is not None \
+        pick = (
+            int(np.random.default_rng(seed).integers(len(grid)))
+            if i == 0 and seed is not None
             else int(np.argmax(nearest))
+        )
         chosen.append(pick)
         nearest = np.minimum(nearest, np.linalg.norm(lab - lab[pick], axis=1))
         nearest[pick] = -1.0
@@ -94,8 +97,9 @@ def _shift(a: np.ndarray, dy: int, dx: int, fill) -> np.ndarray:
     """a moved so that out[y, x] = a[y + dy, x + dx]; `fill` where that falls outside the image."""
     out = np.full_like(a, fill)
     h, w = a.shape
-    out[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
-        a[max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    out[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)] = a[
+        max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)
+    ]
     return out
 
 
@@ -158,8 +162,7 @@ class Palette:
     # -- construction and storage ----------------------------------------------------------------------
 
     @classmethod
-    def for_classes(cls, classes: ClassSet, kind: str = "separated", seed: int = 0,
-                    outlines: bool = False) -> "Palette":
+    def for_classes(cls, classes: ClassSet, kind: str = "separated", seed: int = 0, outlines: bool = False) -> Palette:
         if kind == "separated":
             return cls(classes.names, separated_palette(len(classes), seed), "separated", seed, outlines)
         if kind == "ade150":
@@ -173,20 +176,31 @@ class Palette:
 
     def to_json(self) -> dict:
         return {
-            "format": _FORMAT, "kind": self.kind, "seed": self.seed, "outlines": self.outlines,
-            "names": list(self.names), "colors": self.colors.tolist(),
-            "ignore_color": list(IGNORE_COLOR), "edge_color": list(self.edge_color),
+            "format": _FORMAT,
+            "kind": self.kind,
+            "seed": self.seed,
+            "outlines": self.outlines,
+            "names": list(self.names),
+            "colors": self.colors.tolist(),
+            "ignore_color": list(IGNORE_COLOR),
+            "edge_color": list(self.edge_color),
         }
 
     @classmethod
-    def from_json(cls, data: dict, origin: str = "palette") -> "Palette":
+    def from_json(cls, data: dict, origin: str = "palette") -> Palette:
         if data.get("format") != _FORMAT:
             raise PaletteError(f"{origin}: not a factory palette (format {data.get('format')!r})")
         if tuple(data.get("ignore_color", IGNORE_COLOR)) != IGNORE_COLOR:
             raise PaletteError(f"{origin}: the ignore colour must be black")
         try:
-            return cls(tuple(data["names"]), np.asarray(data["colors"]), data["kind"], data.get("seed"),
-                       bool(data.get("outlines", False)), tuple(data["edge_color"]))
+            return cls(
+                tuple(data["names"]),
+                np.asarray(data["colors"]),
+                data["kind"],
+                data.get("seed"),
+                bool(data.get("outlines", False)),
+                tuple(data["edge_color"]),
+            )
         except PaletteError as e:
             raise PaletteError(f"{origin}: {e}") from None
 
@@ -196,7 +210,7 @@ class Palette:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Palette":
+    def load(cls, directory: str | Path) -> Palette:
         path = Path(directory) / PALETTE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no palette beside the model (it is written by `factory train`)")
@@ -283,16 +297,16 @@ class Palette:
         unique_lab = rgb_to_lab(unique_rgb.astype(np.uint8)).astype(np.float32)
         unique_lab = unique_lab.astype(np.float64)  # float32 rounding is the size of ADE150's tightest radii
         table = rgb_to_lab(self._table()).astype(np.float64)
-        table_sq = (table ** 2).sum(1)
+        table_sq = (table**2).sum(1)
         radii_sq = (self.default_radii if cap is None else np.full(len(table), float(cap))) ** 2
         nearest = np.empty(len(colours), dtype=np.int64)
         for start in range(0, len(colours), _DECODE_CHUNK):
-            chunk = unique_lab[start:start + _DECODE_CHUNK]
+            chunk = unique_lab[start : start + _DECODE_CHUNK]
             # |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix product instead of a (chunk, P, 3) difference.
-            d2 = (chunk ** 2).sum(1)[:, None] - 2 * chunk @ table.T + table_sq[None, :]
+            d2 = (chunk**2).sum(1)[:, None] - 2 * chunk @ table.T + table_sq[None, :]
             best = d2.argmin(axis=1)
             within = d2[np.arange(len(chunk)), best] <= radii_sq[best]
-            nearest[start:start + len(chunk)] = np.where(within, best, n)
+            nearest[start : start + len(chunk)] = np.where(within, best, n)
         hit = nearest[inverse].reshape(packed.shape)  # 0..n-1 class, n ignore, n + 1 edge
         mask = np.where(hit < n, hit, self.ignore_index).astype(np.uint8 if n < IGNORE else np.uint16)
         if not self.outlines:

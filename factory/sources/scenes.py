@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -55,19 +55,23 @@ def _ellipse(mask: np.ndarray, value: int, cy: float, cx: float, ry: float, rx: 
 def _rect(mask: np.ndarray, value: int, top: float, left: float, bottom: float, right: float) -> None:
     h, w = mask.shape
     t, b = int(np.clip(round(top), 0, h)), int(np.clip(round(bottom), 0, h))
-    l, r = int(np.clip(round(left), 0, w)), int(np.clip(round(right), 0, w))
-    mask[t:b, l:r] = value
+    x0, x1 = int(np.clip(round(left), 0, w)), int(np.clip(round(right), 0, w))
+    mask[t:b, x0:x1] = value
 
 
 STYLES = ("palette", "varied")
 # The varied look's texture family of each class: every family is shared by several classes, so neither
 # the colour (random per scene) nor the texture alone gives the class.
-_TEXTURE_FAMILY = {_cid(name): family for family, names in (
-    ("plain", ("sky", "wall", "person", "car", "sofa")),
-    ("stripes", ("road", "painting", "table")),
-    ("checks", ("floor", "building", "chair")),
-    ("blotches", ("grass", "mountain", "tree")),
-) for name in names}
+_TEXTURE_FAMILY = {
+    _cid(name): family
+    for family, names in (
+        ("plain", ("sky", "wall", "person", "car", "sofa")),
+        ("stripes", ("road", "painting", "table")),
+        ("checks", ("floor", "building", "chair")),
+        ("blotches", ("grass", "mountain", "tree")),
+    )
+    for name in names
+}
 
 
 def render_scene(size: int, seed: int, index: int, style: str = "palette") -> tuple[np.ndarray, np.ndarray]:
@@ -168,13 +172,15 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def make_scenes(out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0, style: str = "palette",
-                start: int = 0) -> list[str]:
+def make_scenes(
+    out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0, style: str = "palette", start: int = 0
+) -> list[str]:
     """Write scenes `start` .. `start + count - 1` to `out_dir` (skipping those already there); returns
     their ids, sorted. Sets made with other `start`s hold other scenes of the same seed: disjoint splits."""
     if count < 0 or size < 8 or start < 0:
-        raise ValueError(f"make_scenes: need count >= 0, size >= 8 and start >= 0, got count={count}, "
-                         f"size={size}, start={start}")
+        raise ValueError(
+            f"make_scenes: need count >= 0, size >= 8 and start >= 0, got count={count}, size={size}, start={start}"
+        )
     if style not in STYLES:
         raise ValueError(f"make_scenes: unknown style {style!r}; use one of {', '.join(STYLES)}")
     out = Path(out_dir)

@@ -22,7 +22,7 @@ from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import ClassSet
 
-_REGISTRY: dict[str, type["Stage"]] = {}
+_REGISTRY: dict[str, type[Stage]] = {}
 
 
 class NoParams(StrictModel):
@@ -50,13 +50,13 @@ class Stage(ABC):
         self.model = model
         self.context = context
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (optional: a stage without checks needs none)
         """Checks that need the source's class set, run on the driver before the job is planned.
 
         Raise ValueError with a message naming the parameter; cheap work only (no model loading).
         """
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 (optional: a stage without models loads nothing)
         """Load models; called once per worker before the first batch."""
 
     def variants_per_input(self) -> int:

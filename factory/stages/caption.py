@@ -35,7 +35,8 @@ class CaptionParams(StrictModel):
     max_new_tokens: int = Field(30, ge=1, description="longest caption, in tokens")
     num_beams: int = Field(1, ge=1, description="1 = greedy decoding; more = beam search (still deterministic)")
     prompt: str | None = Field(
-        None, description="text the caption continues (BLIP: kept as the caption's start, e.g. 'a photography "
+        None,
+        description="text the caption continues (BLIP: kept as the caption's start, e.g. 'a photography "
         "of'; BLIP-2: a question or instruction, not repeated in the caption)",
     )
 
@@ -43,7 +44,8 @@ class CaptionParams(StrictModel):
 class CaptionModelConfig(ModelConfig):
     family: Literal["blip", "blip2"] = "blip"
     model: str | None = Field(
-        None, description="hub id, local dir or s3:// URL; default Salesforce/blip-image-captioning-large "
+        None,
+        description="hub id, local dir or s3:// URL; default Salesforce/blip-image-captioning-large "
         "(blip) or Salesforce/blip2-opt-2.7b (blip2)",
     )
     dtype: Dtype = "auto"
@@ -98,12 +100,11 @@ class CaptionStage(Stage):
         inputs["pixel_values"] = inputs["pixel_values"].to(self.captioner.dtype)
         with torch.no_grad():
             ids = self.captioner.generate(
-                **inputs, max_new_tokens=self.params.max_new_tokens, num_beams=self.params.num_beams,
-                do_sample=False,
+                **inputs, max_new_tokens=self.params.max_new_tokens, num_beams=self.params.num_beams, do_sample=False
             )
         if self.model.family == "blip2" and "input_ids" in inputs:
             # BLIP-2's language model returns the prompt before the answer: keep only the answer.
-            ids = ids[:, inputs["input_ids"].shape[1]:]
+            ids = ids[:, inputs["input_ids"].shape[1] :]
         return [c.strip() for c in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
     def process(self, samples: list[Sample]) -> list[Sample]:

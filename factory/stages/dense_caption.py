@@ -86,14 +86,14 @@ class DenseCaptionStage(Stage):
         import torch
 
         images = [Image.fromarray(s.image) for s in samples]
-        inputs = self.processor(
-            images=images, text=[self.text] * len(samples), padding=True, return_tensors="pt",
-        ).to(self.context.device)
+        inputs = self.processor(images=images, text=[self.text] * len(samples), padding=True, return_tensors="pt").to(
+            self.context.device
+        )
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.vlm.dtype)
         with torch.no_grad():
             out = self.vlm.generate(**inputs, max_new_tokens=self.params.max_new_tokens, do_sample=False)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+        new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
         for sample, tokens in zip(samples, new_tokens):
             generated = self._until_stop(tokens)
             caption = self.processor.decode(generated, skip_special_tokens=True).strip()

@@ -102,8 +102,10 @@ class SamplingParams(DiffusionParams):
     guidance: float = Field(7.5, ge=0, description="classifier-free guidance scale")
 
 
-RESOLUTION_HELP = ("long side of the generated image; the mask's aspect ratio is kept and each side is rounded to "
-                   "the pipeline's size multiple")
+RESOLUTION_HELP = (
+    "long side of the generated image; the mask's aspect ratio is kept and each side is rounded to "
+    "the pipeline's size multiple"
+)
 
 
 class MaskConditionedParams(SamplingParams):
@@ -160,13 +162,18 @@ class DiffusionStage(Stage):
         if speed.cuda_graphs:
             kwargs["callback_on_step_end"] = mark_cuda_graph_step
         started = time.perf_counter()
-        result = pipe(generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds],
-                      output_type="np", **kwargs)
+        result = pipe(
+            generator=[torch.Generator(self.context.device).manual_seed(s) for s in seeds], output_type="np", **kwargs
+        )
         if "first_call" not in self.seconds:
             self.seconds["first_call"] = round(time.perf_counter() - started, 3)
             if speed.compile:
-                log.info("%s: first pipeline call %.1fs (includes torch.compile of %s)", self.context.label,
-                         self.seconds["first_call"], ", ".join(speed.compile))
+                log.info(
+                    "%s: first pipeline call %.1fs (includes torch.compile of %s)",
+                    self.context.label,
+                    self.seconds["first_call"],
+                    ", ".join(speed.compile),
+                )
         return to_uint8(result.images)
 
 
@@ -194,8 +201,9 @@ class MaskConditionedStage(DiffusionStage):
         live = []
         for i, sample in enumerate(samples):
             if sample.mask is None:
-                out[i] = [v.fail(self.context.label, "no_mask", f"{self.name} needs a mask to condition on")
-                          for v in out[i]]
+                out[i] = [
+                    v.fail(self.context.label, "no_mask", f"{self.name} needs a mask to condition on") for v in out[i]
+                ]
             else:
                 live.append(i)
         sizes = [self.generation_size(*samples[i].mask.shape[:2]) for i in live]

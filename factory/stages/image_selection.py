@@ -48,7 +48,7 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, ignore: int, skip_ids: frozen
 class Embedder:
     """Unit-length image embeddings for the cosine check; one model call per batch of images."""
 
-    def __init__(self, kind: str, cfg: "SelectModelConfig", device: str, pixel_size: int):
+    def __init__(self, kind: str, cfg: SelectModelConfig, device: str, pixel_size: int):
         self.kind, self.device, self.pixel_size = kind, device, pixel_size
         if kind == "pixels":
             return
@@ -72,10 +72,14 @@ class Embedder:
 
         if self.kind == "pixels":
             side = (self.pixel_size, self.pixel_size)
-            x = torch.from_numpy(np.stack([
-                np.asarray(Image.fromarray(im).resize(side, Image.BOX), dtype=np.float32).ravel() / 255.0
-                for im in images
-            ]))
+            x = torch.from_numpy(
+                np.stack(
+                    [
+                        np.asarray(Image.fromarray(im).resize(side, Image.BOX), dtype=np.float32).ravel() / 255.0
+                        for im in images
+                    ]
+                )
+            )
             x = x - x.mean(-1, keepdim=True)
         else:
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -117,9 +121,10 @@ class SelectStage(Stage):
         ids = {}
         if self.params.check_cosine and self.params.embedding != "pixels":
             kind = self.params.embedding
-            ids["embedding"] = {"tiny": f"tiny:{TINY_EMBEDDERS[kind]}",
-                                "random": random_id(CLIP_L if kind == "clip" else DINOV2)}.get(
-                self.model.profile, getattr(self.model, kind))
+            ids["embedding"] = {
+                "tiny": f"tiny:{TINY_EMBEDDERS[kind]}",
+                "random": random_id(CLIP_L if kind == "clip" else DINOV2),
+            }.get(self.model.profile, getattr(self.model, kind))
         if self.params.check_miou:
             ids.update(MaskGenerator.model_ids(self.model))
         return ids
@@ -133,7 +138,7 @@ class SelectStage(Stage):
                 reals[(s.shard, s.index)] = len(images)
                 images.append(s.source_image)
         emb = self.embedder(images + [s.image for s in samples])
-        real_emb, synth_emb = emb[[reals[(s.shard, s.index)] for s in samples]], emb[len(images):]
+        real_emb, synth_emb = emb[[reals[(s.shard, s.index)] for s in samples]], emb[len(images) :]
         return (real_emb * synth_emb).sum(-1).tolist()
 
     def mious(self, samples: list[Sample]) -> list[float]:

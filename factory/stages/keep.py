@@ -22,7 +22,8 @@ class KeepParams(StrictModel):
     min: dict[str, float] = Field(default_factory=dict, description="score name -> lowest value kept")
     max: dict[str, float] = Field(default_factory=dict, description="score name -> highest value kept")
     missing: Literal["keep", "reject"] = Field(
-        "keep", description="a sample whose bounded score is null (its input was missing) is kept or rejected")
+        "keep", description="a sample whose bounded score is null (its input was missing) is kept or rejected"
+    )
 
     @field_validator("min", "max")
     @classmethod

@@ -26,11 +26,10 @@ from factory.stages import Stage, register_stage
 
 class MaskGenParams(DetectionParams):
     mode: Literal["fill_missing", "replace"] = Field(
-        "fill_missing", description="fill_missing: label only samples without a mask; replace: label every sample",
+        "fill_missing", description="fill_missing: label only samples without a mask; replace: label every sample"
     )
     classes: list[str] | None = Field(
-        None, description="class names to detect; default every class of the source's class set "
-        "(less skip_classes)",
+        None, description="class names to detect; default every class of the source's class set (less skip_classes)"
     )
 
 
@@ -59,6 +58,7 @@ class MaskGenStage(Stage):
             s.mask, s.instances = label.mask, label.instances
             s.meta["pseudo_label"] = True
             s.meta["pseudo_instances"] = {
-                "classes": [self.context.classes.names[c] for c in label.class_ids], "scores": label.scores,
+                "classes": [self.context.classes.names[c] for c in label.class_ids],
+                "scores": label.scores,
             }
         return samples

@@ -37,17 +37,19 @@ class PromptParams(StrictModel):
         "gets the caption alone",
     )
     synonyms: dict[str, str] = Field(
-        default_factory=dict, description="other name -> the dataset's own class name (e.g. couch: sofa)",
+        default_factory=dict, description="other name -> the dataset's own class name (e.g. couch: sofa)"
     )
     exclude_classes: list[str] = Field(
-        default_factory=lambda: ["background"], description="class names never appended to a prompt",
+        default_factory=lambda: ["background"], description="class names never appended to a prompt"
     )
     captions: str | None = Field(
-        None, description="dataset: captions file (local path or fsspec URL): COCO captions .json, .jsonl "
+        None,
+        description="dataset: captions file (local path or fsspec URL): COCO captions .json, .jsonl "
         "with {id, caption} rows, or .csv with id,caption columns",
     )
     pick: Literal["first", "seeded"] = Field(
-        "first", description="dataset: which caption when an image has several (COCO has five); 'seeded' "
+        "first",
+        description="dataset: which caption when an image has several (COCO has five); 'seeded' "
         "draws one from the job seed and sample id",
     )
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the captions file")
@@ -143,8 +145,9 @@ class PromptStage(Stage):
             else:
                 caption = s.meta.get("caption")
             if not caption:
-                where = ("in the captions file" if mode == "dataset"
-                         else "in meta['caption'] (run a caption stage first)")
+                where = (
+                    "in the captions file" if mode == "dataset" else "in meta['caption'] (run a caption stage first)"
+                )
                 s.fail(self.context.label, "no_caption", f"{s.source_id}: no caption {where}")
                 continue
             prompt = caption

@@ -27,13 +27,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
-from factory.models.loading import (
-    Dtype,
-    ModelConfig,
-    from_pretrained,
-    resolve_model_path,
-    torch_dtype,
-)
+from factory.models.loading import Dtype, ModelConfig, from_pretrained, resolve_model_path, torch_dtype
 from factory.models.random_vision import random_clip
 from factory.models.random_weights import CLIP_L, random_id
 from factory.models.tiny_vision import TINY_CLIP, tiny_clip_dir
@@ -56,7 +50,8 @@ class AutoLabelSpec(StrictModel):
 class ScoreParams(StrictModel):
     boundary_tolerance: float = Field(2, ge=0, description="boundary F-score tolerance, in pixels")
     min_component_pixels: int = Field(
-        1, ge=1, description="density without instance ids: connected regions smaller than this are not instances")
+        1, ge=1, description="density without instance ids: connected regions smaller than this are not instances"
+    )
     clip: bool = Field(True, description="compute the CLIP score of samples with a prompt")
     auto_label: AutoLabelSpec | None = Field(None, description="the labeling stage that makes auto-labels")
 
@@ -110,15 +105,17 @@ class ScoreStage(Stage):
 
     def _labeler(self) -> Stage:
         ctx = self.context
-        labeler_ctx = StageContext(label=f"{ctx.label}.auto_label", job_seed=ctx.job_seed, classes=ctx.classes,
-                                   device=ctx.device)
+        labeler_ctx = StageContext(
+            label=f"{ctx.label}.auto_label", job_seed=ctx.job_seed, classes=ctx.classes, device=ctx.device
+        )
         return self.params.auto_label.build(labeler_ctx)
 
     def model_ids(self) -> dict[str, str]:
         ids = {}
         if self.params.clip:
-            ids["clip"] = {"tiny": f"tiny:{TINY_CLIP}", "random": random_id(CLIP_L)}.get(self.model.profile,
-                                                                                      self.model.clip)
+            ids["clip"] = {"tiny": f"tiny:{TINY_CLIP}", "random": random_id(CLIP_L)}.get(
+                self.model.profile, self.model.clip
+            )
         if self.params.auto_label is not None:
             ids.update({f"auto_label.{k}": v for k, v in self._labeler().model_ids().items()})
         return ids
@@ -147,8 +144,9 @@ class ScoreStage(Stage):
             sample.meta["scoring"] = {
                 "stage": self.context.label,
                 "density_from": density_from,
-                "instances_from": None if measured is None else ("instance_ids" if instances is not None
-                                                                 else "components"),
+                "instances_from": None
+                if measured is None
+                else ("instance_ids" if instances is not None else "components"),
                 "boundary_tolerance": self.params.boundary_tolerance,
                 "auto_label": self.params.auto_label.kind if self.params.auto_label else None,
                 "auto_label_error": label_error,
@@ -191,8 +189,12 @@ class ScoreStage(Stage):
         tokenizer = self.processor.tokenizer
         limit = tokenizer.model_max_length
         inputs = self.processor(
-            text=prompts, images=[Image.fromarray(samples[i].image) for i in prompted], return_tensors="pt",
-            padding=True, truncation=True, max_length=limit,
+            text=prompts,
+            images=[Image.fromarray(samples[i].image) for i in prompted],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=limit,
         ).to(self.context.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.clip.dtype)
         with torch.no_grad():

@@ -22,7 +22,7 @@ from factory.models.loading import PROFILE_HELP, Profile
 from factory.models.pipelines import DiffusionModelConfig
 from factory.models.random_weights import T2I, random_id
 from factory.models.t2i import FAMILIES, load_t2i_pipeline, prompt_tokens, size_multiple
-from factory.models.tiny_diffusion import tiny_id
+from factory.models.tiny_t2i import tiny_id
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.stages import register_stage
@@ -35,12 +35,14 @@ class GeneratorSpec(StrictModel):
     model: str | None = Field(None, description="hub id, local dir or s3:// URL; default: the family's model")
     variant: str | None = Field(None, description="weights variant to load (e.g. fp16, bf16)")
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 on GPUs (fp16 for SDXL), fp32 on CPU")
+        "auto", description="auto: bf16 on GPUs (fp16 for SDXL), fp32 on CPU"
+    )
     steps: int | None = Field(None, ge=1, description="denoising steps; default per family")
     guidance: float | None = Field(None, ge=0, description="guidance scale; default per family")
     resolution: int | None = Field(None, ge=8, description="long side in pixels; default per family")
     max_sequence_length: int | None = Field(
-        None, ge=1, le=512, description="tokens the T5 (Flux, SD3) or Gemma (Sana) encoder reads; CLIP reads 77")
+        None, ge=1, le=512, description="tokens the T5 (Flux, SD3) or Gemma (Sana) encoder reads; CLIP reads 77"
+    )
 
     def setting(self, field: str):
         value = getattr(self, field)
@@ -76,9 +78,19 @@ class TextToImageStage(DiffusionStage):
     Model = T2IModelConfig
 
     def load(self):
-        return {g.name: load_t2i_pipeline(g.family, g.model, self.model.profile, g.dtype, self.context.device,
-                                          self.model.storage_options, g.variant, self.model.offload)
-                for g in self.params.generators}
+        return {
+            g.name: load_t2i_pipeline(
+                g.family,
+                g.model,
+                self.model.profile,
+                g.dtype,
+                self.context.device,
+                self.model.storage_options,
+                g.variant,
+                self.model.offload,
+            )
+            for g in self.params.generators
+        }
 
     def variants_per_input(self) -> int:
         return len(self.params.generators) * self.params.images_per_generator
@@ -116,7 +128,7 @@ class TextToImageStage(DiffusionStage):
         for g_index, generator in enumerate(self.params.generators):
             sizes = [self.generation_size(generator, *samples[i].image.shape[:2]) for i, _ in live]
             for size, members in group_by(sizes).items():
-                group = [(live[m][1], out[live[m][0]][g_index * n:(g_index + 1) * n]) for m in members]
+                group = [(live[m][1], out[live[m][0]][g_index * n : (g_index + 1) * n]) for m in members]
                 self._generate(generator, size, group)
         return [v for variants in out for v in variants]
 

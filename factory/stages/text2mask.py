@@ -36,7 +36,8 @@ class Text2MaskParams(SamplingParams):
         768, ge=8, description="side of the square colour map, rounded to the size multiple; paper: 768"
     )
     cap: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="largest CIELAB distance (delta E) from a palette colour that still decodes to it; "
         "farther pixels become ignore. Default: per colour, half its distance to the nearest other colour",
     )

@@ -54,9 +54,13 @@ class ResourcePlan:
 
     def to_json(self) -> dict:
         return {
-            "gpus": self.gpus, "sources_per_second": self.sources_per_second,
-            "samples_per_second": self.samples_per_second, "rows_per_source": self.rows_per_source,
-            "sources": self.sources, "hours": self.hours, "stages": [vars(s) for s in self.stages],
+            "gpus": self.gpus,
+            "sources_per_second": self.sources_per_second,
+            "samples_per_second": self.samples_per_second,
+            "rows_per_source": self.rows_per_source,
+            "sources": self.sources,
+            "hours": self.hours,
+            "stages": [vars(s) for s in self.stages],
         }
 
 
@@ -66,14 +70,22 @@ def stage_shapes(spec: JobSpec, classes) -> list[tuple[str, str, int, bool]]:
     out = []
     for st in spec.stages:
         cls = resolve_stage(st.kind)
-        stage = cls(cls.Params.model_validate(st.params), cls.Model.model_validate(st.model),
-                    StageContext(label=st.label, job_seed=spec.seed, classes=classes, device="cpu"))
+        stage = cls(
+            cls.Params.model_validate(st.params),
+            cls.Model.model_validate(st.model),
+            StageContext(label=st.label, job_seed=spec.seed, classes=classes, device="cpu"),
+        )
         out.append((st.label, st.kind, stage.variants_per_input(), cls.uses_gpu))
     return out
 
 
-def plan(shapes: list[tuple[str, str, int, bool]], rates: dict[str, float], gpus: int,
-         sources: int | None = None, memory: dict[str, float] | None = None) -> ResourcePlan:
+def plan(
+    shapes: list[tuple[str, str, int, bool]],
+    rates: dict[str, float],
+    gpus: int,
+    sources: int | None = None,
+    memory: dict[str, float] | None = None,
+) -> ResourcePlan:
     """The balanced plan; `rates` maps a stage label (or kind) to output rows/s on one GPU."""
     if gpus < 1:
         raise ValueError("--gpus must be at least 1")
@@ -94,11 +106,30 @@ def plan(shapes: list[tuple[str, str, int, bool]], rates: dict[str, float], gpus
         share = gpus * cost / total
         actors = max(1, math.ceil(share - 1e-9)) if rate is not None else 0
         per_actor = math.floor(share / actors * 100) / 100 if actors else 0.0
-        stages.append(StagePlan(label, kind, rows_in, k, rate, round(cost, 6), round(share, 4), actors,
-                                max(per_actor, 0.01) if actors else 0.0, mem))
+        stages.append(
+            StagePlan(
+                label,
+                kind,
+                rows_in,
+                k,
+                rate,
+                round(cost, 6),
+                round(share, 4),
+                actors,
+                max(per_actor, 0.01) if actors else 0.0,
+                mem,
+            )
+        )
     per_second = gpus / total
-    return ResourcePlan(gpus, stages, round(per_second, 6), round(per_second * rows, 6), rows, sources,
-                        round(sources / per_second / 3600, 3) if sources else None)
+    return ResourcePlan(
+        gpus,
+        stages,
+        round(per_second, 6),
+        round(per_second * rows, 6),
+        rows,
+        sources,
+        round(sources / per_second / 3600, 3) if sources else None,
+    )
 
 
 # ---------------------------------------------------------------- rates
@@ -139,8 +170,9 @@ def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
     rows = [reader.load(source, 0, i, sample_id) for i, sample_id in enumerate(ids)]
     rates = {}
     for st in spec.stages:
-        runner = StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries,
-                             engine.retry_backoff_s)
+        runner = StageRunner(
+            st.model_dump(mode="json"), spec.seed, source.classes, engine.retries, engine.retry_backoff_s
+        )
         size = st.resources.batch_size
         warm, timed = (runner.run(ShardWork(0, part, time.time())) for part in (rows[:size], rows[size:]))
         for work in (warm, timed):
@@ -149,29 +181,38 @@ def calibrate(spec: JobSpec, samples: int = 8) -> dict[str, float]:
         done = timed.stages[st.label].to_json()
         if runner.stage.uses_gpu:
             if not done["rows_out"]:
-                raise SpecError(f"calibration: stage {st.label!r} needs more than one batch of {size} live "
-                                "samples to time; raise --samples")
+                raise SpecError(
+                    f"calibration: stage {st.label!r} needs more than one batch of {size} live "
+                    "samples to time; raise --samples"
+                )
             rates[st.label] = done["rows_out"] / max(done["seconds"], 1e-9)
         rows = warm.samples + timed.samples
     return rates
 
 
 def format_plan(p: ResourcePlan) -> str:
-    lines = [f"{'stage':<16}{'kind':<14}{'rows in':>8}{'K':>4}{'rows/s/GPU':>12}{'GPU-s/src':>11}"
-             f"{'GPUs':>7}{'actors':>8}{'GPU/actor':>10}"]
+    lines = [
+        f"{'stage':<16}{'kind':<14}{'rows in':>8}{'K':>4}{'rows/s/GPU':>12}{'GPU-s/src':>11}"
+        f"{'GPUs':>7}{'actors':>8}{'GPU/actor':>10}"
+    ]
     for s in p.stages:
         rate = f"{s.rate:.3f}" if s.rate is not None else "cpu"
-        lines.append(f"{s.label:<16}{s.kind:<14}{s.rows_in:>8g}{s.k:>4}{rate:>12}{s.gpu_seconds:>11.4f}"
-                     f"{s.gpus:>7.2f}{s.actors:>8}{s.gpus_per_actor:>10.2f}")
-    lines.append(f"expected: {p.sources_per_second:.4f} sources/s, {p.samples_per_second:.4f} samples/s "
-                 f"({p.rows_per_source:g} rows per source) on {p.gpus} GPUs")
+        lines.append(
+            f"{s.label:<16}{s.kind:<14}{s.rows_in:>8g}{s.k:>4}{rate:>12}{s.gpu_seconds:>11.4f}"
+            f"{s.gpus:>7.2f}{s.actors:>8}{s.gpus_per_actor:>10.2f}"
+        )
+    lines.append(
+        f"expected: {p.sources_per_second:.4f} sources/s, {p.samples_per_second:.4f} samples/s "
+        f"({p.rows_per_source:g} rows per source) on {p.gpus} GPUs"
+    )
     if p.hours is not None:
         lines.append(f"job: {p.sources} sources -> {p.hours:.2f} hours")
     return "\n".join(lines)
 
 
-def main_plan_resources(spec: JobSpec, gpus: int, rates_file: str | None, sources: int | None,
-                        samples: int, as_json: bool) -> int:
+def main_plan_resources(
+    spec: JobSpec, gpus: int, rates_file: str | None, sources: int | None, samples: int, as_json: bool
+) -> int:
     from factory.sources import open_source
 
     source = open_source(spec.source)

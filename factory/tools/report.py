@@ -22,9 +22,9 @@ import bisect
 import html
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -58,8 +58,10 @@ def summarize_stats(stats: Iterable[dict]) -> StatsSummary:
         out.samples += s["samples"]
         out.failed += s["failed"]
         out.rejected += s["rejected"]
-        for table, by_reason in ((out.failed_by_stage, s["failures_by_reason"]),
-                                 (out.rejected_by_stage, s["rejected_by_reason"])):
+        for table, by_reason in (
+            (out.failed_by_stage, s["failures_by_reason"]),
+            (out.rejected_by_stage, s["rejected_by_reason"]),
+        ):
             for stage_reason, n in by_reason.items():
                 stage, _, reason = stage_reason.partition(":")
                 table.setdefault(stage, Counter())[reason] += n
@@ -146,11 +148,19 @@ def stage_table(manifest: dict, stats: StatsSummary) -> list[dict]:
     for label, kind in reversed(stages):
         f, r = sum(failed.get(label, {}).values()), sum(rejected.get(label, {}).values())
         rows_in = passed + f + r
-        out.append({
-            "stage": label, "kind": kind, "in": rows_in, "passed": passed, "failed": f, "rejected": r,
-            "pass_rate": passed / rows_in if rows_in else None,
-            "failed_by_reason": dict(failed.get(label, {})), "rejected_by_reason": dict(rejected.get(label, {})),
-        })
+        out.append(
+            {
+                "stage": label,
+                "kind": kind,
+                "in": rows_in,
+                "passed": passed,
+                "failed": f,
+                "rejected": r,
+                "pass_rate": passed / rows_in if rows_in else None,
+                "failed_by_reason": dict(failed.get(label, {})),
+                "rejected_by_reason": dict(rejected.get(label, {})),
+            }
+        )
         passed = rows_in
     return out[::-1]
 
@@ -189,8 +199,15 @@ def _score_stats(scores: dict[str, ScoreSummary]) -> list[list]:
 def _failure_rows(store: OutputStore, shards: list[int]) -> list[list]:
     rows = []
     for shard, record in iter_failures(store, shards):
-        rows.append([shard, record.get("key") or record.get("source_id", "-"), record.get("stage", "-"),
-                     record.get("reason", "-"), record.get("detail", "")])
+        rows.append(
+            [
+                shard,
+                record.get("key") or record.get("source_id", "-"),
+                record.get("stage", "-"),
+                record.get("reason", "-"),
+                record.get("detail", ""),
+            ]
+        )
         if len(rows) == FAILURE_ROWS:
             break
     return rows
@@ -206,8 +223,9 @@ img { max-width: 100%; margin: 0.5em 0; }
 """
 
 
-def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | None = None,
-                 source_limit: int = 200) -> Path:
+def write_report(
+    store: OutputStore, out_dir: str | Path, max_samples: int | None = None, source_limit: int = 200
+) -> Path:
     """Write report.html and its PNG plots into the local folder `out_dir`; return the HTML file's path."""
     import matplotlib
 
@@ -225,59 +243,129 @@ def write_report(store: OutputStore, out_dir: str | Path, max_samples: int | Non
 
     stages_png = plot_stages(table, out_dir)
     scores_png = plot_histograms(scan.scores, out_dir)
-    classes_png = plot_classes(manifest["classes"], scan.synthetic_classes, scan.synthetic_labeled,
-                                source_counts, n_source, out_dir)
+    classes_png = plot_classes(
+        manifest["classes"], scan.synthetic_classes, scan.synthetic_labeled, source_counts, n_source, out_dir
+    )
     grids = plot_grids(scan.extremes, out_dir)
 
-    filters = [[r["stage"], r["in"], r["in"] - r["rejected"], _pct(1 - r["rejected"] / r["in"] if r["in"] else None),
-                _reasons(r["rejected_by_reason"])] for r in table if r["kind"] == "keep" or r["rejected"]]
-    filters += [[f"selection {s['name']}", s["kept"] + s["dropped"], s["kept"],
-                 _pct(s["kept"] / (s["kept"] + s["dropped"]) if s["kept"] + s["dropped"] else None),
-                 _reasons(s["dropped_by_reason"])] for s in selections]
+    filters = [
+        [
+            r["stage"],
+            r["in"],
+            r["in"] - r["rejected"],
+            _pct(1 - r["rejected"] / r["in"] if r["in"] else None),
+            _reasons(r["rejected_by_reason"]),
+        ]
+        for r in table
+        if r["kind"] == "keep" or r["rejected"]
+    ]
+    filters += [
+        [
+            f"selection {s['name']}",
+            s["kept"] + s["dropped"],
+            s["kept"],
+            _pct(s["kept"] / (s["kept"] + s["dropped"]) if s["kept"] + s["dropped"] else None),
+            _reasons(s["dropped_by_reason"]),
+        ]
+        for s in selections
+    ]
     scanned = f"{scan.rows} of {stats.samples}" if scan.rows < stats.samples else "all"
     binned = any(summary.binned for summary in scan.scores.values())
     parts = [
         f"<h1>Factory report: {html.escape(manifest['name'])}</h1>",
         f'<p class="note">{html.escape(store.url)} &middot; spec {html.escape(manifest["spec_hash"])}</p>',
-        _table(["shards", "samples written", "failed", "rejected", "synthetic", "labelled (seg.png)",
-                "pseudo-labelled", "unlabelled"],
-               [[f"{stats.shards}/{manifest['plan']['num_shards']}", stats.samples, stats.failed,
-                 stats.rejected, scan.synthetic, scan.labeled, scan.pseudo_labeled, scan.rows - scan.labeled]]),
+        _table(
+            [
+                "shards",
+                "samples written",
+                "failed",
+                "rejected",
+                "synthetic",
+                "labelled (seg.png)",
+                "pseudo-labelled",
+                "unlabelled",
+            ],
+            [
+                [
+                    f"{stats.shards}/{manifest['plan']['num_shards']}",
+                    stats.samples,
+                    stats.failed,
+                    stats.rejected,
+                    scan.synthetic,
+                    scan.labeled,
+                    scan.pseudo_labeled,
+                    scan.rows - scan.labeled,
+                ]
+            ],
+        ),
         "<h2>Samples and failures per stage</h2>",
-        _table(["stage", "kind", "rows in", "passed", "pass rate", "failed", "failures by reason", "rejected",
-                "rejections by reason"],
-               [[r["stage"], r["kind"], r["in"], r["passed"], _pct(r["pass_rate"]), r["failed"],
-                 _reasons(r["failed_by_reason"]), r["rejected"], _reasons(r["rejected_by_reason"])]
-                for r in table]),
+        _table(
+            [
+                "stage",
+                "kind",
+                "rows in",
+                "passed",
+                "pass rate",
+                "failed",
+                "failures by reason",
+                "rejected",
+                "rejections by reason",
+            ],
+            [
+                [
+                    r["stage"],
+                    r["kind"],
+                    r["in"],
+                    r["passed"],
+                    _pct(r["pass_rate"]),
+                    r["failed"],
+                    _reasons(r["failed_by_reason"]),
+                    r["rejected"],
+                    _reasons(r["rejected_by_reason"]),
+                ]
+                for r in table
+            ],
+        ),
         _img(stages_png, "rows per stage"),
-        f"<h2>Failed and rejected samples</h2><p class=\"note\">The first {FAILURE_ROWS}, from "
+        f'<h2>Failed and rejected samples</h2><p class="note">The first {FAILURE_ROWS}, from '
         "<code>failures/</code>.</p>",
         _table(["shard", "sample", "stage", "reason", "detail"], failures)
-        if failures else '<p class="note">No failure details recorded.</p>',
+        if failures
+        else '<p class="note">No failure details recorded.</p>',
         "<h2>Filter pass rates</h2>",
         '<p class="note">Selection stages (rows they let through, of the rows that reached them) and the '
         "top-fraction selections written by <code>factory select</code>.</p>",
         _table(["filter", "rows in", "kept", "pass rate", "dropped by reason"], filters)
-        if filters else '<p class="note">This job has no filter.</p>',
-        f"<h2>Scores</h2><p class=\"note\">From {scanned} written samples. Null means the score's input "
+        if filters
+        else '<p class="note">This job has no filter.</p>',
+        f'<h2>Scores</h2><p class="note">From {scanned} written samples. Null means the score\'s input '
         "was missing (no mask, no auto-label, no prompt)."
-        + (" Past 1,024 values a score is summarised in a streamed histogram: its median is then the centre "
-           "of the bin holding it." if binned else "") + "</p>",
+        + (
+            " Past 1,024 values a score is summarised in a streamed histogram: its median is then the centre "
+            "of the bin holding it."
+            if binned
+            else ""
+        )
+        + "</p>",
         _table(["score", "n", "null", "mean", "min", "median", "max"], _score_stats(scan.scores)),
         _img(scores_png, "score histograms"),
         "<h2>Class frequency: synthetic vs source</h2>",
         f'<p class="note">Synthetic: {scan.synthetic_labeled} labelled synthetic samples. Source: {n_source} '
         f"source images the output was made from"
-        + (f" (could not read the source: {html.escape(source_error)})" if source_error else "") + ".</p>",
+        + (f" (could not read the source: {html.escape(source_error)})" if source_error else "")
+        + ".</p>",
         _img(classes_png, "class frequency"),
         "<h2>Best and worst samples by score</h2>",
     ]
     parts += [_img(path, f"best and worst by {name}") for name, path in grids.items()]
     if not grids:
         parts.append('<p class="note">No sample has a score.</p>')
-    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Factory report: "
-            f"{html.escape(manifest['name'])}</title><style>{_STYLE}</style></head><body>"
-            + "\n".join(parts) + "</body></html>")
+    page = (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>Factory report: '
+        f"{html.escape(manifest['name'])}</title><style>{_STYLE}</style></head><body>"
+        + "\n".join(parts)
+        + "</body></html>"
+    )
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -55,14 +55,15 @@ def plot_histograms(scores: dict[str, ScoreSummary], out_dir: Path) -> Path:
             ax.text(0.5, 0.5, "all null", ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(f"{name}\nn={summary.n}  null={summary.nulls}", fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in axes.ravel()[len(SCORE_NAMES):]:
+    for ax in axes.ravel()[len(SCORE_NAMES) :]:
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, out_dir, "scores.png")
 
 
-def plot_classes(names: list[str], synthetic: Counter, n_synthetic: int, source: Counter, n_source: int,
-                  out_dir: Path) -> Path:
+def plot_classes(
+    names: list[str], synthetic: Counter, n_synthetic: int, source: Counter, n_source: int, out_dir: Path
+) -> Path:
     import matplotlib.pyplot as plt
 
     def freq(counts: Counter, n: int, c: int) -> float:
@@ -72,10 +73,16 @@ def plot_classes(names: list[str], synthetic: Counter, n_synthetic: int, source:
     ids = sorted(ids, key=lambda c: -max(freq(synthetic, n_synthetic, c), freq(source, n_source, c)))[:TOP_CLASSES]
     fig, ax = plt.subplots(figsize=(7, 0.8 + 0.3 * max(len(ids), 1)))
     y = np.arange(len(ids))
-    ax.barh(y - 0.2, [freq(source, n_source, c) for c in ids], 0.4, label=f"source ({n_source} images)",
-            color="#55a868")
-    ax.barh(y + 0.2, [freq(synthetic, n_synthetic, c) for c in ids], 0.4,
-            label=f"synthetic ({n_synthetic} labelled images)", color="#8172b3")
+    ax.barh(
+        y - 0.2, [freq(source, n_source, c) for c in ids], 0.4, label=f"source ({n_source} images)", color="#55a868"
+    )
+    ax.barh(
+        y + 0.2,
+        [freq(synthetic, n_synthetic, c) for c in ids],
+        0.4,
+        label=f"synthetic ({n_synthetic} labelled images)",
+        color="#8172b3",
+    )
     ax.set_yticks(y, [names[c] for c in ids], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("fraction of images containing the class")

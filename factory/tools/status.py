@@ -39,10 +39,12 @@ def job_status(store: OutputStore) -> dict:
 
 
 def format_status(status: dict) -> str:
-    lines = [f"job {status['job']} (spec {status['spec_hash']})",
-             f"shards   {status['shards_done']}/{status['shards_total']}",
-             f"samples  {status['samples']} written from {status['sources_planned']} planned sources",
-             f"failed   {status['failed']}   rejected {status['rejected']}"]
+    lines = [
+        f"job {status['job']} (spec {status['spec_hash']})",
+        f"shards   {status['shards_done']}/{status['shards_total']}",
+        f"samples  {status['samples']} written from {status['sources_planned']} planned sources",
+        f"failed   {status['failed']}   rejected {status['rejected']}",
+    ]
     lines += [f"  {reason}: {n}" for reason, n in sorted(status["by_reason"].items())]
     rate = status["samples_per_second"]
     lines.append(f"rate     {rate if rate is not None else '-'} samples/s   size {status['bytes'] / 1e6:.1f} MB")

@@ -108,7 +108,7 @@ class Extremes:
 
     def _trim(self) -> None:
         ordered = sorted(self.items, key=lambda t: (t[0], t[1]))
-        self.items = ordered if len(ordered) <= 2 * self.count else ordered[: self.count] + ordered[-self.count:]
+        self.items = ordered if len(ordered) <= 2 * self.count else ordered[: self.count] + ordered[-self.count :]
 
     def best(self) -> list[tuple[float, str, Any]]:
         return sorted(self.items, key=lambda t: (t[0], t[1]), reverse=True)[: self.count]

@@ -91,6 +91,8 @@ def _score_of(files: dict[str, bytes], score: str) -> float:
 def main_select(store: OutputStore, score: str, top: float, lowest: bool = False) -> int:
     """`factory select OUT --score NAME --top FRACTION [--lowest]`: write a selection, print its summary."""
     selection = select_top(store, score, top, lowest)
-    print(f"{store.url}/{SELECTIONS_DIR}/{selection['name']}.json: kept {selection['kept']}, dropped "
-          f"{selection['dropped']} {selection['dropped_by_reason']}, threshold {selection['threshold']}")
+    print(
+        f"{store.url}/{SELECTIONS_DIR}/{selection['name']}.json: kept {selection['kept']}, dropped "
+        f"{selection['dropped']} {selection['dropped_by_reason']}, threshold {selection['threshold']}"
+    )
     return 0

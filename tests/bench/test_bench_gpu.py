@@ -11,7 +11,6 @@ import sys
 import pytest
 from helpers import REPO
 
-
 sys.path.insert(0, str(REPO / "bench"))
 import bench_gpu  # noqa: E402  (a script beside its library, not a package)
 
@@ -26,8 +25,14 @@ def test_every_recipe_s_stages_are_a_valid_job(tiny, tmp_path):
     assert tuple(recipes) == bench_gpu.RECIPES
     for name, parts in recipes.items():
         stages, alone = bench_gpu.recipe_stages(parts, measured, tiny, gpu=not tiny)
-        spec = parse_spec({"name": name, "source": {"kind": "folder", "path": str(tmp_path), "classes": "ade150"},
-                           "stages": stages, "output": {"url": str(tmp_path / "out")}})
+        spec = parse_spec(
+            {
+                "name": name,
+                "source": {"kind": "folder", "path": str(tmp_path), "classes": "ade150"},
+                "stages": stages,
+                "output": {"url": str(tmp_path / "out")},
+            }
+        )
         assert [st.kind for st in spec.stages] == [w.kind if w else extra["kind"] for w, extra in parts]
         assert set(alone) == {w.name for w, _ in parts if w is not None}
 
@@ -50,10 +55,24 @@ def test_a_failing_workload_is_recorded_and_the_others_are_measured(tmp_path, mo
         return {"name": w.name, "kind": w.kind, "images_per_s": 1.5}
 
     monkeypatch.setattr(bench_gpu, "measure_stage", measure_stage)
-    result = bench_gpu.main(["--tiny", "--sections", "stages", "--only", "controlnet-sd15-512",
-                             "--only", "caption-blip-large", "--out", str(tmp_path)])
-    error = {"section": "stages", "name": "controlnet-sd15-512",
-             "error": "RuntimeError: No available kernel.  Aborting execution."}
+    result = bench_gpu.main(
+        [
+            "--tiny",
+            "--sections",
+            "stages",
+            "--only",
+            "controlnet-sd15-512",
+            "--only",
+            "caption-blip-large",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    error = {
+        "section": "stages",
+        "name": "controlnet-sd15-512",
+        "error": "RuntimeError: No available kernel.  Aborting execution.",
+    }
     assert seen_on_disk[0]["errors"] == [error] and seen_on_disk[0]["stages"] == []
     assert result["errors"] == [error] and [s["name"] for s in result["stages"]] == ["caption-blip-large"]
     assert json.loads(next(tmp_path.glob("*.json")).read_text()) == result
@@ -69,10 +88,18 @@ def test_require_gpu_stops_before_measuring_anything(tmp_path, monkeypatch, caps
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
-                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
-                                        ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-                                        ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_the_mfu_peak_is_the_variant_s_own(name, peak):
     from measure import peak_bf16_tflops
 
@@ -83,13 +110,25 @@ def test_the_mfu_peak_is_the_variant_s_own(name, peak):
 def test_without_ray_or_webdataset_the_recipes_are_skipped_and_the_rest_measured(tmp_path, model_cache):
     """A GPU machine may have neither Ray nor webdataset: a fresh interpreter where both fail to import runs
     the stage-alone and training sections, and lists the recipes as skipped."""
-    script = ("import sys\n"
-              "sys.modules['ray'] = sys.modules['webdataset'] = None  # `import ray` raises ImportError\n"
-              f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
-              "import bench_gpu\n"
-              "bench_gpu.main(sys.argv[1:])")
-    command = [sys.executable, "-c", script, "--tiny", "--sections", "stages,training,recipes",
-               "--only", "caption-blip-large", "--out", str(tmp_path)]
+    script = (
+        "import sys\n"
+        "sys.modules['ray'] = sys.modules['webdataset'] = None  # `import ray` raises ImportError\n"
+        f"sys.path.insert(0, {str(REPO / 'bench')!r})\n"
+        "import bench_gpu\n"
+        "bench_gpu.main(sys.argv[1:])"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        script,
+        "--tiny",
+        "--sections",
+        "stages,training,recipes",
+        "--only",
+        "caption-blip-large",
+        "--out",
+        str(tmp_path),
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -109,8 +148,17 @@ def test_tiny_benchmark_writes_every_section(tmp_path, ray_local, capsys):
     assert path.name == f"{result['gpu']['name'].lower()}-{result['date']}.json"
     assert result["sizes"] == "tiny" and result["skipped"] == [] and result["errors"] == []
     kinds = {s["kind"] for s in result["stages"]}
-    assert kinds == {"controlnet", "mask2img", "text2mask", "caption", "dense_caption", "select", "maskgen", "t2i",
-                     "score"}
+    assert kinds == {
+        "controlnet",
+        "mask2img",
+        "text2mask",
+        "caption",
+        "dense_caption",
+        "select",
+        "maskgen",
+        "t2i",
+        "score",
+    }
     for s in result["stages"]:
         assert s["images_per_s"] > 0 and s["failed_rows"] == 0, s["name"]
         assert s["tflop_per_image"] > 0, s["name"]  # counted by FlopCounterMode, never typed in

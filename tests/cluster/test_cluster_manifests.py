@@ -14,8 +14,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import REPO
 import yaml
+from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -114,9 +114,12 @@ def test_the_image_installs_exactly_the_pyproject_pins():
         assert req.specifier == PINS[name].specifier, name
     # The cluster image needs Ray's dashboard / Jobs API on top of what the project itself uses.
     assert generated["ray"].extras == PINS["ray"].extras | {"default"}
-    assert any(Requirement(d).name == "ray" and "default" in Requirement(d).extras
-               and str(Requirement(d).specifier) == f"=={pin('ray')}"
-               for d in PYPROJECT["optional-dependencies"]["test"])
+    assert any(
+        Requirement(d).name == "ray"
+        and "default" in Requirement(d).extras
+        and str(Requirement(d).specifier) == f"=={pin('ray')}"
+        for d in PYPROJECT["optional-dependencies"]["test"]
+    )
 
 
 def test_the_image_runs_as_a_non_root_user_with_factory_on_path():
@@ -132,8 +135,8 @@ def test_the_image_runs_as_a_non_root_user_with_factory_on_path():
 
 
 def test_dockerignore_sends_only_what_the_image_copies():
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    text = (REPO / ".dockerignore").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!factory/"} <= set(lines)
 
@@ -149,8 +152,9 @@ def test_hadolint_passes():
 
 
 def manifests() -> dict[str, list[dict]]:
-    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d is not None]
-            for p in sorted(CLUSTER.glob("*.yaml"))}
+    return {
+        p.name: [d for d in yaml.safe_load_all(p.read_text()) if d is not None] for p in sorted(CLUSTER.glob("*.yaml"))
+    }
 
 
 def ray_cluster_specs() -> list[tuple[str, dict]]:
@@ -230,8 +234,11 @@ def test_ray_cluster_shape(where, spec):
     assert {p["containerPort"] for p in head_ray["ports"]} >= {6379, 8265}
 
     assert spec["enableInTreeAutoscaling"] is True
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    ]
     assert gpu_groups, f"{where}: no GPU worker group"
     for g in gpu_groups:
         ray = _check_ray_pod(g, f"{where} {g['groupName']}")
@@ -268,8 +275,10 @@ def test_rayjob_runs_a_valid_spec_that_fits_its_gpus():
 
     # Every GPU stage's pool fits the GPUs the worker group can scale to, and its CPUs fit a worker.
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
-    gpus = sum(g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in workers)
+    gpus = sum(
+        g["maxReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in workers
+    )
     cpus = min(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
     gpu_stages = [s for s in job_spec.stages if s.resources.num_gpus > 0]
     assert gpu_stages

@@ -8,21 +8,20 @@ training scenes (`--style varied`, so colour does not give the class), 64 held-o
   real scenes' masks) must not show a gain: its interval does not lie above zero.
 """
 
-import json
 import io
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
 import torch
 import yaml
+from helpers import REPO
 from output_builder import Item, build_output
 from PIL import Image
 from scipy import stats
 
-from factory.storage import Folder
 from factory.cli import main
 from factory.downstream.eval import BASELINE, load_eval_spec, paired_difference, run_eval
 from factory.downstream.eval_spec import parse_eval_spec
@@ -33,6 +32,7 @@ from factory.engine.spec import parse_spec
 from factory.output.layout import OutputStore
 from factory.schema import SpecError
 from factory.sources.scenes import make_scenes
+from factory.storage import Folder
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -40,8 +40,13 @@ JOBS = REPO / "jobs"
 
 
 def folder(path) -> dict:
-    return {"kind": "folder", "path": str(path), "classes": "ade150", "image_suffix": "_image.png",
-            "mask_suffix": "_mask.png"}
+    return {
+        "kind": "folder",
+        "path": str(path),
+        "classes": "ade150",
+        "image_suffix": "_image.png",
+        "mask_suffix": "_mask.png",
+    }
 
 
 def toy_spec(root: Path) -> dict:
@@ -67,13 +72,15 @@ def toy(ray_local, tmp_path_factory):
 def test_spec_errors_name_the_field(tmp_path):
     good = toy_spec(tmp_path)
     assert parse_eval_spec(good).seeds == 3
-    for change, field in (({"seeds": 1}, "seeds"),
-                          ({"arms": []}, "arms"),
-                          ({"arms": [{**good["arms"][0], "name": BASELINE}]}, "arms"),
-                          ({"arms": [good["arms"][0], good["arms"][0]]}, "arms"),
-                          ({"heldout": good["real"]}, "heldout"),
-                          ({"segmenter": {"kind": "segformer"}}, "segmenter.kind"),
-                          ({"train": {"steps": 0}}, "train.steps")):
+    for change, field in (
+        ({"seeds": 1}, "seeds"),
+        ({"arms": []}, "arms"),
+        ({"arms": [{**good["arms"][0], "name": BASELINE}]}, "arms"),
+        ({"arms": [good["arms"][0], good["arms"][0]]}, "arms"),
+        ({"heldout": good["real"]}, "heldout"),
+        ({"segmenter": {"kind": "segformer"}}, "segmenter.kind"),
+        ({"train": {"steps": 0}}, "train.steps"),
+    ):
         with pytest.raises(SpecError, match=field.replace(".", r"\.")):
             parse_eval_spec({**good, **change})
     arm = {**good["arms"][0], "strategy": {"kind": "seggen", "p": 2}}
@@ -86,8 +93,11 @@ def test_spec_errors_name_the_field(tmp_path):
 def test_an_arm_made_from_the_heldout_split_is_refused(tmp_path):
     make_scenes(tmp_path / "real", count=2, size=16)
     make_scenes(tmp_path / "heldout", count=2, size=16, start=100)
-    leak = build_output(OutputStore(str(tmp_path / "leak")), {0: [Item("000000-000000", "scene-00100")]},
-                        source=folder(tmp_path / "heldout"))
+    leak = build_output(
+        OutputStore(str(tmp_path / "leak")),
+        {0: [Item("000000-000000", "scene-00100")]},
+        source=folder(tmp_path / "heldout"),
+    )
     data = toy_spec(tmp_path)
     data["arms"] = [{"name": "leaky", "synthetic": [{"url": leak.url}], "strategy": {"kind": "seggen"}}]
     with pytest.raises(SpecError, match=r"arms\[0\]\.synthetic\[0\]\.url: .* made from the held-out split"):
@@ -131,12 +141,23 @@ def test_sense_arm_trains_on_the_teacher_s_confident_pixels(tmp_path):
     make_scenes(tmp_path / "real", count=4, size=16, style="varied")
     make_scenes(tmp_path / "heldout", count=2, size=16, style="varied", start=100)
     rng = np.random.default_rng(0)
-    unlabelled = build_output(OutputStore(str(tmp_path / "t2i")), {0: [
-        Item(f"000000-00000{i}", f"s{i}", rng.integers(0, 256, (16, 16, 3), np.uint8)) for i in range(4)]})
+    unlabelled = build_output(
+        OutputStore(str(tmp_path / "t2i")),
+        {0: [Item(f"000000-00000{i}", f"s{i}", rng.integers(0, 256, (16, 16, 3), np.uint8)) for i in range(4)]},
+    )
     data = toy_spec(tmp_path)
-    data.update(arms=[{"name": "sense", "synthetic": [{"url": unlabelled.url}], "strategy": {"kind": "sense"},
-                       "teacher_threshold": 0.0}],
-                train={"steps": 3, "batch_size": 4, "loader_workers": 0}, segmenter={"kind": "unet", "width": 4})
+    data.update(
+        arms=[
+            {
+                "name": "sense",
+                "synthetic": [{"url": unlabelled.url}],
+                "strategy": {"kind": "sense"},
+                "teacher_threshold": 0.0,
+            }
+        ],
+        train={"steps": 3, "batch_size": 4, "loader_workers": 0},
+        segmenter={"kind": "unet", "width": 4},
+    )
     spec = parse_eval_spec(data)
     out = Folder.at(spec.output)
     torch.manual_seed(0)
@@ -174,8 +195,9 @@ def test_results_plot_resume_and_cli(toy, capsys):
     with Image.open(out / "eval.png") as im:
         assert im.format == "PNG" and im.width > 400
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == sorted(f"{arm}-seed{s}.json" for arm in (BASELINE, "true-scenes", "controlnet-noise")
-                          for s in range(3))
+    assert runs == sorted(
+        f"{arm}-seed{s}.json" for arm in (BASELINE, "true-scenes", "controlnet-noise") for s in range(3)
+    )
     assert sorted(p.name for p in (out / "models").iterdir()) == [f"{BASELINE}-seed{s}.pt" for s in range(3)]
     run = json.loads((out / "runs" / "true-scenes-seed0.json").read_text())
     assert set(run["class_iou"]) >= {"sky", "wall"} and run["steps"] == 400

@@ -27,8 +27,13 @@ SOURCES, K = 12, 4  # synthetic groups and variants per group
 
 
 def folder(path) -> dict:
-    return {"kind": "folder", "path": str(path), "classes": "ade150", "image_suffix": "_image.png",
-            "mask_suffix": "_mask.png"}
+    return {
+        "kind": "folder",
+        "path": str(path),
+        "classes": "ade150",
+        "image_suffix": "_image.png",
+        "mask_suffix": "_mask.png",
+    }
 
 
 def synthetic_items(shard: int, sources: range, k: int = K, masked=True, seed: int = 0) -> list[Item]:
@@ -39,8 +44,9 @@ def synthetic_items(shard: int, sources: range, k: int = K, masked=True, seed: i
         for v in range(k):
             image = rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8)
             mask = rng.choice(np.array([0, 2, 12, 149, 255], np.uint8), (SIZE, SIZE)) if masked else None
-            items.append(Item(f"{shard:06d}-{g:06d}-{v}", f"src-{g}", image, mask,
-                              {"scores": {"density": {"instances": v}}}))
+            items.append(
+                Item(f"{shard:06d}-{g:06d}-{v}", f"src-{g}", image, mask, {"scores": {"density": {"instances": v}}})
+            )
     return items
 
 
@@ -50,8 +56,9 @@ def data(tmp_path_factory):
     make_scenes(root / "real", count=N_REAL, size=SIZE, style="varied")
     shards = {s: synthetic_items(s, range(s * 3, s * 3 + 3)) for s in range(SOURCES // 3)}
     out = build_output(OutputStore(str(root / "synth")), shards)
-    unlabelled = build_output(OutputStore(str(root / "unlabelled")),
-                              {0: synthetic_items(0, range(4), k=1, masked=False)})
+    unlabelled = build_output(
+        OutputStore(str(root / "unlabelled")), {0: synthetic_items(0, range(4), k=1, masked=False)}
+    )
     masks = {item.key: item.mask for items in shards.values() for item in items}
     return root, out, unlabelled, masks
 
@@ -59,8 +66,14 @@ def data(tmp_path_factory):
 def spec(data, strategy: dict, **changes) -> dict:
     root, out, _, _ = data
     synthetic = [] if strategy["kind"] == "real" else [{"url": out.url}]
-    return {"real": folder(root / "real"), "synthetic": synthetic, "strategy": strategy, "batch_size": 8,
-            "seed": 3, **changes}
+    return {
+        "real": folder(root / "real"),
+        "synthetic": synthetic,
+        "strategy": strategy,
+        "batch_size": 8,
+        "seed": 3,
+        **changes,
+    }
 
 
 def batches(spec_data: dict, n: int, **kw) -> list[dict]:
@@ -72,16 +85,19 @@ def test_spec_errors_name_the_field(data, tmp_path):
     good = spec(data, {"kind": "seggen"})
     assert parse_mix_spec(good).strategy.p == 0.6
     assert parse_mix_spec(spec(data, {"kind": "diffusion_synthesis"})).strategy.alpha == 0.5
-    for change, field in (({"strategy": {"kind": "seggen", "p": 1.5}}, "strategy.seggen.p"),
-                          ({"strategy": {"kind": "mixup"}}, "strategy"),
-                          ({"synthetic": [{"url": "x", "min": {"density.crowd": 1}}]}, "synthetic[0].min"),
-                          ({"batch_size": 0}, "batch_size"),
-                          ({"strategy": {"kind": "sense"}, "batch_size": 7}, "even"),
-                          ({"synthetic": []}, "at least one `synthetic`")):
+    for change, field in (
+        ({"strategy": {"kind": "seggen", "p": 1.5}}, "strategy.seggen.p"),
+        ({"strategy": {"kind": "mixup"}}, "strategy"),
+        ({"synthetic": [{"url": "x", "min": {"density.crowd": 1}}]}, "synthetic[0].min"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"strategy": {"kind": "sense"}, "batch_size": 7}, "even"),
+        ({"synthetic": []}, "at least one `synthetic`"),
+    ):
         with pytest.raises(SpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
             parse_mix_spec({**good, **change})
-    wrong_classes = build_output(OutputStore(str(tmp_path / "voc")), {0: synthetic_items(0, range(1))},
-                                 classes=["background", "cat"])
+    wrong_classes = build_output(
+        OutputStore(str(tmp_path / "voc")), {0: synthetic_items(0, range(1))}, classes=["background", "cat"]
+    )
     with pytest.raises(SpecError, match=r"synthetic\[0\].url: .* labels with 2 classes"):
         MixDataset(parse_mix_spec({**good, "synthetic": [{"url": wrong_classes.url}]}))
     with pytest.raises(FileNotFoundError, match="no selection 'best'"):
@@ -117,15 +133,22 @@ def test_diffusion_synthesis_draws_a_uniform_source_then_a_uniform_variant(data)
     bs = batches(spec(data, {"kind": "diffusion_synthesis", "alpha": alpha}, shuffle_buffer=4), n)
     synthetic = kinds(bs) == SYNTHETIC
     assert stats.binomtest(int(synthetic.sum()), synthetic.size, alpha).pvalue > 1e-3
-    drawn = [(sid, key) for b in bs for k, sid, key in zip(b["kind"].tolist(), b["source_id"], b["key"])
-             if k == SYNTHETIC]
+    drawn = [
+        (sid, key) for b in bs for k, sid, key in zip(b["kind"].tolist(), b["source_id"], b["key"]) if k == SYNTHETIC
+    ]
     sources = np.array([int(sid.rsplit("-", 1)[1]) for sid, _ in drawn])
     variants = np.array([int(key.rsplit("-", 1)[1]) for _, key in drawn])
     assert stats.chisquare(np.bincount(sources, minlength=SOURCES)).pvalue > 1e-3
     assert stats.chisquare(np.bincount(variants, minlength=K)).pvalue > 1e-3
     # Filtered variants are never drawn; the source's other variants share its draws.
-    bs = batches(spec(data, {"kind": "diffusion_synthesis", "alpha": 1.0},
-                      synthetic=[{"url": data[1].url, "min": {"density.instances": 2}}]), 40)
+    bs = batches(
+        spec(
+            data,
+            {"kind": "diffusion_synthesis", "alpha": 1.0},
+            synthetic=[{"url": data[1].url, "min": {"density.instances": 2}}],
+        ),
+        40,
+    )
     assert {int(key.rsplit("-", 1)[1]) for b in bs for key in b["key"]} == {2, 3}
 
 
@@ -194,8 +217,9 @@ def shares(spec_data: dict, world: int, workers: int, n: int) -> list[list[list[
     """Per (rank, loader worker): the keys of its first n batches, read through real DataLoader workers."""
     out = []
     for rank in range(world):
-        loader = torch.utils.data.DataLoader(MixDataset(parse_mix_spec(spec_data), rank=rank, world=world),
-                                             batch_size=None, num_workers=workers)
+        loader = torch.utils.data.DataLoader(
+            MixDataset(parse_mix_spec(spec_data), rank=rank, world=world), batch_size=None, num_workers=workers
+        )
         it = iter(loader)
         got = [next(it)["key"] for _ in range(n * workers)]
         out += [[k for b in got[w::workers] for k in b] for w in range(workers)]
@@ -212,14 +236,18 @@ def test_shards_and_ids_split_across_dataloader_workers_and_ranks(data, tmp_path
     many = build_output(OutputStore(str(tmp_path / "many")), {s: synthetic_items(s, [s], k=3) for s in range(8)})
     pre = {"kind": "seggen_pretrain", "pretrain_batches": 10}
     got = shares(spec(data, pre, synthetic=[{"url": many.url}], batch_size=3), 2, 2, 2)
-    assert sorted(k for share in got for k in share) == sorted(f"{s:06d}-{s:06d}-{v}" for s in range(8) for v in range(3))
+    assert sorted(k for share in got for k in share) == sorted(
+        f"{s:06d}-{s:06d}-{v}" for s in range(8) for v in range(3)
+    )
     assert all(len({k[:6] for k in share}) == 2 for share in got)  # whole shards per reader
     # Fewer shards than readers: every reader reads both shards and keeps its sources, variants together.
-    few = build_output(OutputStore(str(tmp_path / "few")), {s: synthetic_items(s, range(4 * s, 4 * s + 4), k=2)
-                                                           for s in range(2)})
+    few = build_output(
+        OutputStore(str(tmp_path / "few")), {s: synthetic_items(s, range(4 * s, 4 * s + 4), k=2) for s in range(2)}
+    )
     got = shares(spec(data, pre, synthetic=[{"url": few.url}], batch_size=2), 2, 2, 2)
     assert sorted(k for share in got for k in share) == sorted(
-        f"{s:06d}-{g:06d}-{v}" for s in range(2) for g in range(4 * s, 4 * s + 4) for v in range(2))
+        f"{s:06d}-{g:06d}-{v}" for s in range(2) for g in range(4 * s, 4 * s + 4) for v in range(2)
+    )
     for share in got:
         groups = {k.rsplit("-", 1)[0] for k in share}
         assert len(groups) == 2 and sorted(share) == sorted(f"{g}-{v}" for g in groups for v in range(2))
@@ -233,12 +261,18 @@ def test_selection_and_s3(data, s3_server, tmp_path):
     _, options = s3_server
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(root / "real"), "test/mix-real", recursive=True)
-    store = build_output(OutputStore("s3://test/mix-synth", options),
-                         {s: synthetic_items(s, range(s * 3, s * 3 + 3)) for s in range(SOURCES // 3)})
+    store = build_output(
+        OutputStore("s3://test/mix-synth", options),
+        {s: synthetic_items(s, range(s * 3, s * 3 + 3)) for s in range(SOURCES // 3)},
+    )
     select_top(store, "density.instances", 0.25, name="best")  # keeps variant 3 of every source
-    mix = {"real": {**folder("s3://test/mix-real"), "storage_options": options},
-           "synthetic": [{"url": "s3://test/mix-synth", "storage_options": options, "selection": "best"}],
-           "strategy": {"kind": "seggen", "p": 0.5}, "batch_size": 8, "seed": 1}
+    mix = {
+        "real": {**folder("s3://test/mix-real"), "storage_options": options},
+        "synthetic": [{"url": "s3://test/mix-synth", "storage_options": options, "selection": "best"}],
+        "strategy": {"kind": "seggen", "p": 0.5},
+        "batch_size": 8,
+        "seed": 1,
+    }
     bs = batches(mix, 10)
     synthetic_keys = {k for b in bs for k, kind in zip(b["key"], b["kind"].tolist()) if kind == SYNTHETIC}
     assert synthetic_keys and all(k.endswith("-3") for k in synthetic_keys)
@@ -261,7 +295,8 @@ def _ray_worker(config):
     kinds_ = [k for b in got for k in b["kind"].tolist()]
     masks_ok = all(b["mask"].dtype == torch.int64 and b["image"].dtype == torch.uint8 for b in got)
     (config["out"] / f"rank{rank}.txt").write_text(
-        "\n".join(f"{k} {kind}" for k, kind in zip(keys, kinds_)) + f"\n#{masks_ok}")
+        "\n".join(f"{k} {kind}" for k, kind in zip(keys, kinds_)) + f"\n#{masks_ok}"
+    )
 
 
 @pytest.mark.e2e
@@ -273,10 +308,13 @@ def test_ray_data_variant_under_ray_train(data, ray_local, tmp_path):
     DataContext.get_current().enable_progress_bars = False
     mix = parse_mix_spec(spec(data, {"kind": "sense"}, batch_size=4))
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"spec": mix.model_dump(mode="json"), "batches": 4, "out": tmp_path},
+        _ray_worker,
+        train_loop_config={"spec": mix.model_dump(mode="json"), "batches": 4, "out": tmp_path},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets=ray_datasets(mix, world=2, num_cpus=0.25), dataset_config=DataConfig(datasets_to_split=[]),
-        run_config=RunConfig(storage_path=str(tmp_path / "ray")))
+        datasets=ray_datasets(mix, world=2, num_cpus=0.25),
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray")),
+    )
     trainer.fit()
     per_rank = []
     for rank in range(2):

@@ -73,10 +73,15 @@ def test_bad_inputs_are_recorded_and_the_job_goes_on(ray_local, tmp_path):
     stage = {"kind": INVERT, "params": {"bad_ids": ["s-008"]}}
     index = run_job(parse_spec(folder_spec(src_dir, tmp_path / "out", [stage])))
     assert index["complete"] and index["samples"] == 7 and index["failed"] == 5
-    reasons = {f["source_id"]: (f["stage"], f["reason"]) for shard in range(3) for f in failures_of(tmp_path / "out", shard)}
+    reasons = {
+        f["source_id"]: (f["stage"], f["reason"]) for shard in range(3) for f in failures_of(tmp_path / "out", shard)
+    }
     assert reasons == {
-        "s-000": ("read", "corrupt_image"), "s-001": ("read", "corrupt_image"), "s-004": ("read", "size_mismatch"),
-        "s-005": ("read", "unknown_class_id"), "s-008": (INVERT, "uninvertible"),
+        "s-000": ("read", "corrupt_image"),
+        "s-001": ("read", "corrupt_image"),
+        "s-004": ("read", "size_mismatch"),
+        "s-005": ("read", "unknown_class_id"),
+        "s-008": (INVERT, "uninvertible"),
     }
     assert stats_of(tmp_path / "out", 0)["failures_by_reason"] == {"read:corrupt_image": 2}
 
@@ -229,19 +234,30 @@ def test_a_sample_the_writer_cannot_encode_fails_alone(ray_local, tmp_path):
 
 def test_a_class_map_error_is_a_spec_error_before_anything_is_written(tmp_path):
     write_folder_source(tmp_path / "src", 2)
-    spec = folder_spec(tmp_path / "src", tmp_path / "out", [
-        {"kind": "controlnet", "model": {"profile": "tiny"}, "params": {"class_map": {"wall": "Wal"}}},
-    ])
+    spec = folder_spec(
+        tmp_path / "src",
+        tmp_path / "out",
+        [{"kind": "controlnet", "model": {"profile": "tiny"}, "params": {"class_map": {"wall": "Wal"}}}],
+    )
     with pytest.raises(SpecError, match=r"stages\[0\]\.params\.class_map"):
         run_job(parse_spec(spec))
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-@pytest.mark.parametrize("resources, field", [
-    ({"num_gpus": 1}, r"stages\[0\]\.resources\.num_gpus: .* asks for 1 GPU per worker, but the largest node has 0"),
-    ({"num_cpus": 64}, r"stages\[0\]\.resources\.num_cpus: .* asks for 64 CPU"),
-    ({"num_cpus": 1, "concurrency": 3}, r"stages\[\]\.resources\.concurrency: .* need 3.5 CPU .* the cluster has 2"),
-])
+@pytest.mark.parametrize(
+    "resources, field",
+    [
+        (
+            {"num_gpus": 1},
+            r"stages\[0\]\.resources\.num_gpus: .* asks for 1 GPU per worker, but the largest node has 0",
+        ),
+        ({"num_cpus": 64}, r"stages\[0\]\.resources\.num_cpus: .* asks for 64 CPU"),
+        (
+            {"num_cpus": 1, "concurrency": 3},
+            r"stages\[\]\.resources\.concurrency: .* need 3.5 CPU .* the cluster has 2",
+        ),
+    ],
+)
 def test_resources_the_cluster_cannot_give_are_refused_before_planning(ray_local, tmp_path, resources, field):
     write_folder_source(tmp_path / "src", 2)
     stage = {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": resources}
@@ -252,8 +268,11 @@ def test_resources_the_cluster_cannot_give_are_refused_before_planning(ray_local
 
 def test_an_autoscaling_wait_asks_for_the_pools_then_gives_up_with_the_field(ray_local, tmp_path, caplog):
     write_folder_source(tmp_path / "src", 2)
-    spec = folder_spec(tmp_path / "src", tmp_path / "out", [
-        {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": {"num_gpus": 1, "concurrency": 2}}])
+    spec = folder_spec(
+        tmp_path / "src",
+        tmp_path / "out",
+        [{"kind": "controlnet", "model": {"profile": "tiny"}, "resources": {"num_gpus": 1, "concurrency": 2}}],
+    )
     spec["engine"] = {"resource_wait_s": 1.0}
     with caplog.at_level("INFO", logger="factory"):
         with pytest.raises(SpecError, match=r"after waiting 1s: stages\[0\]\.resources\.num_gpus"):

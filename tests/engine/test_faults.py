@@ -71,14 +71,14 @@ def run_cli(*args, fault: str | None = None, timeout: float = 300) -> subprocess
     return subprocess.run([*FACTORY, *args], capture_output=True, text=True, timeout=timeout, env=env_with(fault))
 
 
-def start_cli(*args, fault: str | None = None, pids: Path | None = None,
-              gate: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*FACTORY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env_with(fault, pids, gate))
+def start_cli(*args, fault: str | None = None, pids: Path | None = None, gate: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*FACTORY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_with(fault, pids, gate)
+    )
 
 
 def tars_in(shards: dict[str, bytes]) -> dict[str, bytes]:
-    for name, data in shards.items():
+    for data in shards.values():
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # a partial tar does not open
             tar.getmembers()
     return shards
@@ -146,8 +146,9 @@ def reference(source, tmp_path_factory, ray_local):
     return uninterrupted(job_spec(source, tmp_path_factory.mktemp("fault-ref") / "out"))
 
 
-def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(source, reference, tmp_path, ray_local,
-                                                                                      caplog):
+def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(
+    source, reference, tmp_path, ray_local, caplog
+):
     """Also: while the run holds the output, a second run of the same spec there is refused."""
     out = tmp_path / "out"
     spec_data = job_spec(source, out)
@@ -233,8 +234,9 @@ def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_
     pids = tmp_path / "pids"
     pids.mkdir()
     proc = start_cli("run", str(write_spec(tmp_path / "job.yaml", spec(out))), fault="slow:0.5", pids=pids)
-    wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar",
-             proc).send_signal(signal.SIGKILL)
+    wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar", proc).send_signal(
+        signal.SIGKILL
+    )
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     assert local_tars(out) == reference
@@ -247,8 +249,10 @@ def small_disk(tmp_path):
     """A 160 KiB filesystem (tmpfs) for the output: the plan and a few shards fit, the job does not."""
     mount = tmp_path / "small"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True).returncode
+        == 0
+    )
     yield mount, mounted
     if mounted:
         subprocess.run(["umount", "-l", str(mount)], check=False)
@@ -302,12 +306,17 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path,
     server = seaweed.start(data, ports)
     options = seaweed.options(ports)
     fs = s3fs.S3FileSystem(**options)
-    spec = job_spec(source, "s3://test/faults", endpoint_url=seaweed.endpoint(ports),
-                    storage_options={"key": seaweed.KEY, "secret": seaweed.SECRET})
+    spec = job_spec(
+        source,
+        "s3://test/faults",
+        endpoint_url=seaweed.endpoint(ports),
+        storage_options={"key": seaweed.KEY, "secret": seaweed.SECRET},
+    )
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     gate = tmp_path / "gate"
     proc = start_cli("run", str(spec_path), gate=gate)
     try:
+
         def s3_committed():
             fs.invalidate_cache()
             return fs.exists("test/faults/stats") and len(fs.ls("test/faults/stats")) >= 1
@@ -336,8 +345,9 @@ def test_credentials_never_reach_a_file_or_a_log(source, tmp_path, s3_server):
     endpoint, options = s3_server
     secret = "factory-secret-7f3a9c"
     # The test server checks no signatures: any secret is accepted, and this one is easy to grep for.
-    spec = job_spec(source, "s3://test/secrets", endpoint_url=endpoint,
-                    storage_options={"key": options["key"], "secret": secret})
+    spec = job_spec(
+        source, "s3://test/secrets", endpoint_url=endpoint, storage_options={"key": options["key"], "secret": secret}
+    )
     spec["source"]["storage_options"] = {"token": secret}  # the local source ignores it, the spec keeps it
     spec_path = write_spec(tmp_path / "job.yaml", spec)
     started = time.time()

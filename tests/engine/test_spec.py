@@ -2,8 +2,8 @@ import copy
 import json
 
 import pytest
-from helpers import REPO
 import yaml
+from helpers import REPO
 
 from factory.engine.spec import load_spec, parse_spec, redacted_spec
 from factory.schema import SpecError
@@ -74,8 +74,12 @@ def test_gpu_on_cpu_only_stage_is_refused():
 def test_hash_ignores_where_and_how_but_not_what():
     a = parse_spec(copy.deepcopy(GOOD))
     moved = copy.deepcopy(GOOD)
-    moved["output"].update(url="s3://elsewhere", shared_filesystem=True, endpoint_url="http://minio:9000",
-                           storage_options={"key": "AKIA", "secret": "s3cr3t"})
+    moved["output"].update(
+        url="s3://elsewhere",
+        shared_filesystem=True,
+        endpoint_url="http://minio:9000",
+        storage_options={"key": "AKIA", "secret": "s3cr3t"},
+    )
     moved["source"]["storage_options"] = {"token": "abc"}
     moved["stages"][0]["model"]["storage_options"] = {"secret": "other"}
     moved["stages"][0]["resources"] = {"num_gpus": 1, "concurrency": 8}
@@ -89,8 +93,11 @@ def test_hash_ignores_where_and_how_but_not_what():
 
 def test_credentials_are_redacted_from_the_stored_spec():
     data = copy.deepcopy(GOOD)
-    data["output"]["storage_options"] = {"key": "AKIA-ID", "secret": "s3cr3t",
-                                         "client_kwargs": {"endpoint_url": "http://s3", "aws_session_token": "sess-XYZ-123"}}
+    data["output"]["storage_options"] = {
+        "key": "AKIA-ID",
+        "secret": "s3cr3t",
+        "client_kwargs": {"endpoint_url": "http://s3", "aws_session_token": "sess-XYZ-123"},
+    }
     data["stages"][0]["model"]["storage_options"] = {"password": "hunter2", "anon": False}
     stored = redacted_spec(parse_spec(data))
     text = json.dumps(stored)
@@ -119,8 +126,14 @@ def test_every_shipped_job_spec_validates():
     # Each kind of spec has its own schema: `factory train` specs are train_*.yaml, `factory eval` specs
     # have arms; every other file is a job spec (eval_toy_true_scenes.yaml makes an eval input).
     jobs = sorted((REPO / "jobs").glob("*.yaml"))
-    kinds = {job: "train" if job.name.startswith("train_") else "eval" if "arms" in yaml.safe_load(job.read_text())
-             else "job" for job in jobs}
+    kinds = {
+        job: "train"
+        if job.name.startswith("train_")
+        else "eval"
+        if "arms" in yaml.safe_load(job.read_text())
+        else "job"
+        for job in jobs
+    }
     assert set(kinds.values()) == {"train", "eval", "job"}
     for job, kind in kinds.items():
         {"train": load_train_spec, "eval": load_eval_spec, "job": load_spec}[kind](job)

@@ -63,12 +63,25 @@ def ray_cluster(model_cache):
     log = open(Path(temp_dir) / "ray-start.log", "wb")
     proc = subprocess.Popen(
         [
-            str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-            f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-            f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
-            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={client_server}",
+            f"--dashboard-agent-listen-port={agent}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
         ],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     try:
@@ -102,18 +115,24 @@ def ray_cluster(model_cache):
 
 def factory(env: dict, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "factory.cli", *args], env=env, cwd=cwd,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "factory.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
 def _list_jobs(address: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c",
-         "import sys\nfrom ray.job_submission import JobSubmissionClient\n"
-         "for j in JobSubmissionClient(sys.argv[1]).list_jobs(): print(j.submission_id, j.status.value)",
-         address],
-        env=env, capture_output=True, text=True, timeout=60, check=check,
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "for j in JobSubmissionClient(sys.argv[1]).list_jobs(): print(j.submission_id, j.status.value)",
+            address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
     )
 
 
@@ -130,8 +149,9 @@ def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
     spec_data = folder_spec(Path("src"), Path("out"), [{"kind": INVERT, "params": {"variants": 2}}], shard_size=4)
     spec_data["name"] = "cluster-e2e"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
-    expected = parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", spec_data["stages"], shard_size=4)
-                          | {"name": "cluster-e2e"})
+    expected = parse_spec(
+        folder_spec(tmp_path / "src", tmp_path / "out", spec_data["stages"], shard_size=4) | {"name": "cluster-e2e"}
+    )
     sid = submission_id(expected)
     assert sid.startswith(f"cluster-e2e-{expected.content_hash()}-")
 

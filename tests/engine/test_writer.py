@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from helpers import read_tar
 
+from factory.engine.records import Failure, JobInfo, ShardWork
 from factory.engine.writer import WriteSettings, write_shard
 from factory.output.layout import OutputStore
 from factory.sample import Sample
-from factory.engine.records import Failure, JobInfo, ShardWork
 
 pytestmark = pytest.mark.timeout(60)
 
-SETTINGS = WriteSettings(image_format="png", quality=95, keep_rejected=False, max_failure_fraction=0.5,
-                         retries=2, backoff=0.0)
+SETTINGS = WriteSettings(
+    image_format="png", quality=95, keep_rejected=False, max_failure_fraction=0.5, retries=2, backoff=0.0
+)
 JOB = JobInfo(job="t", spec_hash="abc", models={})
 
 
@@ -22,8 +23,13 @@ def shard_work(n: int, k: int = 2) -> ShardWork:
     rng = np.random.default_rng(0)
     samples = []
     for i in range(n):
-        src = Sample(shard=3, index=i, source_id=f"s-{i}", image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
-                     mask=np.zeros((8, 8), np.uint8))
+        src = Sample(
+            shard=3,
+            index=i,
+            source_id=f"s-{i}",
+            image=rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+            mask=np.zeros((8, 8), np.uint8),
+        )
         samples += src.expand(k)
     return ShardWork(shard=3, samples=samples, started=0.0)
 
@@ -36,12 +42,20 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
     result = write_shard(work, store, SETTINGS, JOB)
     assert (result.status, result.samples, result.failed, result.rejected) == ("committed", 4, 1, 1)
     assert list(read_tar(tmp_path / "shards" / "shard-000003.tar")) == [
-        "000003-000000-0", "000003-000001-0", "000003-000001-1", "000003-000002-1"]
+        "000003-000000-0",
+        "000003-000001-0",
+        "000003-000001-1",
+        "000003-000002-1",
+    ]
     stats = json.loads((tmp_path / "stats" / "shard-000003.json").read_text())
-    assert stats["failures_by_reason"] == {"synth:bad_output": 1} and stats["rejected_by_reason"] == {"select:low_cosine": 1}
+    assert stats["failures_by_reason"] == {"synth:bad_output": 1} and stats["rejected_by_reason"] == {
+        "select:low_cosine": 1
+    }
     lines = [json.loads(x) for x in (tmp_path / "failures" / "shard-000003.jsonl").read_text().splitlines()]
     assert [(r["key"], r["kind"], r["reason"]) for r in lines] == [
-        ("000003-000000-1", "failed", "bad_output"), ("000003-000002-0", "rejected", "low_cosine")]
+        ("000003-000000-1", "failed", "bad_output"),
+        ("000003-000002-0", "rejected", "low_cosine"),
+    ]
     first = (tmp_path / "shards" / "shard-000003.tar").read_bytes()
     # A retried or repeated write of the same shard (Ray re-ran the task) gives the same bytes.
     assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB).committed

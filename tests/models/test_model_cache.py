@@ -45,9 +45,7 @@ def fills(cache: Path, entry: str) -> list[str]:
 
 
 @pytest.mark.e2e
-def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
-    ray_local, s3_server, model_cache, tmp_path
-):
+def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(ray_local, s3_server, model_cache, tmp_path):
     _, options = s3_server
     url = upload_tiny_pipeline(options)
     write_folder_source(tmp_path / "src", 4)
@@ -74,7 +72,7 @@ def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
 
     # The weights in the bucket change; the node's copy is what the next job loads, untouched.
     fs = s3fs.S3FileSystem(**options)
-    fs.pipe_file(f"{url[len('s3://'):]}/unrelated.txt", b"added after the first job")
+    fs.pipe_file(f"{url[len('s3://') :]}/unrelated.txt", b"added after the first job")
 
     second = run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out2", [stage], shard_size=2)))
     assert second["complete"] and second["samples"] == 4
@@ -85,7 +83,8 @@ def test_a_job_fetches_each_model_once_per_node_and_the_next_job_reuses_it(
         assert not (model_cache / entry / "unrelated.txt").exists()
     # Same weights, same seeds: the second job's images are the first's, byte for byte.
     assert read_tar(tmp_path / "out1" / "shards" / "shard-000001.tar") == read_tar(
-        tmp_path / "out2" / "shards" / "shard-000001.tar")
+        tmp_path / "out2" / "shards" / "shard-000001.tar"
+    )
 
 
 RESOLVE = """
@@ -111,7 +110,10 @@ def test_processes_racing_for_one_url_fetch_it_once(s3_server, model_cache, tmp_
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RESOLVE, str(tmp_path / f"ready-{i}"), str(go), url, json.dumps(options)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(3)
     ]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from factory.models import loading as models
-from factory.models.controlnet import load_controlnet_pipeline
 from factory.models import tiny_diffusion
+from factory.models.controlnet import load_controlnet_pipeline
 from factory.models.tiny_diffusion import TINY_CONTROLNET, tiny_controlnet_pipeline_dir
 
 pytestmark = pytest.mark.timeout(300)
@@ -62,15 +62,15 @@ def test_tiny_pipeline_loads_through_from_pretrained(model_cache):
 
 def test_pretrained_profile_loads_local_and_object_store_paths(model_cache, memfs):
     tiny = Path(tiny_controlnet_pipeline_dir())
-    local = load_controlnet_pipeline(
-        _cfg(base=str(tiny), controlnet=str(tiny / "controlnet")), "cpu", "bf16")
+    local = load_controlnet_pipeline(_cfg(base=str(tiny), controlnet=str(tiny / "controlnet")), "cpu", "bf16")
     assert local.unet.dtype == torch.bfloat16 and local.controlnet.dtype == torch.bfloat16
 
     for f in tiny.rglob("*"):
         if f.is_file() and f.name != ".factory-complete":
             memfs.pipe_file(f"/models/sd/{f.relative_to(tiny)}", f.read_bytes())
     remote = load_controlnet_pipeline(
-        _cfg(base="memory://models/sd", controlnet="memory://models/sd/controlnet"), "cpu", "fp32")
+        _cfg(base="memory://models/sd", controlnet="memory://models/sd/controlnet"), "cpu", "fp32"
+    )
     assert remote.unet.config.block_out_channels == local.unet.config.block_out_channels
     assert remote.unet.dtype == torch.float32
     assert torch.equal(remote.unet.conv_in.weight.to(torch.bfloat16), local.unet.conv_in.weight)

@@ -18,8 +18,9 @@ M = 1e6
 
 def meta_stage(kind: str, model: dict | None = None, params: dict | None = None):
     cls = resolve_stage(kind)
-    stage = cls(cls.Params(**(params or {})), cls.Model(profile="random", **(model or {})),
-                StageContext(kind, 0, ADE, "meta"))
+    stage = cls(
+        cls.Params(**(params or {})), cls.Model(profile="random", **(model or {})), StageContext(kind, 0, ADE, "meta")
+    )
     stage.setup()
     return stage
 
@@ -51,8 +52,11 @@ def test_parameter_counts_match_the_published_checkpoints():
     assert round(millions(sdxl["unet"]), 1) == 2567.5
     assert sd15["tokenizer"].model_max_length == 77 and sd15["text_encoder"].config.vocab_size == 49408
     # Published round figures (model cards), within 1%.
-    t2i = {family: rm.pipeline_components(name, "meta", torch.bfloat16, skip=("text_encoder", "text_encoder_3"))
-           for family, name in rm.T2I.items() if family != "sdxl"}
+    t2i = {
+        family: rm.pipeline_components(name, "meta", torch.bfloat16, skip=("text_encoder", "text_encoder_3"))
+        for family, name in rm.T2I.items()
+        if family != "sdxl"
+    }
     published = {
         "FLUX.1-dev transformer (12B)": (millions(t2i["flux"]["transformer"]), 12000),
         "T5-XXL encoder (4.7B)": (millions(t2i["flux"]["text_encoder_2"]), 4700),
@@ -60,8 +64,10 @@ def test_parameter_counts_match_the_published_checkpoints():
         "Sana 1.6B transformer": (millions(t2i["sana"]["transformer"]), 1600),
         "CLIP ViT-L/14 (428M)": (millions(meta_stage("score").clip), 428),
         "Gemma 3 4B (4.3B)": (millions(meta_stage("dense_caption").vlm), 4300),
-        "DINOv2-B (86M)": (millions(meta_stage("select", params={"embedding": "dinov2", "check_miou": False})
-                                    .embedder.model), 86),
+        "DINOv2-B (86M)": (
+            millions(meta_stage("select", params={"embedding": "dinov2", "check_miou": False}).embedder.model),
+            86,
+        ),
         "BLIP-2 OPT-2.7b (3.8B)": (millions(meta_stage("caption", {"family": "blip2"}).captioner), 3800),
     }
     for what, (counted, figure) in published.items():
@@ -77,8 +83,10 @@ def test_every_model_stage_builds_its_random_models(model_cache):
         "maskgen": meta_stage("maskgen"),
         "caption": meta_stage("caption"),
     }
-    assert stages["controlnet"].model_ids() == {"base": "random:stable-diffusion-v1-5",
-                                                "controlnet": "random:sd-controlnet-seg"}
+    assert stages["controlnet"].model_ids() == {
+        "base": "random:stable-diffusion-v1-5",
+        "controlnet": "random:sd-controlnet-seg",
+    }
     assert type(stages["mask2img"].pipe).__name__ == "StableDiffusionXLControlNetPipeline"
     assert round(millions(stages["mask2img"].pipe.controlnet)) == 1251  # the SDXL UNet's encoder, full size
     assert stages["text2mask"].side == 768 and stages["mask2img"].multiple == 32
@@ -98,7 +106,9 @@ def test_the_gemma3_processor_gives_the_real_input_layout():
     vlm, processor = random_vlm("meta", torch.bfloat16)
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     inputs = processor(images=[np.zeros((300, 400, 3), np.uint8)], text=[text], return_tensors="pt")
     ids = inputs["input_ids"][0]
     assert inputs["pixel_values"].shape == (1, 3, 896, 896)
@@ -119,7 +129,9 @@ def test_full_size_sd15_controlnet_one_denoising_step_at_512(model_cache):
 
     stage = resolve_stage("controlnet")(
         resolve_stage("controlnet").Params(variants=1, steps=1, guidance=1.0, resolution=512),
-        resolve_stage("controlnet").Model(profile="random", dtype="fp32"), StageContext("synth", 0, ADE, "cpu"))
+        resolve_stage("controlnet").Model(profile="random", dtype="fp32"),
+        StageContext("synth", 0, ADE, "cpu"),
+    )
     stage.setup()
     assert round(millions(stage.pipe.unet), 1) == 859.5 and round(millions(stage.pipe.controlnet), 1) == 361.3
     mask = np.full((512, 512), ADE.index("wall"), np.uint8)
@@ -128,8 +140,16 @@ def test_full_size_sd15_controlnet_one_denoising_step_at_512(model_cache):
     assert stage.generation_size(*mask.shape) == (512, 512)
     cond = Image.fromarray(np.zeros((512, 512, 3), np.uint8))
     generator = torch.Generator().manual_seed(stage.seed(source.expand(1)[0]))
-    latents = stage.pipe(prompt=[stage.prompt(source, stage.params.prompt)], image=[cond], num_inference_steps=1,
-                         guidance_scale=1.0, height=512, width=512, generator=[generator], output_type="latent").images
+    latents = stage.pipe(
+        prompt=[stage.prompt(source, stage.params.prompt)],
+        image=[cond],
+        num_inference_steps=1,
+        guidance_scale=1.0,
+        height=512,
+        width=512,
+        generator=[generator],
+        output_type="latent",
+    ).images
     assert latents.shape == (1, 4, 64, 64) and torch.isfinite(latents).all()
     with torch.no_grad():
         image = stage.pipe.vae.decode(latents[:, :, :16, :16] / stage.pipe.vae.config.scaling_factor).sample
@@ -139,8 +159,11 @@ def test_full_size_sd15_controlnet_one_denoising_step_at_512(model_cache):
 @pytest.mark.e2e
 def test_full_size_blip_and_clip_run_on_cpu(model_cache):
     caption = resolve_stage("caption")
-    captioner = caption(caption.Params(max_new_tokens=3), caption.Model(profile="random", dtype="fp32"),
-                        StageContext("caption", 0, ADE, "cpu"))
+    captioner = caption(
+        caption.Params(max_new_tokens=3),
+        caption.Model(profile="random", dtype="fp32"),
+        StageContext("caption", 0, ADE, "cpu"),
+    )
     captioner.setup()
     image = np.random.default_rng(0).integers(0, 256, (120, 160, 3), np.uint8)
     [sample] = captioner.process([Sample(shard=0, index=0, source_id="s", image=image)])
@@ -148,8 +171,11 @@ def test_full_size_blip_and_clip_run_on_cpu(model_cache):
     assert captioner.model_ids() == {"captioner": "random:blip-image-captioning-large"}
 
     select = resolve_stage("select")
-    selector = select(select.Params(check_miou=False), select.Model(profile="random", dtype="fp32"),
-                      StageContext("select", 0, ADE, "cpu"))
+    selector = select(
+        select.Params(check_miou=False),
+        select.Model(profile="random", dtype="fp32"),
+        StageContext("select", 0, ADE, "cpu"),
+    )
     selector.setup()
     synthetic = Sample(shard=0, index=0, source_id="s", image=image[::-1].copy(), source_image=image)
     [scored] = selector.process([synthetic])

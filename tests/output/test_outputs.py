@@ -26,10 +26,13 @@ def test_samples_decode_exactly_and_stream_in_shard_order(tmp_path):
     mask8 = rng.choice(np.array([0, 7, 149, 255], np.uint8), (12, 16))
     mask16 = rng.choice(np.array([0, 300, 65534, 65535], np.uint16), (12, 16))
     image = rng.integers(0, 256, (12, 16, 3), np.uint8)
-    store = build_output(OutputStore(str(tmp_path / "out")), {
-        1: [Item("000001-000000", "b", image, mask8, {"variant": 0})],
-        0: [Item("000000-000000-0", "a", image, mask8), Item("000000-000000-1", "a", image, None)],
-    })
+    store = build_output(
+        OutputStore(str(tmp_path / "out")),
+        {
+            1: [Item("000001-000000", "b", image, mask8, {"variant": 0})],
+            0: [Item("000000-000000-0", "a", image, mask8), Item("000000-000000-1", "a", image, None)],
+        },
+    )
     rows = list(iter_samples(store))
     assert [(s, k) for s, k, _ in rows] == [(0, "000000-000000-0"), (0, "000000-000000-1"), (1, "000001-000000")]
     _, _, files = rows[0]
@@ -39,22 +42,39 @@ def test_samples_decode_exactly_and_stream_in_shard_order(tmp_path):
     assert decode_mask(rows[1][2]) is None
     only = list(iter_shard_samples(store, 0, select_files=only_json))
     assert [set(f) for _, f in only] == [{"json"}, {"json"}]
-    wide = build_output(OutputStore(str(tmp_path / "wide")), {0: [Item("000000-000000", "c", image, mask16)]},
-                        classes=[f"c{i}" for i in range(400)])
+    wide = build_output(
+        OutputStore(str(tmp_path / "wide")),
+        {0: [Item("000000-000000", "c", image, mask16)]},
+        classes=[f"c{i}" for i in range(400)],
+    )
     decoded = decode_mask(next(iter_samples(wide))[2])
     assert decoded.dtype == np.uint16 and np.array_equal(decoded, mask16)
 
 
 def test_status_and_failures_stream(tmp_path):
-    failures = {0: [{"key": "000000-000001", "source_id": "x", "stage": "read", "reason": "corrupt_image",
-                     "detail": "bad bytes"}],
-                2: [{"key": "000002-000000", "source_id": "y", "stage": "synth", "reason": "nan", "detail": ""}]}
-    store = build_output(OutputStore(str(tmp_path / "out")),
-                         {0: scored_items(0, [1, 2]), 2: scored_items(2, [3])}, failures=failures)
+    failures = {
+        0: [
+            {
+                "key": "000000-000001",
+                "source_id": "x",
+                "stage": "read",
+                "reason": "corrupt_image",
+                "detail": "bad bytes",
+            }
+        ],
+        2: [{"key": "000002-000000", "source_id": "y", "stage": "synth", "reason": "nan", "detail": ""}],
+    }
+    store = build_output(
+        OutputStore(str(tmp_path / "out")), {0: scored_items(0, [1, 2]), 2: scored_items(2, [3])}, failures=failures
+    )
     status = job_status(store)
     assert {k: status[k] for k in ("shards_done", "shards_total", "samples", "failed", "by_reason")} == {
-        "shards_done": 2, "shards_total": 3, "samples": 3, "failed": 2,
-        "by_reason": {"read:corrupt_image": 1, "synth:nan": 1}}
+        "shards_done": 2,
+        "shards_total": 3,
+        "samples": 3,
+        "failed": 2,
+        "by_reason": {"read:corrupt_image": 1, "synth:nan": 1},
+    }
     assert status["samples_per_second"] == round(3 / 4.0, 3)  # from the first start to the last finish
     assert [(s, r["reason"]) for s, r in iter_failures(store)] == [(0, "corrupt_image"), (2, "nan")]
     summary = summarize_stats(s for _, s in store.iter_stats())
@@ -64,11 +84,15 @@ def test_status_and_failures_stream(tmp_path):
 
 def brute_force(values_by_shard, fraction, lowest):
     """The selection by a full sort: (score, stream position) order, nulls dropped."""
-    rows = [(v, pos, key) for pos, (key, v) in enumerate(
-        (f"{s:06d}-{i:06d}", v) for s, vs in sorted(values_by_shard.items()) for i, v in enumerate(vs))
-        if v is not None]
+    rows = [
+        (v, pos, key)
+        for pos, (key, v) in enumerate(
+            (f"{s:06d}-{i:06d}", v) for s, vs in sorted(values_by_shard.items()) for i, v in enumerate(vs)
+        )
+        if v is not None
+    ]
     rows.sort(key=lambda t: (t[0] if lowest else -t[0], t[1]))
-    return {key for _, _, key in rows[:math.ceil(fraction * len(rows))]}
+    return {key for _, _, key in rows[: math.ceil(fraction * len(rows))]}
 
 
 @pytest.mark.parametrize("lowest", [False, True])
@@ -82,8 +106,10 @@ def test_select_top_matches_a_full_sort_with_ties_and_nulls(tmp_path, lowest):
         assert kept == brute_force(values, fraction, lowest)
         scored = sum(v is not None for vs in values.values() for v in vs)
         assert selection["kept"] == len(kept) == math.ceil(fraction * scored)
-        assert selection["dropped_by_reason"] == {"outside_fraction": scored - len(kept),
-                                                  "missing_score": 4 * 37 - scored}
+        assert selection["dropped_by_reason"] == {
+            "outside_fraction": scored - len(kept),
+            "missing_score": 4 * 37 - scored,
+        }
         assert read_selection(store, selection["name"]) == selection
     # Written again over itself: key files are replaced, never merged.
     select_top(store, "density.instances", 0.05, lowest=lowest, name="again")
@@ -116,11 +142,18 @@ def test_select_report_and_status_memory_is_flat_in_the_number_of_samples(tmp_pa
     rng = np.random.default_rng(2)
     stores = {}
     for n_shards in (2, 8):
-        stores[n_shards] = build_output(OutputStore(str(tmp_path / f"out{n_shards}")),
-                                        {s: scored_items(s, rng.random(1000).tolist()) for s in range(n_shards)})
-    peaks = {n: {"select": _peak(lambda: select_top(st, "density.instances", 0.5)),
-                 "scan": _peak(lambda: _scan(st, None, 200)),
-                 "status": _peak(lambda: job_status(st))} for n, st in stores.items()}
+        stores[n_shards] = build_output(
+            OutputStore(str(tmp_path / f"out{n_shards}")),
+            {s: scored_items(s, rng.random(1000).tolist()) for s in range(n_shards)},
+        )
+    peaks = {
+        n: {
+            "select": _peak(lambda: select_top(st, "density.instances", 0.5)),
+            "scan": _peak(lambda: _scan(st, None, 200)),
+            "status": _peak(lambda: job_status(st)),
+        }
+        for n, st in stores.items()
+    }
     extra = 6 * 1000
     assert (peaks[8]["select"] - peaks[2]["select"]) / extra < 20
     # The scan keeps 1,024 exact values per score, then fixed bins: the same peak at 2k and 8k samples.
@@ -159,8 +192,11 @@ def test_extremes_keep_the_best_and_worst():
 
 
 def test_captions_dedupe_variants_within_a_shard(tmp_path):
-    items = [Item("000000-000000-0", "a", meta={"caption": "one"}), Item("000000-000000-1", "a", meta={"caption": "one"}),
-             Item("000000-000001-0", "b", meta={"caption": "two"})]
+    items = [
+        Item("000000-000000-0", "a", meta={"caption": "one"}),
+        Item("000000-000000-1", "a", meta={"caption": "one"}),
+        Item("000000-000001-0", "b", meta={"caption": "two"}),
+    ]
     store = build_output(OutputStore(str(tmp_path / "out")), {0: items, 1: [Item("000001-000000-0", "c")]})
     assert main(["captions", store.url, "--out", str(tmp_path / "c.jsonl")]) == 0
     lines = [json.loads(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()]

@@ -23,7 +23,7 @@ IGNORE = 255
 
 def square(top=8, left=8, size=16, shape=(32, 32), value=1) -> np.ndarray:
     mask = np.zeros(shape, dtype=np.uint8)
-    mask[top:top + size, left:left + size] = value
+    mask[top : top + size, left : left + size] = value
     return mask
 
 
@@ -108,8 +108,13 @@ def test_density_from_instance_ids_and_ignore():
     instances[0:2, 5:7] = 3
     instances[5:10, 5:10] = 9
     d = density(mask, instances)
-    assert d == {"instances": 2, "classes": 2, "class_entropy": pytest.approx(1.0),
-                 "mean_instance_area": pytest.approx((4 + 25) / 2 / 100), "min_instance_area": pytest.approx(0.04)}
+    assert d == {
+        "instances": 2,
+        "classes": 2,
+        "class_entropy": pytest.approx(1.0),
+        "mean_instance_area": pytest.approx((4 + 25) / 2 / 100),
+        "min_instance_area": pytest.approx(0.04),
+    }
     mask[:5] = IGNORE  # ignore pixels carry no class and no instance
     d = density(mask, instances)
     assert d["instances"] == 1 and d["min_instance_area"] == pytest.approx(0.25)
@@ -125,17 +130,24 @@ def test_density_of_four_equal_classes_and_noise():
 
 
 def test_density_nulls():
-    assert density(None) == dict.fromkeys(["instances", "classes", "class_entropy", "mean_instance_area",
-                                           "min_instance_area"])
+    assert density(None) == dict.fromkeys(
+        ["instances", "classes", "class_entropy", "mean_instance_area", "min_instance_area"]
+    )
     empty = density(np.full((4, 4), IGNORE, np.uint8))
-    assert empty == {"instances": 0, "classes": 0, "class_entropy": 0.0, "mean_instance_area": None,
-                     "min_instance_area": None}
+    assert empty == {
+        "instances": 0,
+        "classes": 0,
+        "class_entropy": 0.0,
+        "mean_instance_area": None,
+        "min_instance_area": None,
+    }
     assert entropy_bits(np.array([5])) == 0.0 and entropy_bits(np.array([])) == 0.0
 
 
 def test_flatten_scores_names_every_score():
-    flat = flatten_scores({"density": {"instances": 3, "class_entropy": float("nan")},
-                           "fidelity": {"clip_score": 21.5}})
+    flat = flatten_scores(
+        {"density": {"instances": 3, "class_entropy": float("nan")}, "fidelity": {"clip_score": 21.5}}
+    )
     assert list(flat) == list(SCORE_NAMES)
     assert flat["density.instances"] == 3 and flat["fidelity.clip_score"] == 21.5
     assert flat["density.class_entropy"] is None and flat["fidelity.miou"] is None

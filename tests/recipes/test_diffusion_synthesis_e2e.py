@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import DATA
-from helpers import REPO, decode_image, decode_mask, load_json, read_tar
+from helpers import DATA, REPO, decode_image, decode_mask, load_json, read_tar
 from PIL import Image
 
 from factory.engine.driver import run_job
@@ -21,8 +20,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 VOC = class_set("voc")
 VOC_SOURCE = {
-    "kind": "folder", "path": str(DATA / "voc_samples"), "classes": "voc",
-    "image_suffix": "_image.png", "mask_suffix": "_target.png", "mask_format": "palette", "palette": "voc",
+    "kind": "folder",
+    "path": str(DATA / "voc_samples"),
+    "classes": "voc",
+    "image_suffix": "_image.png",
+    "mask_suffix": "_target.png",
+    "mask_format": "palette",
+    "palette": "voc",
     "ignore_colors": [[224, 224, 192]],
 }
 # Five actor stages share the 2 test CPUs with the read and encode tasks: a fifth of a CPU each.
@@ -48,18 +52,20 @@ def read_all(out: Path, shard: int) -> dict:
 @pytest.fixture(scope="module")
 def voc_job(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "out"
-    spec = parse_spec({
-        "name": "diffusion-e2e",
-        "seed": 3,
-        "source": VOC_SOURCE,
-        "stages": [
-            stage("caption", {"max_new_tokens": 8}),
-            {"kind": "prompt", "params": {"mode": "caption_classes"}, "resources": RES},
-            stage("controlnet", {"variants": 2, "steps": 2, "resolution": 64}, name="synth"),
-            stage("select", {"eps": EPS, "miou_threshold": 0.0, "box_threshold": 0.1, "text_threshold": 0.1}),
-        ],
-        "output": {"url": str(out), "shard_size": 2, "image_format": "png", "keep_rejected": True},
-    })
+    spec = parse_spec(
+        {
+            "name": "diffusion-e2e",
+            "seed": 3,
+            "source": VOC_SOURCE,
+            "stages": [
+                stage("caption", {"max_new_tokens": 8}),
+                {"kind": "prompt", "params": {"mode": "caption_classes"}, "resources": RES},
+                stage("controlnet", {"variants": 2, "steps": 2, "resolution": 64}, name="synth"),
+                stage("select", {"eps": EPS, "miou_threshold": 0.0, "box_threshold": 0.1, "text_threshold": 0.1}),
+            ],
+            "output": {"url": str(out), "shard_size": 2, "image_format": "png", "keep_rejected": True},
+        }
+    )
     return run_job(spec), out, open_source(spec.source)
 
 
@@ -75,7 +81,7 @@ def test_captions_prompts_and_exact_masks(voc_job):
     _, out, source = voc_job
     seen = 0
     for shard in range(2):
-        for key, (files, meta) in read_all(out, shard).items():
+        for files, meta in read_all(out, shard).values():
             seen += 1
             record = source.load(meta["source_id"])
             assert isinstance(meta["caption"], str) and meta["caption"]
@@ -105,7 +111,7 @@ def test_scores_and_rejections_are_consistent(voc_job):
         stats = load_json(out / "stats" / f"shard-{shard:06d}.json")
         kept = read_tar(out / "shards" / f"shard-{shard:06d}.tar")
         reasons = Counter()
-        for key, (files, meta) in read_all(out, shard).items():
+        for key, (_, meta) in read_all(out, shard).items():
             scores = meta["scores"]
             assert scores["embedding"] == "clip" and -1 <= scores["cosine"] <= 1 and 0 <= scores["miou"] <= 1
             if scores["cosine"] > EPS:
@@ -116,8 +122,11 @@ def test_scores_and_rejections_are_consistent(voc_job):
         assert stats["samples"] == len(kept) and stats["rejected"] == sum(reasons.values())
         assert stats["rejected_by_reason"] == dict(reasons)
         assert stats["models"]["caption"] == {"captioner": "tiny:blip-caption-v1"}
-        assert stats["models"]["select"] == {"embedding": "tiny:clip-vision-v1", "detector": "tiny:grounding-dino-v2",
-                                             "sam": "tiny:sam-v1"}
+        assert stats["models"]["select"] == {
+            "embedding": "tiny:clip-vision-v1",
+            "detector": "tiny:grounding-dino-v2",
+            "sam": "tiny:sam-v1",
+        }
 
 
 def test_images_only_source_is_labelled_by_the_mask_generator(ray_local, tmp_path):
@@ -126,19 +135,35 @@ def test_images_only_source_is_labelled_by_the_mask_generator(ray_local, tmp_pat
     for path in sorted((DATA / "voc_samples").glob("*_image.png")):
         Image.open(path).convert("RGB").resize((64, 64)).save(src / path.name.replace("_image", ""))
     out = tmp_path / "out"
-    spec = parse_spec({
-        "name": "pseudo-e2e",
-        "source": {"kind": "folder", "path": str(src), "classes": "voc", "image_suffix": ".png", "mask_suffix": None},
-        "stages": [
-            stage("caption", {"max_new_tokens": 4}),
-            stage("maskgen", {"mode": "fill_missing", "box_threshold": 0.1, "text_threshold": 0.1}),
-            {"kind": "prompt", "params": {"mode": "caption_classes"}, "resources": RES},
-            stage("controlnet", {"variants": 1, "steps": 2, "resolution": 32}, name="synth"),
-            stage("select", {"embedding": "pixels", "eps": -1.0, "miou_threshold": 0.0,
-                             "box_threshold": 0.1, "text_threshold": 0.1}),
-        ],
-        "output": {"url": str(out), "shard_size": 4, "image_format": "png"},
-    })
+    spec = parse_spec(
+        {
+            "name": "pseudo-e2e",
+            "source": {
+                "kind": "folder",
+                "path": str(src),
+                "classes": "voc",
+                "image_suffix": ".png",
+                "mask_suffix": None,
+            },
+            "stages": [
+                stage("caption", {"max_new_tokens": 4}),
+                stage("maskgen", {"mode": "fill_missing", "box_threshold": 0.1, "text_threshold": 0.1}),
+                {"kind": "prompt", "params": {"mode": "caption_classes"}, "resources": RES},
+                stage("controlnet", {"variants": 1, "steps": 2, "resolution": 32}, name="synth"),
+                stage(
+                    "select",
+                    {
+                        "embedding": "pixels",
+                        "eps": -1.0,
+                        "miou_threshold": 0.0,
+                        "box_threshold": 0.1,
+                        "text_threshold": 0.1,
+                    },
+                ),
+            ],
+            "output": {"url": str(out), "shard_size": 4, "image_format": "png"},
+        }
+    )
     index = run_job(spec)
     assert index["complete"] and index["samples"] == 3 and index["failed"] == 0
     samples = read_tar(out / "shards" / "shard-000000.tar")

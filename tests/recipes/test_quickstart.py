@@ -81,8 +81,17 @@ def test_status_and_preview(quickstart, cli):
 
 def test_a_stage_runs_alone(quickstart, cli):
     tmp, _ = quickstart
-    code, out, _ = cli("stage", "jobs/quickstart.yaml", "synth", "--input", str(tmp / "scenes"),
-                       "--out", str(tmp / "loose"), "--limit", "2")
+    code, out, _ = cli(
+        "stage",
+        "jobs/quickstart.yaml",
+        "synth",
+        "--input",
+        str(tmp / "scenes"),
+        "--out",
+        str(tmp / "loose"),
+        "--limit",
+        "2",
+    )
     assert code == 0 and "4 written" in out
     assert len(list((tmp / "loose").glob("*.seg.png"))) == 4
 

@@ -55,7 +55,7 @@ def test_imgsyn_keeps_the_human_masks_bit_for_bit(ray_local, scenes, tmp_path):
     assert index["samples"] == SCENES * images
     found = samples(tmp_path / "imgsyn")
     assert len(found) == SCENES * images
-    for key, files in sorted(found.items()):
+    for _, files in sorted(found.items()):
         meta = json.loads(files["json"])
         human = decode_mask((scenes / f"{meta['source_id']}_mask.png").read_bytes())
         mask = decode_mask(files["seg.png"])

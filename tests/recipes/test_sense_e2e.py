@@ -69,8 +69,7 @@ def labeled_run(ray_local, scenes):
     def add_maskgen(data):
         score = stage(data, "score")
         auto = score["params"].pop("auto_label")
-        maskgen = {"kind": "maskgen", "model": auto["model"], "params": auto["params"],
-                   "resources": score["resources"]}
+        maskgen = {"kind": "maskgen", "model": auto["model"], "params": auto["params"], "resources": score["resources"]}
         data["stages"].insert(data["stages"].index(stage(data, "t2i")) + 1, maskgen)
 
     return run(scenes, "labeled", add_maskgen)
@@ -97,8 +96,11 @@ def test_every_real_image_gives_one_image_per_generator(sense_run):
     models = load_json(out / "stats" / "shard-000000.json")["models"]
     assert models["t2i"] == {"sd35": "tiny:t2i-sd3-v1", "flux": "tiny:t2i-flux-v1"}
     assert models["caption"] == {"vlm": "tiny:dense-caption-llava-v1"}
-    assert models["score"] == {"clip": "tiny:score-clip-v1", "auto_label.detector": "tiny:grounding-dino-v2",
-                               "auto_label.sam": "tiny:sam-v1"}
+    assert models["score"] == {
+        "clip": "tiny:score-clip-v1",
+        "auto_label.detector": "tiny:grounding-dino-v2",
+        "auto_label.sam": "tiny:sam-v1",
+    }
 
 
 def test_scores_are_present_and_null_where_inputs_are_missing(sense_run):
@@ -140,15 +142,20 @@ def test_top_fraction_selection_over_the_output(sense_run, capsys):
     out, index = sense_run
     selection = select_top(OutputStore(str(out)), "density.instances", 0.5)
     assert selection["kept"] == math.ceil(index["samples"] / 2)
-    assert selection["dropped_by_reason"] == {"outside_fraction": index["samples"] - selection["kept"],
-                                              "missing_score": 0}
+    assert selection["dropped_by_reason"] == {
+        "outside_fraction": index["samples"] - selection["kept"],
+        "missing_score": 0,
+    }
     on_disk = load_json(out / "selections" / "top-density.instances-0.5.json")
     assert on_disk == selection
     kept = {k for shard in range(2) for k in selected_keys(OutputStore(str(out)), selection["name"], shard)}
     assert len(kept) == selection["kept"]
     values = {key: json.loads(files["json"])["scores"]["density"]["instances"] for key, files in samples(out).items()}
-    assert min(values[k] for k in kept) == selection["threshold"] >= max(
-        (v for k, v in values.items() if k not in kept), default=0)
+    assert (
+        min(values[k] for k in kept)
+        == selection["threshold"]
+        >= max((v for k, v in values.items() if k not in kept), default=0)
+    )
     assert main_select(open_output(str(out)), "fidelity.clip_score", 0.25, lowest=True) == 0
     assert "bottom-fidelity.clip_score-0.25.json: kept" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown score"):
@@ -176,7 +183,7 @@ def test_report_tells_the_kinds_apart(sense_run, labeled_run, tmp_path):
     for (out, index), kind in ((sense_run, "unlabelled"), (labeled_run, "pseudo-labelled")):
         html = write_report(OutputStore(str(out)), tmp_path / out.name).read_text()
         header = html.index("<th>unlabelled</th>")
-        counts = [int(c) for c in re.findall(r"<td>(\d+)</td>", html[header:html.index("</table>", header)])]
+        counts = [int(c) for c in re.findall(r"<td>(\d+)</td>", html[header : html.index("</table>", header)])]
         written, synthetic, labelled, pseudo, unlabelled = counts[0], counts[3], counts[4], counts[5], counts[6]
         assert written == synthetic == index["samples"]
         if kind == "unlabelled":

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO
 import s3fs
 import torch
 import yaml
+from helpers import REPO
 from safetensors.torch import load_file
 
 from factory.models.tiny_diffusion import tiny_sdxl_dir
@@ -37,11 +37,21 @@ def make_source(root: Path) -> Path:
 def spec_data(source: Path, out, **changes) -> dict:
     return {
         "name": "tiny",
-        "source": {"kind": "folder", "path": str(source), "classes": "ade150",
-                   "image_suffix": "_image.png", "mask_suffix": "_mask.png"},
+        "source": {
+            "kind": "folder",
+            "path": str(source),
+            "classes": "ade150",
+            "image_suffix": "_image.png",
+            "mask_suffix": "_mask.png",
+        },
         "model": {"profile": "tiny"},
-        "steps": 6, "batch_size": 1, "lr": 1e-3, "resolution": 32, "checkpoint_every": 3,
-        "use_gpu": False, "loader_workers": 0,
+        "steps": 6,
+        "batch_size": 1,
+        "lr": 1e-3,
+        "resolution": 32,
+        "checkpoint_every": 3,
+        "use_gpu": False,
+        "loader_workers": 0,
         "output": {"url": str(out)},
         **changes,
     }
@@ -66,8 +76,12 @@ def unet_weights(folder: Path) -> dict:
 
 def test_shipped_train_specs_validate():
     files = sorted(JOBS.glob("train_*.yaml"))
-    assert {f.name for f in files} >= {"train_text2mask.yaml", "train_mask2img.yaml",
-                                       "train_text2mask_tiny.yaml", "train_mask2img_tiny.yaml"}
+    assert {f.name for f in files} >= {
+        "train_text2mask.yaml",
+        "train_mask2img.yaml",
+        "train_text2mask_tiny.yaml",
+        "train_mask2img_tiny.yaml",
+    }
     for f in files:
         spec = load_train_spec(f)
         tiny = f.stem.endswith("_tiny")
@@ -98,8 +112,9 @@ def test_batches_are_a_pure_function_of_seed_rank_and_step(scenes, tmp_path):
     stream = PairStream(spec, "mask2img", palette, 0, 1)
     epoch = [i for k in range(2) for i in stream.batch_ids(k)]
     assert sorted(epoch) == sorted(stream.ids) and len(stream.ids) == 4
-    assert [stream.batch_ids(k) for k in range(4)] == [PairStream(spec, "mask2img", palette, 0, 1).batch_ids(k)
-                                                       for k in range(4)]
+    assert [stream.batch_ids(k) for k in range(4)] == [
+        PairStream(spec, "mask2img", palette, 0, 1).batch_ids(k) for k in range(4)
+    ]
     shares = [set(PairStream(spec, "mask2img", palette, r, 2).batch_ids(0)) for r in range(2)]
     assert not shares[0] & shares[1] and shares[0] | shares[1] == set(stream.ids)
 
@@ -109,8 +124,9 @@ def test_batches_are_a_pure_function_of_seed_rank_and_step(scenes, tmp_path):
     assert all(torch.equal(batch[k], again[k]) for k in ("colour", "image", "time_ids"))
     assert batch["prompt"] == again["prompt"] and batch["prompt"][0].startswith("a photo of ")
     # Loader processes deal the batches among themselves; the loader still yields them in order.
-    loader = torch.utils.data.DataLoader(LoaderBatches(spec, "mask2img", palette, 0, 1, 3), batch_size=None,
-                                         num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        LoaderBatches(spec, "mask2img", palette, 0, 1, 3), batch_size=None, num_workers=2
+    )
     for k, got in zip(range(3, 7), loader):
         want = stream.batch(k)
         assert got["prompt"] == want["prompt"] and torch.equal(got["image"], want["image"])
@@ -126,8 +142,14 @@ def test_text2mask_trains_checkpoints_and_loads_into_the_stage(reference, model_
     assert info["probe_loss"] < info["probe_loss_start"]  # the loss on a fixed batch went down
     for step in (3, 6):
         ckpt = out / "checkpoints" / f"step-{step:06d}"
-        assert {p.name for p in ckpt.iterdir()} == {"unet", "optimizer.pt", "state.json", "palette.json",
-                                                     "seggen.json", "_COMPLETE"}
+        assert {p.name for p in ckpt.iterdir()} == {
+            "unet",
+            "optimizer.pt",
+            "state.json",
+            "palette.json",
+            "seggen.json",
+            "_COMPLETE",
+        }
     final = out / "final"
     assert {p.name for p in final.iterdir()} == {"unet", "palette.json", "seggen.json", "_COMPLETE"}
     for a, b in zip(unet_weights(final).values(), unet_weights(out / "checkpoints" / "step-000006").values()):
@@ -191,8 +213,17 @@ def test_mask2img_trains_data_parallel_to_s3_and_loads_into_the_stage(ray_local,
     _, options = s3_server
     spec_file = tmp_path / "train.yaml"
     # Two data-parallel workers (DDP over gloo), each reading through a loader process.
-    data = spec_data(scenes, "s3://test/mask2img", steps=4, batch_size=2, checkpoint_every=2, keep_checkpoints=1,
-                     num_workers=2, cpus_per_worker=0.5, loader_workers=1)
+    data = spec_data(
+        scenes,
+        "s3://test/mask2img",
+        steps=4,
+        batch_size=2,
+        checkpoint_every=2,
+        keep_checkpoints=1,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        loader_workers=1,
+    )
     data["output"] = {"url": "s3://test/mask2img", "storage_options": options}
     spec_file.write_text(yaml.safe_dump(data))
     assert main_train("mask2img", str(spec_file)) == 0
@@ -205,7 +236,11 @@ def test_mask2img_trains_data_parallel_to_s3_and_loads_into_the_stage(ray_local,
     assert fs.exists(f"{ckpt}/step-000004/_COMPLETE") and fs.exists(f"{ckpt}/step-000004/optimizer.pt")
     assert not fs.exists(f"{ckpt}/step-000002/_COMPLETE") and not fs.exists(f"{ckpt}/step-000002/optimizer.pt")
     assert {p.rsplit("/", 1)[-1] for p in fs.ls("test/mask2img/final")} == {
-        "controlnet", "palette.json", "seggen.json", "_COMPLETE"}
+        "controlnet",
+        "palette.json",
+        "seggen.json",
+        "_COMPLETE",
+    }
     info = train("mask2img", parse_train_spec(data))
     assert info["probe_loss"] < info["probe_loss_start"] and info["starts"] == [0]
 

@@ -21,9 +21,35 @@ pytestmark = pytest.mark.timeout(300)
 # Directories named like images, a file beside a directory of the same stem, names with spaces,
 # newlines and non-ASCII, and a file named only by the suffix (no stem: not a sample).
 ADVERSARIAL = [
-    "a", "a-b", "a.b", "a0", "a_b", "a b", "A", "Z", "é", "日本", "z\nnewline", "~",
-    "a/x", "a/a", "a/a/x", "a-/x", "a./x", "a_/x", "ab/x", "a/b/c/d", "a/b/c-", "a/b/c0",
-    "dir.png/y", "x", "x-", "0/1", "00", "0", ".hidden",
+    "a",
+    "a-b",
+    "a.b",
+    "a0",
+    "a_b",
+    "a b",
+    "A",
+    "Z",
+    "é",
+    "日本",
+    "z\nnewline",
+    "~",
+    "a/x",
+    "a/a",
+    "a/a/x",
+    "a-/x",
+    "a./x",
+    "a_/x",
+    "ab/x",
+    "a/b/c/d",
+    "a/b/c-",
+    "a/b/c0",
+    "dir.png/y",
+    "x",
+    "x-",
+    "0/1",
+    "00",
+    "0",
+    ".hidden",
 ]
 
 
@@ -43,7 +69,9 @@ def run_size(monkeypatch):
 
 
 def image_folder(path, **fields):
-    return open_source(SourceSpec(kind="folder", path=str(path), classes="voc", image_suffix=".png", mask_suffix=None, **fields))
+    return open_source(
+        SourceSpec(kind="folder", path=str(path), classes="voc", image_suffix=".png", mask_suffix=None, **fields)
+    )
 
 
 @pytest.mark.parametrize("run", [100_000, 2])
@@ -152,7 +180,9 @@ def test_many_files_stream_in_bounded_memory(tmp_path, run_size):
 
     streamed = peak_bytes(stream)
     assert seen["count"] == expected_count and seen["previous"] == "sub-039/99"
-    held = peak_bytes(lambda: sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs))
+    held = peak_bytes(
+        lambda: sorted(os.path.relpath(os.path.join(d, f), tmp_path) for d, _, fs in os.walk(tmp_path) for f in fs)
+    )
     # Holding every id costs ~4 MB here; the stream holds one run of 4k names (and its sorted copy).
     assert streamed < held / 3, (streamed, held)
     assert streamed < 2 * 2**20, streamed

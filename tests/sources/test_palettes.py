@@ -31,11 +31,13 @@ def test_separated_palette_is_distinct_deterministic_and_spread():
     assert len(keys) == 150 and IGNORE_COLOR not in keys and EDGE_COLOR not in keys
     assert np.array_equal(colours, separated_palette(150, seed=0))
     assert not np.array_equal(colours, separated_palette(150, seed=1))
+
     # Farther apart than the ADE20K colours, whose closest pair is a shared colour.
     def closest(c):
         lab = rgb_to_lab(c)
         d = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
         return d[~np.eye(len(c), dtype=bool)].min()
+
     assert closest(colours) > 15 > closest(ade150_palette()) == 0
 
 

@@ -86,27 +86,33 @@ def test_s3_output_on_a_real_server(ray_local, s3_server, tmp_path):
     endpoint, options = s3_server
     src = write_folder_source(tmp_path / "src", 6)
     spec = folder_spec(
-        tmp_path / "src", "s3://test/job-s3", [INVERT], image_format="jpg",
-        endpoint_url=endpoint, storage_options={"key": options["key"], "secret": options["secret"]},
+        tmp_path / "src",
+        "s3://test/job-s3",
+        [INVERT],
+        image_format="jpg",
+        endpoint_url=endpoint,
+        storage_options={"key": options["key"], "secret": options["secret"]},
     )
     index = run_job(parse_spec(spec))
     assert index["complete"] and index["samples"] == 12
     fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()
     assert [s["url"] for s in json.loads(fs.cat("test/job-s3/index.json"))["shards"]] == [
-        "s3://test/job-s3/shards/shard-000000.tar", "s3://test/job-s3/shards/shard-000001.tar",
+        "s3://test/job-s3/shards/shard-000000.tar",
+        "s3://test/job-s3/shards/shard-000001.tar",
     ]
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("test/job-s3/shards")) == [
-        "shard-000000.tar", "shard-000001.tar",
-    ]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("test/job-s3/shards")) == ["shard-000000.tar", "shard-000001.tar"]
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("test/job-s3/stats")) == [
-        "shard-000000.json", "shard-000001.json",
+        "shard-000000.json",
+        "shard-000001.json",
     ]
     assert not fs.exists("test/job-s3/_tmp") or not fs.ls("test/job-s3/_tmp")
     # Ray Data reads the shards straight from the object store.
     s3 = pyarrow.fs.S3FileSystem(
-        access_key=options["key"], secret_key=options["secret"],
-        endpoint_override=endpoint.removeprefix("http://"), scheme="http",
+        access_key=options["key"],
+        secret_key=options["secret"],
+        endpoint_override=endpoint.removeprefix("http://"),
+        scheme="http",
     )
     rows = ray_local.data.read_webdataset("test/job-s3/shards", filesystem=s3, decoder=None).take_all()
     assert len(rows) == 12

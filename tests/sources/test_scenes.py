@@ -54,9 +54,11 @@ def test_idempotent(tmp_path):
 
 def test_reads_back_as_an_ade150_folder_source(tmp_path):
     ids = make_scenes(tmp_path, count=8, size=64)
-    src = open_source(SourceSpec(
-        kind="folder", path=str(tmp_path), classes="ade150", image_suffix=IMAGE_SUFFIX, mask_suffix=MASK_SUFFIX,
-    ))
+    src = open_source(
+        SourceSpec(
+            kind="folder", path=str(tmp_path), classes="ade150", image_suffix=IMAGE_SUFFIX, mask_suffix=MASK_SUFFIX
+        )
+    )
     assert list(src.list_ids()) == ids
     seen = set()
     for sample_id in ids:
@@ -67,16 +69,41 @@ def test_reads_back_as_an_ade150_folder_source(tmp_path):
         seen |= present
     ade = class_set("ade150")
     assert {ade.index("sky"), ade.index("wall")} & seen
-    assert seen <= {ade.index(n) for n in (
-        "wall", "building", "sky", "floor", "tree", "road", "grass", "mountain", "person", "car", "table",
-        "chair", "sofa", "painting",
-    )}
+    assert seen <= {
+        ade.index(n)
+        for n in (
+            "wall",
+            "building",
+            "sky",
+            "floor",
+            "tree",
+            "road",
+            "grass",
+            "mountain",
+            "person",
+            "car",
+            "table",
+            "chair",
+            "sofa",
+            "painting",
+        )
+    }
 
 
 def test_class_ids_are_the_ade150_ones():
     ade = class_set("ade150")
-    expected = {"wall": 0, "building": 1, "sky": 2, "floor": 3, "tree": 4, "road": 6, "grass": 9, "person": 12,
-                "mountain": 16, "car": 20}
+    expected = {
+        "wall": 0,
+        "building": 1,
+        "sky": 2,
+        "floor": 3,
+        "tree": 4,
+        "road": 6,
+        "grass": 9,
+        "person": 12,
+        "mountain": 16,
+        "car": 20,
+    }
     assert {name: ade.index(name) for name in expected} == expected
 
 
@@ -108,6 +135,7 @@ def colour_lookup_accuracy(style: str) -> tuple[float, float]:
     """Pixel accuracy of the best colour-only classifier fitted on 150 scenes (each quantised colour ->
     its most frequent class), on 100 other scenes; and the accuracy of always answering the most
     frequent class."""
+
     def pixels(indices):
         scenes = [render_scene(32, 0, i, style) for i in indices]
         colours = np.concatenate([im.reshape(-1, 3) for im, _ in scenes]) // 32

@@ -102,10 +102,13 @@ def test_a_scenes_spec_round_trips_as_the_workers_receive_it():
 
 @pytest.mark.integration
 def test_a_scenes_job_runs_through_the_engine(ray_local, tmp_path):
-    spec = parse_spec({
-        "name": "scenes", "source": {"kind": "scenes", "count": 5, "size": 32, "seed": 4},
-        "output": {"url": str(tmp_path / "out"), "shard_size": 2, "image_format": "png"},
-    })
+    spec = parse_spec(
+        {
+            "name": "scenes",
+            "source": {"kind": "scenes", "count": 5, "size": 32, "seed": 4},
+            "output": {"url": str(tmp_path / "out"), "shard_size": 2, "image_format": "png"},
+        }
+    )
     assert run_job(spec)["samples"] == 5
     seen = set()
     for shard in range(3):

@@ -158,11 +158,16 @@ def coco_one_segment_per_pixel(root, h: int, w: int) -> str:
     """A COCO panoptic image whose every pixel is its own person instance: h * w instances."""
     ids = np.arange(1, h * w + 1).reshape(h, w)
     write_image(root / "val2017" / "x.jpg", image_array(0, (h, w)))
-    write_image(root / "annotations" / "panoptic_val2017" / "x.png",
-                np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8))
+    write_image(
+        root / "annotations" / "panoptic_val2017" / "x.png",
+        np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8),
+    )
     segments = [{"id": int(i), "category_id": 1, "iscrowd": 0} for i in range(1, h * w + 1)]
-    doc = {"images": [{"id": 1, "file_name": "x.jpg"}], "categories": COCO_CATEGORIES,
-           "annotations": [{"image_id": 1, "file_name": "x.png", "segments_info": segments}]}
+    doc = {
+        "images": [{"id": 1, "file_name": "x.jpg"}],
+        "categories": COCO_CATEGORIES,
+        "annotations": [{"image_id": 1, "file_name": "x.png", "segments_info": segments}],
+    }
     (root / "annotations" / "panoptic_val2017.json").write_text(json.dumps(doc))
     return "x"
 

@@ -6,7 +6,6 @@ import uuid
 import fsspec
 import numpy as np
 import pytest
-from helpers import DATA
 from fixtures_data import (
     COCO_CLASS_NAMES,
     COCO_SEGMENTS,
@@ -28,6 +27,7 @@ from fixtures_data import (
     write_mask,
     write_voc_mask,
 )
+from helpers import DATA
 from PIL import Image
 
 from factory.sample import BadSample
@@ -200,8 +200,14 @@ def test_folder_through_fsspec_memory():
 def test_voc_samples_of_the_repository():
     root = DATA / "voc_samples"
     src = source(
-        "folder", root, classes="voc", image_suffix="_image.png", mask_suffix="_target.png",
-        mask_format="palette", palette="voc", ignore_colors=[[224, 224, 192]],
+        "folder",
+        root,
+        classes="voc",
+        image_suffix="_image.png",
+        mask_suffix="_target.png",
+        mask_format="palette",
+        palette="voc",
+        ignore_colors=[[224, 224, 192]],
     )
     assert list(src.list_ids()) == ["1", "114", "23"]
     voc = class_set("voc")
@@ -280,8 +286,14 @@ def expected_coco(size=SIZE):
     s = COCO_SEGMENTS
     semantic = np.full(size, 255, dtype=np.uint8)
     instances = np.zeros(size, dtype=np.uint16)
-    for key, cls, inst in (("sky", 2, 0), ("grass", 3, 0), ("person_a", 0, 2), ("person_b", 0, 3),
-                           ("car", 1, 1), ("crowd", 0, 0)):
+    for key, cls, inst in (
+        ("sky", 2, 0),
+        ("grass", 3, 0),
+        ("person_a", 0, 2),
+        ("person_b", 0, 3),
+        ("car", 1, 1),
+        ("crowd", 0, 0),
+    ):
         semantic[seg == s[key]] = cls
         instances[seg == s[key]] = inst
     return semantic, instances
@@ -385,10 +397,16 @@ def test_cityscapes_listing_and_mapping(tmp_path):
     ids = make_cityscapes(tmp_path, 4)
     src = source("cityscapes", tmp_path)
     assert src.classes == class_set("cityscapes")
-    assert list(src.list_ids()) == ids == [
-        "aachen/aachen_000000_000001", "aachen/aachen_000000_000003",
-        "bochum/bochum_000000_000000", "bochum/bochum_000000_000002",
-    ]
+    assert (
+        list(src.list_ids())
+        == ids
+        == [
+            "aachen/aachen_000000_000001",
+            "aachen/aachen_000000_000003",
+            "bochum/bochum_000000_000000",
+            "bochum/bochum_000000_000002",
+        ]
+    )
     rec = src.load(ids[0])
     check_record(rec, src, ids[0])
     # Bands: 7 road | 26 car | 0 unlabeled | 24 person | 255 (-1) | 33 bicycle | 4 static.

@@ -27,16 +27,24 @@ def context(classes=VOC, job_seed=0):
 
 
 def make_caption(model=None, **params):
-    stage = CaptionStage(CaptionStage.Params(**{"max_new_tokens": 8, **params}),
-                         CaptionStage.Model(**(model or {"profile": "tiny"})), context())
+    stage = CaptionStage(
+        CaptionStage.Params(**{"max_new_tokens": 8, **params}),
+        CaptionStage.Model(**(model or {"profile": "tiny"})),
+        context(),
+    )
     stage.setup()
     return stage
 
 
 def image_sample(index, seed=0, shape=(40, 56), meta=None):
     rng = np.random.default_rng(seed)
-    return Sample(shard=0, index=index, source_id=f"img-{index}", image=rng.integers(0, 256, (*shape, 3), np.uint8),
-                  meta=dict(meta or {}))
+    return Sample(
+        shard=0,
+        index=index,
+        source_id=f"img-{index}",
+        image=rng.integers(0, 256, (*shape, 3), np.uint8),
+        meta=dict(meta or {}),
+    )
 
 
 def voc_mask(shape=(30, 30)):
@@ -147,8 +155,11 @@ def test_caption_mode_and_missing_caption():
     without = Sample(shard=0, index=1, source_id="b", mask=voc_mask())
     out = stage.process([with_caption, without])
     assert out[0].meta["prompt"] == "a living room" and out[0].meta["prompt_mode"] == "caption"
-    assert out[1].error == {"stage": "cap", "reason": "no_caption",
-                            "detail": "b: no caption in meta['caption'] (run a caption stage first)"}
+    assert out[1].error == {
+        "stage": "cap",
+        "reason": "no_caption",
+        "detail": "b: no caption in meta['caption'] (run a caption stage first)",
+    }
 
 
 def test_caption_classes_mode_most_pixels_first():
@@ -166,8 +177,12 @@ def test_caption_classes_mode_most_pixels_first():
 def test_synonyms_map_to_the_dataset_names():
     stage = make_prompt(mode="caption_classes", synonyms={"couch": "sofa", "houseplant": "pottedplant"})
     # Names from another vocabulary (a sample with no mask) become the dataset's own, without repeats.
-    sample = Sample(shard=0, index=0, source_id="a",
-                    meta={"caption": "a room", "class_names": ["couch", "sofa", "houseplant", "lamp"]})
+    sample = Sample(
+        shard=0,
+        index=0,
+        source_id="a",
+        meta={"caption": "a room", "class_names": ["couch", "sofa", "houseplant", "lamp"]},
+    )
     assert stage.process([sample])[0].meta["prompt"] == "a room; sofa, pottedplant, lamp"
     # The class set's own synonyms apply too (ADE150 lists couch under sofa).
     ade = make_prompt(classes=class_set("ade150"), mode="caption_classes")
@@ -176,14 +191,18 @@ def test_synonyms_map_to_the_dataset_names():
 
 
 def write_coco_captions(path: Path):
-    path.write_text(json.dumps({
-        "images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"}],
-        "annotations": [
-            {"image_id": 139, "id": 1, "caption": "A living room with a television."},
-            {"image_id": 139, "id": 2, "caption": " A room with chairs and a TV. "},
-            {"image_id": 285, "id": 3, "caption": "A big brown bear."},
-        ],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 139, "file_name": "000000000139.jpg"}, {"id": 285, "file_name": "000000000285.jpg"}],
+                "annotations": [
+                    {"image_id": 139, "id": 1, "caption": "A living room with a television."},
+                    {"image_id": 139, "id": 2, "caption": " A room with chairs and a TV. "},
+                    {"image_id": 285, "id": 3, "caption": "A big brown bear."},
+                ],
+            }
+        )
+    )
 
 
 def test_read_captions_formats(tmp_path):
@@ -192,7 +211,7 @@ def test_read_captions_formats(tmp_path):
     assert coco["000000000139"] == coco["139"] == ["A living room with a television.", "A room with chairs and a TV."]
     (tmp_path / "c.jsonl").write_text('{"id": "a", "caption": "one"}\n\n{"id": "a", "caption": "two"}\n')
     assert read_captions(str(tmp_path / "c.jsonl")) == {"a": ["one", "two"]}
-    (tmp_path / "c.csv").write_text("id,caption\nb,\"a cat, sleeping\"\n")
+    (tmp_path / "c.csv").write_text('id,caption\nb,"a cat, sleeping"\n')
     assert read_captions(f"file://{tmp_path / 'c.csv'}") == {"b": ["a cat, sleeping"]}
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(ValueError, match="COCO .json"):
@@ -216,7 +235,6 @@ def test_dataset_mode(tmp_path):
     assert out[1].meta["prompt"] == "A big brown bear."
     assert out[2].error["reason"] == "no_caption"
 
-    seeded = [make_prompt(mode="dataset", captions=str(tmp_path / "captions.json"), pick="seeded")
-              for _ in range(2)]
+    seeded = [make_prompt(mode="dataset", captions=str(tmp_path / "captions.json"), pick="seeded") for _ in range(2)]
     picks = [s.process([Sample(shard=0, index=0, source_id="000000000139")])[0].meta["prompt"] for s in seeded]
     assert picks[0] == picks[1] and picks[0] in read_captions(str(tmp_path / "captions.json"))["139"]

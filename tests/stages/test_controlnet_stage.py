@@ -48,8 +48,15 @@ def mask_sample(index=0, shape=(40, 56), source_id=None, meta=None):
     mask[-4:, :5] = IGNORE
     instances = np.zeros(shape, dtype=np.int32)
     instances[10:20, 10:30] = 7
-    return Sample(shard=2, index=index, source_id=source_id or f"src-{index}", image=None, mask=mask,
-                  instances=instances, meta=dict(meta or {}))
+    return Sample(
+        shard=2,
+        index=index,
+        source_id=source_id or f"src-{index}",
+        image=None,
+        mask=mask,
+        instances=instances,
+        meta=dict(meta or {}),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,11 @@ def test_k_variants_with_exact_masks(stage):
 def test_prompt_and_meta(stage):
     out = stage.process([mask_sample()])
     synthesis = {
-        "stage": "synth", "steps": 2, "guidance": 7.5, "resolution": 64, "size": [48, 64],
+        "stage": "synth",
+        "steps": 2,
+        "guidance": 7.5,
+        "resolution": 64,
+        "size": [48, 64],
         "models": {"base": "tiny:controlnet-seg-sd15-v1", "controlnet": "tiny:controlnet-seg-sd15-v1"},
     }
     for s in out:
@@ -129,7 +140,9 @@ def test_calls_batch_variants_and_keep_order(stage):
     assert out[-1].image.shape == (32, 32, 3)
     # One call per generation size, all K variants in it.
     assert [(c["height"], c["width"], len(c["prompt"]), len(c["generator"])) for c in calls] == [
-        (48, 64, K, K), (64, 64, K, K)]
+        (48, 64, K, K),
+        (64, 64, K, K),
+    ]
     cond = np.asarray(calls[0]["image"][0])
     assert cond.shape == (48, 64, 3)
     colours = {tuple(c) for c in cond.reshape(-1, 3)}
@@ -212,10 +225,14 @@ def test_a_chosen_attention_backend_applies_to_the_denoisers_only(model_cache):
     stage.setup()
     flash_enabled: dict[str, list[bool]] = {}
     # Recorded inside each model's forward (by its first layer), where the backend applies.
-    for name, module in (("unet", stage.pipe.unet.conv_in), ("controlnet", stage.pipe.controlnet.conv_in),
-                         ("vae", stage.pipe.vae.decoder.conv_in)):
-        module.register_forward_pre_hook(lambda _m, _a, name=name: flash_enabled.setdefault(name, []).append(
-            torch.backends.cuda.flash_sdp_enabled()))
+    for name, module in (
+        ("unet", stage.pipe.unet.conv_in),
+        ("controlnet", stage.pipe.controlnet.conv_in),
+        ("vae", stage.pipe.vae.decoder.conv_in),
+    ):
+        module.register_forward_pre_hook(
+            lambda _m, _a, name=name: flash_enabled.setdefault(name, []).append(torch.backends.cuda.flash_sdp_enabled())
+        )
     assert stage.process([mask_sample(shape=(32, 32))])[0].ok
     assert flash_enabled["unet"] and not any(flash_enabled["unet"])
     assert flash_enabled["controlnet"] and not any(flash_enabled["controlnet"])

@@ -106,10 +106,12 @@ def test_batches_models_per_call_and_matches_one_by_one(generator):
     names = [["sofa", "chair"], ["bird"], ["sheep", "cow"]]
     calls = {"detector": [], "encoder": [], "boxes": []}
     hooks = [
-        generator.detector.register_forward_hook(lambda m, a, kw, out: calls["detector"].append(len(out.logits)),
-                                                 with_kwargs=True),
+        generator.detector.register_forward_hook(
+            lambda m, a, kw, out: calls["detector"].append(len(out.logits)), with_kwargs=True
+        ),
         generator.predictor.model.image_encoder.register_forward_hook(
-            lambda m, a, out: calls["encoder"].append(len(a[0]))),
+            lambda m, a, out: calls["encoder"].append(len(a[0]))
+        ),
     ]
     predict = generator.predictor.predict_torch
 
@@ -159,8 +161,11 @@ def test_prompts_spans_and_chunks(generator):
 
 
 def make_stage(**params):
-    stage = MaskGenStage(MaskGenStage.Params(**{**LOOSE, **params}), MaskGenStage.Model(profile="tiny"),
-                         StageContext(label="labels", job_seed=0, classes=VOC, device="cpu"))
+    stage = MaskGenStage(
+        MaskGenStage.Params(**{**LOOSE, **params}),
+        MaskGenStage.Model(profile="tiny"),
+        StageContext(label="labels", job_seed=0, classes=VOC, device="cpu"),
+    )
     stage.setup()
     return stage
 
@@ -182,12 +187,16 @@ def test_fill_missing_and_replace(model_cache):
     dataset_mask = np.full(ims[0].shape[:2], VOC.index("cat"), np.uint8)
 
     def inputs():
-        return [Sample(shard=0, index=0, source_id="a", image=ims[0], mask=dataset_mask.copy()),
-                Sample(shard=0, index=1, source_id="b", image=ims[1])]
+        return [
+            Sample(shard=0, index=0, source_id="a", image=ims[0], mask=dataset_mask.copy()),
+            Sample(shard=0, index=1, source_id="b", image=ims[1]),
+        ]
 
     stage = make_stage(classes=["sofa", "chair"])
-    assert stage.names == ["sofa", "chair"] and stage.model_ids() == {"detector": f"tiny:{TINY_DETECTOR}",
-                                                                        "sam": f"tiny:{TINY_SAM}"}
+    assert stage.names == ["sofa", "chair"] and stage.model_ids() == {
+        "detector": f"tiny:{TINY_DETECTOR}",
+        "sam": f"tiny:{TINY_SAM}",
+    }
     kept, labelled = stage.process(inputs())
     assert np.array_equal(kept.mask, dataset_mask) and kept.instances is None and kept.meta["pseudo_label"] is False
     assert labelled.meta["pseudo_label"] is True and labelled.mask.dtype == np.uint8
@@ -253,7 +262,9 @@ def test_detector_hub_id_offline_error(monkeypatch, tmp_path):
 def test_folder_source_without_masks(tmp_path):
     for i, im in enumerate(images(3, shape=(12, 16))):
         Image.fromarray(im).save(tmp_path / f"p{i}.png")
-    spec = SourceSpec(kind="folder", path=str(tmp_path), classes="voc", image_suffix=".png", mask_suffix=None, min_side=8)
+    spec = SourceSpec(
+        kind="folder", path=str(tmp_path), classes="voc", image_suffix=".png", mask_suffix=None, min_side=8
+    )
     src = open_source(spec)
     assert list(src.list_ids()) == ["p0", "p1", "p2"]
     rec = src.load("p1")

@@ -39,8 +39,15 @@ def real_sample(index=0, shape=(40, 56), meta=None):
     instances = np.zeros(shape, dtype=np.int32)
     instances[10:20, 10:30] = 3
     mask[10:20, 10:30] = ADE.index("person")
-    return Sample(shard=1, index=index, source_id=f"real-{index}", image=rng.integers(0, 256, (*shape, 3), np.uint8),
-                  mask=mask, instances=instances, meta=dict(meta or {}))
+    return Sample(
+        shard=1,
+        index=index,
+        source_id=f"real-{index}",
+        image=rng.integers(0, 256, (*shape, 3), np.uint8),
+        mask=mask,
+        instances=instances,
+        meta=dict(meta or {}),
+    )
 
 
 class Recorder:
@@ -206,8 +213,12 @@ def test_mask2img_outlines_class_map_and_missing_masks(model_cache):
     mask[8:16, 2:12] = voc.index("person")
     instances = np.zeros((32, 32), dtype=np.int32)
     instances[8:16, 2:12] = 1
-    out = stage.process([Sample(shard=0, index=0, source_id="v", mask=mask, instances=instances),
-                         Sample(shard=0, index=1, source_id="no-mask", image=np.zeros((8, 8, 3), np.uint8))])
+    out = stage.process(
+        [
+            Sample(shard=0, index=0, source_id="v", mask=mask, instances=instances),
+            Sample(shard=0, index=1, source_id="no-mask", image=np.zeros((8, 8, 3), np.uint8)),
+        ]
+    )
     cond = np.asarray(stage.pipe.calls[0]["image"][0])
     assert (cond[:, 20:] == stage.palette.colors[ADE.index("animal")]).all()
     assert (cond[:, :2] == 0).all()  # voc background has no ADE150 name: unlabeled

@@ -22,8 +22,11 @@ VOC = class_set("voc")
 
 
 def make_stage(model=None, **params):
-    stage = SelectStage(SelectStage.Params(**params), SelectStage.Model(**(model or {"profile": "tiny"})),
-                        StageContext(label="select", job_seed=0, classes=VOC, device="cpu"))
+    stage = SelectStage(
+        SelectStage.Params(**params),
+        SelectStage.Model(**(model or {"profile": "tiny"})),
+        StageContext(label="select", job_seed=0, classes=VOC, device="cpu"),
+    )
     stage.setup()
     return stage
 
@@ -32,9 +35,15 @@ def synthetic(index, variant, seed=0, shape=(24, 32)):
     rng = np.random.default_rng(seed)
     mask = np.zeros(shape, np.uint8)
     mask[4:20, 6:26] = VOC.index("sheep")
-    return Sample(shard=1, index=index, source_id=f"s{index}", variant=str(variant),
-                  image=rng.integers(0, 256, (*shape, 3), np.uint8),
-                  source_image=np.random.default_rng(100 + index).integers(0, 256, (*shape, 3), np.uint8), mask=mask)
+    return Sample(
+        shard=1,
+        index=index,
+        source_id=f"s{index}",
+        variant=str(variant),
+        image=rng.integers(0, 256, (*shape, 3), np.uint8),
+        source_image=np.random.default_rng(100 + index).integers(0, 256, (*shape, 3), np.uint8),
+        mask=mask,
+    )
 
 
 def test_registered_and_validated():
@@ -52,13 +61,9 @@ def test_registered_and_validated():
 
 
 def test_mean_iou_by_hand():
-    gt = np.array([[1, 1, 2, 2],
-                   [1, 1, 2, 2],
-                   [0, 0, 255, 255]], np.uint8)
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 255, 255]], np.uint8)
     assert mean_iou(gt, gt, IGNORE) == 1.0
-    pred = np.array([[1, 1, 1, 2],
-                     [1, 1, 255, 2],
-                     [0, 0, 2, 1]], np.uint8)
+    pred = np.array([[1, 1, 1, 2], [1, 1, 255, 2], [0, 0, 2, 1]], np.uint8)
     # Scored pixels are the 10 gt labels. Class 1: 4 shared / 5 in either; class 2: 2 / 4; class 0: 2 / 2.
     assert mean_iou(pred, gt, IGNORE) == pytest.approx((4 / 5 + 2 / 4 + 1) / 3)
     # Skipping class 0 (background) leaves it out of the mean; pixels predicted as nothing still cost recall.
@@ -96,14 +101,15 @@ class FakeGenerator:
 
     def generate(self, images, class_names):
         self.names.append(class_names)
-        return [PseudoLabel(m, np.zeros(m.shape, np.int32), [], []) for m in self.masks[:len(images)]]
+        return [PseudoLabel(m, np.zeros(m.shape, np.int32), [], []) for m in self.masks[: len(images)]]
 
 
 def tagged(index, variant, real_tag, synth_tag, mask):
     real = np.full((*mask.shape, 3), real_tag, np.uint8)
     image = np.full((*mask.shape, 3), synth_tag, np.uint8)
-    return Sample(shard=0, index=index, source_id=f"s{index}", variant=str(variant), image=image,
-                  source_image=real, mask=mask)
+    return Sample(
+        shard=0, index=index, source_id=f"s{index}", variant=str(variant), image=image, source_image=real, mask=mask
+    )
 
 
 def test_threshold_logic_on_hand_made_embeddings_and_masks(model_cache):
@@ -118,8 +124,13 @@ def test_threshold_logic_on_hand_made_embeddings_and_masks(model_cache):
     poor = np.full_like(gt, VOC.index("sheep"))  # 8 / 16 = 0.5: exactly the threshold, kept
     worse = np.full_like(gt, IGNORE)  # nothing found: 0.0
     stage.generator = FakeGenerator([good, half, poor, worse, good])
-    samples = [tagged(0, 0, 0, 1, gt), tagged(0, 1, 0, 1, gt), tagged(0, 2, 0, 1, gt), tagged(1, 0, 0, 1, gt),
-               tagged(1, 1, 0, 2, gt)]
+    samples = [
+        tagged(0, 0, 0, 1, gt),
+        tagged(0, 1, 0, 1, gt),
+        tagged(0, 2, 0, 1, gt),
+        tagged(1, 0, 0, 1, gt),
+        tagged(1, 1, 0, 2, gt),
+    ]
     out = stage.process(samples)
     scores = [s.meta["scores"] for s in out]
     assert [round(s["cosine"], 4) for s in scores] == [0.9, 0.9, 0.9, 0.9, 0.75]
@@ -204,14 +215,18 @@ def test_identical_images_are_kept_on_every_embedding(model_cache):
 
 def test_full_tiny_stage_scores_and_determinism(model_cache):
     stage = make_stage(box_threshold=0.0, text_threshold=0.0, eps=-1.0, miou_threshold=0.0)
-    assert stage.model_ids() == {"embedding": f"tiny:{TINY_EMBEDDERS['clip']}", "detector": "tiny:grounding-dino-v2",
-                                 "sam": "tiny:sam-v1"}
+    assert stage.model_ids() == {
+        "embedding": f"tiny:{TINY_EMBEDDERS['clip']}",
+        "detector": "tiny:grounding-dino-v2",
+        "sam": "tiny:sam-v1",
+    }
     out = stage.process([synthetic(0, 0), synthetic(0, 1, seed=1), synthetic(1, 0, seed=2)])
     assert all(s.ok for s in out)
     for s in out:
         assert -1.0 <= s.meta["scores"]["cosine"] <= 1.0 and 0.0 <= s.meta["scores"]["miou"] <= 1.0
     again = make_stage(box_threshold=0.0, text_threshold=0.0, eps=-1.0, miou_threshold=0.0).process(
-        [synthetic(0, 0), synthetic(0, 1, seed=1), synthetic(1, 0, seed=2)])
+        [synthetic(0, 0), synthetic(0, 1, seed=1), synthetic(1, 0, seed=2)]
+    )
     assert [s.meta["scores"] for s in again] == [s.meta["scores"] for s in out]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.models.tiny_diffusion import tiny_t2i_dir
+from factory.models.tiny_t2i import tiny_t2i_dir
 from factory.sample import Sample
 from factory.sources.classes import ade150_palette, class_set
 from factory.stages import StageContext, resolve_stage
@@ -38,8 +38,9 @@ def painted(index=0, source_id=None, prompt=None):
     mask[:8] = ADE.index("sky")
     mask[12:20, 4:10] = ADE.index("person")
     meta = {"prompt": prompt} if prompt else {}
-    return Sample(shard=1, index=index, source_id=source_id or f"p-{index}", image=ade150_palette()[mask],
-                  mask=mask, meta=meta)
+    return Sample(
+        shard=1, index=index, source_id=source_id or f"p-{index}", image=ade150_palette()[mask], mask=mask, meta=meta
+    )
 
 
 # ---------------------------------------------------------------- dense captions
@@ -47,8 +48,9 @@ def painted(index=0, source_id=None, prompt=None):
 
 @pytest.fixture(scope="module")
 def captioner(model_cache):
-    stage = DenseCaptionStage(DenseCaptionStage.Params(max_new_tokens=24), DenseCaptionStage.Model(profile="tiny"),
-                              context("caption"))
+    stage = DenseCaptionStage(
+        DenseCaptionStage.Params(max_new_tokens=24), DenseCaptionStage.Model(profile="tiny"), context("caption")
+    )
     stage.setup()
     return stage
 
@@ -68,8 +70,11 @@ def test_dense_caption_writes_caption_and_prompt(captioner):
 
 
 def test_dense_caption_params(captioner, model_cache):
-    stage = DenseCaptionStage(DenseCaptionStage.Params(max_new_tokens=5, set_prompt=False, prompt="List objects."),
-                              DenseCaptionStage.Model(profile="tiny"), context("caption"))
+    stage = DenseCaptionStage(
+        DenseCaptionStage.Params(max_new_tokens=5, set_prompt=False, prompt="List objects."),
+        DenseCaptionStage.Model(profile="tiny"),
+        context("caption"),
+    )
     stage.setup()
     assert "List objects." in stage.text
     out = stage.process([painted(0, prompt="kept")])
@@ -88,8 +93,11 @@ def t2i_stage(generators=None, n=2, profile="tiny", **params):
         {"name": "sd35", "family": "sd3", "steps": 2, "resolution": 32},
         {"name": "flux", "family": "flux", "steps": 2, "resolution": 32, "max_sequence_length": 64},
     ]
-    stage = TextToImageStage(TextToImageStage.Params(generators=generators, images_per_generator=n, **params),
-                             TextToImageStage.Model(profile=profile), context("t2i"))
+    stage = TextToImageStage(
+        TextToImageStage.Params(generators=generators, images_per_generator=n, **params),
+        TextToImageStage.Model(profile=profile),
+        context("t2i"),
+    )
     stage.setup()
     return stage
 
@@ -141,8 +149,12 @@ def test_t2i_records_prompt_truncation(t2i):
     assert sd3["tokenizer"]["kind"] == "clip" and sd3["tokenizer"]["limit"] == 77
     assert sd3["tokenizer"]["truncated"] and sd3["tokenizer_2"]["truncated"]
     # The T5 encoder reads 512 tokens: the prompt fits. Flux here reads only 64, and says so.
-    assert sd3["tokenizer_3"] == {"kind": "long", "tokens": sd3["tokenizer_3"]["tokens"], "limit": 512,
-                                  "truncated": False}
+    assert sd3["tokenizer_3"] == {
+        "kind": "long",
+        "tokens": sd3["tokenizer_3"]["tokens"],
+        "limit": 512,
+        "truncated": False,
+    }
     assert flux["tokenizer_2"]["limit"] == 64 and flux["tokenizer_2"]["truncated"]
     short = t2i.process([painted(0, prompt="a chair")])[0].meta["synthesis"]["text_encoders"]
     assert not any(enc["truncated"] for enc in short.values())
@@ -202,8 +214,13 @@ def test_score_with_target_mask_and_auto_label(model_cache):
     assert second.meta["scores"]["fidelity"]["clip_score"] is None  # no prompt: null, not 0
     # "a wall" in the tiny CLIP vocabulary (bytes, no merges): a</w> w a l l</w>, plus start and end.
     assert first.meta["scoring"] == {
-        "stage": "score", "density_from": "mask", "instances_from": "components", "boundary_tolerance": 1,
-        "auto_label": LABELER["kind"], "auto_label_error": None, "clip_prompt_tokens": 7,
+        "stage": "score",
+        "density_from": "mask",
+        "instances_from": "components",
+        "boundary_tolerance": 1,
+        "auto_label": LABELER["kind"],
+        "auto_label_error": None,
+        "clip_prompt_tokens": 7,
         "clip_prompt_truncated": False,
     }
     assert first.mask is not None and "pseudo_label" not in first.meta  # the labeler worked on a copy

@@ -34,8 +34,11 @@ def folder_spec(src: Path, out, stages: list, shard_size: int = 4, image_format:
         "name": "e2e",
         "seed": 7,
         "source": {
-            "kind": "folder", "path": str(src), "classes": "ade150",
-            "image_suffix": "_image.png", "mask_suffix": "_mask.png",
+            "kind": "folder",
+            "path": str(src),
+            "classes": "ade150",
+            "image_suffix": "_image.png",
+            "mask_suffix": "_mask.png",
         },
         "stages": stages,
         "output": {"url": str(out), "shard_size": shard_size, "image_format": image_format, **extra},

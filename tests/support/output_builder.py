@@ -28,9 +28,15 @@ class Item:
     meta: dict = field(default_factory=dict)
 
 
-def build_output(store: OutputStore, shards: dict[int, list[Item]], classes: list[str] | None = None,
-                 failures: dict[int, list[dict]] | None = None, image_format: str = "png",
-                 name: str = "handmade", source: dict | None = None) -> OutputStore:
+def build_output(
+    store: OutputStore,
+    shards: dict[int, list[Item]],
+    classes: list[str] | None = None,
+    failures: dict[int, list[dict]] | None = None,
+    image_format: str = "png",
+    name: str = "handmade",
+    source: dict | None = None,
+) -> OutputStore:
     """Write `shards` (shard id -> items, in tar order) as a committed output; returns the store."""
     classes = classes if classes is not None else list(class_set("ade150").names)
     ignore = 255 if len(classes) < 255 else 65535
@@ -51,20 +57,42 @@ def build_output(store: OutputStore, shards: dict[int, list[Item]], classes: lis
         shard_failures = (failures or {}).get(shard, [])
         if shard_failures:
             store.fs.makedirs(store.path("failures"), exist_ok=True)
-            store.fs.pipe_file(store.path("failures", f"{store.shard_name(shard)}.jsonl"),
-                               "".join(json.dumps(f) + "\n" for f in shard_failures).encode())
-        store.write_json({
-            "shard": shard, "url": store.shard_path(shard), "sources": len({i.source_id for i in items}),
-            "samples": len(items), "failed": len(shard_failures), "rejected": 0,
-            "failures_by_reason": _by_reason(shard_failures), "rejected_by_reason": {},
-            "bytes": len(buf.getvalue()), "started": 1000.0 + shard, "finished": 1002.0 + shard,
-            "seconds": 2.0, "job": name, "spec_hash": "0" * 16, "models": {},
-        }, "stats", f"{store.shard_name(shard)}.json")
-    store.write_json({
-        "name": name, "spec_hash": "0" * 16, "classes": classes, "ignore_index": ignore,
-        "plan": {"num_shards": max(shards, default=-1) + 1, "num_samples": sum(len(v) for v in shards.values())},
-        "spec": {"source": source or {"kind": "folder", "path": "/nowhere", "classes": "ade150"}, "stages": []},
-    }, "manifest.json")
+            store.fs.pipe_file(
+                store.path("failures", f"{store.shard_name(shard)}.jsonl"),
+                "".join(json.dumps(f) + "\n" for f in shard_failures).encode(),
+            )
+        store.write_json(
+            {
+                "shard": shard,
+                "url": store.shard_path(shard),
+                "sources": len({i.source_id for i in items}),
+                "samples": len(items),
+                "failed": len(shard_failures),
+                "rejected": 0,
+                "failures_by_reason": _by_reason(shard_failures),
+                "rejected_by_reason": {},
+                "bytes": len(buf.getvalue()),
+                "started": 1000.0 + shard,
+                "finished": 1002.0 + shard,
+                "seconds": 2.0,
+                "job": name,
+                "spec_hash": "0" * 16,
+                "models": {},
+            },
+            "stats",
+            f"{store.shard_name(shard)}.json",
+        )
+    store.write_json(
+        {
+            "name": name,
+            "spec_hash": "0" * 16,
+            "classes": classes,
+            "ignore_index": ignore,
+            "plan": {"num_shards": max(shards, default=-1) + 1, "num_samples": sum(len(v) for v in shards.values())},
+            "spec": {"source": source or {"kind": "folder", "path": "/nowhere", "classes": "ade150"}, "stages": []},
+        },
+        "manifest.json",
+    )
     return store
 
 
@@ -78,5 +106,6 @@ def _by_reason(records: list[dict]) -> dict[str, int]:
 def scored_items(shard: int, values: list[float | None], score: str = "density.instances") -> list[Item]:
     """Json-only samples whose `score` has the given values (None: null), one source each."""
     group, name = score.split(".")
-    return [Item(f"{shard:06d}-{i:06d}", f"s{shard}-{i}", meta={"scores": {group: {name: v}}})
-            for i, v in enumerate(values)]
+    return [
+        Item(f"{shard:06d}-{i:06d}", f"s{shard}-{i}", meta={"scores": {group: {name: v}}}) for i, v in enumerate(values)
+    ]

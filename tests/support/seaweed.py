@@ -34,13 +34,22 @@ def start(data: Path, ports: dict[str, int]) -> subprocess.Popen:
     data.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
-            weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-            f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+            weed,
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            "-s3",
+            f"-s3.port={ports['s3']}",
             # Its Iceberg and Lance catalogs bind fixed ports: off, so two servers can run side by side.
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             # One master: no Raft quorum to wait for, so a restart on the same data answers in seconds, not 20.
-            "-master.peers=none", "-master.telemetry=false",
+            "-master.peers=none",
+            "-master.telemetry=false",
         ],
         stdout=open(data / "weed.log", "ab"),
         stderr=subprocess.STDOUT,

@@ -8,15 +8,15 @@ fault tests steer `InvertStage` from outside the job:
 
 from __future__ import annotations
 
-from factory.sources.classes import ade150_palette
-import numpy as np
-
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from factory.sample import BadSample
 from factory.schema import StrictModel
+from factory.sources.classes import ade150_palette
 from factory.stages import Stage
 
 

@@ -40,8 +40,11 @@ def _violation(what: str, allowed_from: str) -> None:
         return
     tier = tier_of(item)
     if TIERS.index(tier) < TIERS.index(allowed_from):
-        pytest.fail(f"{item.nodeid} is a {tier} test but {what}: mark it "
-                    f"@pytest.mark.{allowed_from} (or use the shared fixtures; see tests/support/tiers.py)", pytrace=False)
+        pytest.fail(
+            f"{item.nodeid} is a {tier} test but {what}: mark it "
+            f"@pytest.mark.{allowed_from} (or use the shared fixtures; see tests/support/tiers.py)",
+            pytrace=False,
+        )
 
 
 @contextmanager

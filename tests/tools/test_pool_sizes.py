@@ -11,8 +11,12 @@ from factory.tools.pool_sizes import plan, rates_from_bench
 pytestmark = pytest.mark.timeout(300)
 
 # A Diffusion-Synthesis-like recipe: caption (K=1) -> prompt (CPU) -> controlnet (K=5) -> select (K=1).
-SHAPES = [("caption", "caption", 1, True), ("prompt", "prompt", 1, False), ("synth", "controlnet", 5, True),
-          ("select", "select", 1, True)]
+SHAPES = [
+    ("caption", "caption", 1, True),
+    ("prompt", "prompt", 1, False),
+    ("synth", "controlnet", 5, True),
+    ("select", "select", 1, True),
+]
 RATES = {"caption": 100.0, "controlnet": 4.0, "select": 20.0}  # output rows/s on one whole GPU
 
 
@@ -27,8 +31,11 @@ def test_balance_arithmetic_on_made_up_rates():
     assert p.samples_per_second == pytest.approx(5 * 8 / total, abs=1e-5) and p.rows_per_source == 5
     assert p.hours == pytest.approx(36_000 / (8 / total) / 3600, abs=1e-3)
     # Shares: 8 x 0.01/1.51 = 0.05 GPU, 6.62 GPUs, 1.32 GPUs; pools of ceil(share) actors.
-    assert (caption.gpus, synth.gpus, select.gpus) == (pytest.approx(0.053, abs=1e-3), pytest.approx(6.6225, abs=1e-4),
-                                                        pytest.approx(1.3245, abs=1e-4))
+    assert (caption.gpus, synth.gpus, select.gpus) == (
+        pytest.approx(0.053, abs=1e-3),
+        pytest.approx(6.6225, abs=1e-4),
+        pytest.approx(1.3245, abs=1e-4),
+    )
     assert (caption.actors, caption.gpus_per_actor) == (1, 0.05)
     assert (synth.actors, synth.gpus_per_actor) == (7, 0.94)
     assert (select.actors, select.gpus_per_actor) == (2, 0.66)
@@ -51,17 +58,31 @@ def test_one_gpu_and_missing_rates():
 
 
 def test_cli_with_a_bench_json(tmp_path, capsys):
-    bench = {"gpu": {"name": "made-up"}, "stages": [
-        {"name": "caption-blip", "kind": "caption", "images_per_s": 100.0, "peak_memory_gib": 2.0},
-        {"name": "controlnet-sd15", "kind": "controlnet", "images_per_s": 4.0, "peak_memory_gib": 9.5},
-        {"name": "select-clip", "kind": "select", "images_per_s": 20.0, "peak_memory_gib": 6.0},
-    ]}
+    bench = {
+        "gpu": {"name": "made-up"},
+        "stages": [
+            {"name": "caption-blip", "kind": "caption", "images_per_s": 100.0, "peak_memory_gib": 2.0},
+            {"name": "controlnet-sd15", "kind": "controlnet", "images_per_s": 4.0, "peak_memory_gib": 9.5},
+            {"name": "select-clip", "kind": "select", "images_per_s": 20.0, "peak_memory_gib": 6.0},
+        ],
+    }
     rates_file = tmp_path / "bench.json"
     rates_file.write_text(json.dumps(bench))
     assert rates_from_bench(rates_file)[0]["controlnet-sd15"] == 4.0
     make_scenes(tmp_path / "scenes", count=3, size=32)
-    code = cli.main(["plan-resources", "jobs/diffusion_synthesis_tiny.yaml", "--set",
-                     f"source.path={tmp_path / 'scenes'}", "--gpus", "8", "--rates", str(rates_file), "--json"])
+    code = cli.main(
+        [
+            "plan-resources",
+            "jobs/diffusion_synthesis_tiny.yaml",
+            "--set",
+            f"source.path={tmp_path / 'scenes'}",
+            "--gpus",
+            "8",
+            "--rates",
+            str(rates_file),
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sources"] == 3 and out["gpus"] == 8
@@ -71,8 +92,20 @@ def test_cli_with_a_bench_json(tmp_path, capsys):
 
 def test_calibration_run_of_the_spec_itself(tmp_path, model_cache, capsys):
     make_scenes(tmp_path / "scenes", count=4, size=32)
-    code = cli.main(["plan-resources", "jobs/quickstart.yaml", "--set", f"source.path={tmp_path / 'scenes'}",
-                     "--set", "stages.0.resources.batch_size=2", "--gpus", "2", "--samples", "4"])
+    code = cli.main(
+        [
+            "plan-resources",
+            "jobs/quickstart.yaml",
+            "--set",
+            f"source.path={tmp_path / 'scenes'}",
+            "--set",
+            "stages.0.resources.batch_size=2",
+            "--gpus",
+            "2",
+            "--samples",
+            "4",
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "synth" in text and "on 2 GPUs" in text and "job: 4 sources" in text

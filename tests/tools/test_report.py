@@ -34,10 +34,19 @@ def job(ray_local, tmp_path_factory):
     ids = make_scenes(tmp / "scenes", count=5, size=32)
     (tmp / "scenes" / f"{ids[-1]}_image.png").write_bytes(b"not a png")
     stages = [
-        {"kind": "controlnet", "name": "synth", "model": {"profile": "tiny"},
-         "params": {"variants": 2, "steps": 2, "resolution": 32}, "resources": {"num_cpus": 0.25}},
-        {"kind": "score", "model": {"profile": "tiny"},
-         "params": {"auto_label": {"kind": "stages_for_tests:PaletteLabeler"}}, "resources": {"num_cpus": 0.25}},
+        {
+            "kind": "controlnet",
+            "name": "synth",
+            "model": {"profile": "tiny"},
+            "params": {"variants": 2, "steps": 2, "resolution": 32},
+            "resources": {"num_cpus": 0.25},
+        },
+        {
+            "kind": "score",
+            "model": {"profile": "tiny"},
+            "params": {"auto_label": {"kind": "stages_for_tests:PaletteLabeler"}},
+            "resources": {"num_cpus": 0.25},
+        },
         {"kind": "keep", "params": {"min": {"density.instances": MIN_INSTANCES}}, "resources": {"num_cpus": 0.25}},
     ]
     spec = folder_spec(tmp / "scenes", tmp / "out", stages, max_failure_fraction=1.0)  # a shard of one corrupt scene
@@ -67,8 +76,14 @@ def test_stage_table_counts_rows_through_the_pipeline(job):
     assert table["read"]["failed_by_reason"] == {"corrupt_image": 1}
     assert table["read"]["in"] == index["samples"] + index["rejected"] + 1
     assert table["keep"] == {
-        "stage": "keep", "kind": "keep", "in": 8, "passed": 8 - 2 * sparse, "failed": 0, "rejected": 2 * sparse,
-        "pass_rate": (8 - 2 * sparse) / 8, "failed_by_reason": {},
+        "stage": "keep",
+        "kind": "keep",
+        "in": 8,
+        "passed": 8 - 2 * sparse,
+        "failed": 0,
+        "rejected": 2 * sparse,
+        "pass_rate": (8 - 2 * sparse) / 8,
+        "failed_by_reason": {},
         "rejected_by_reason": {"density.instances_below_min": 2 * sparse},
     }
 
@@ -78,12 +93,24 @@ def test_report_sections_and_numbers(report, job):
     path, html = report
     _, index, tmp, sparse = job
     assert path == tmp / "report" / "report.html"
-    for heading in ("Samples and failures per stage", "Filter pass rates", "Scores",
-                    "Class frequency: synthetic vs source", "Best and worst samples by score"):
+    for heading in (
+        "Samples and failures per stage",
+        "Filter pass rates",
+        "Scores",
+        "Class frequency: synthetic vs source",
+        "Best and worst samples by score",
+    ):
         assert f"<h2>{heading}</h2>" in html
     assert "Factory report: report_test" in html
-    for text in ("synth", "controlnet", "corrupt_image: 1", f"density.instances_below_min: {2 * sparse}",
-                 "selection top-fidelity.miou-0.5", "outside_fraction", *SCORE_NAMES):
+    for text in (
+        "synth",
+        "controlnet",
+        "corrupt_image: 1",
+        f"density.instances_below_min: {2 * sparse}",
+        "selection top-fidelity.miou-0.5",
+        "outside_fraction",
+        *SCORE_NAMES,
+    ):
         assert text in html
     # Source side of the class comparison: the scenes behind the written samples.
     assert f"Source: {4 - sparse} source images" in html
@@ -142,10 +169,23 @@ def test_report_renders_in_a_headless_browser(report, tmp_path):
     path, _ = report
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            path.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.shape[:2] == (2400, 1280)

@@ -29,13 +29,16 @@ def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4)
     source = open_source(spec.source)
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), "", {}, engine.retries, engine.retry_backoff_s)
-    runners = [StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries,
-                           engine.retry_backoff_s) for st in spec.stages]
+    runners = [
+        StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries, engine.retry_backoff_s)
+        for st in spec.stages
+    ]
     ids = itertools.islice(source.list_ids(), limit)
     index = 0
     while chunk := list(itertools.islice(ids, slice_size)):
-        work = ShardWork(0, [reader.load(source, 0, index + i, sample_id) for i, sample_id in enumerate(chunk)],
-                         time.time())
+        work = ShardWork(
+            0, [reader.load(source, 0, index + i, sample_id) for i, sample_id in enumerate(chunk)], time.time()
+        )
         index += len(chunk)
         for runner in runners:
             work = runner.run(work)

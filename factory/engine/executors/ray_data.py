@@ -33,8 +33,9 @@ from factory.sources.classes import ClassSet
 
 def _row(work: ShardWork) -> pa.Table:
     # large_binary: a shard row may pass 2 GiB, the limit of Arrow's 32-bit binary offsets.
-    return pa.table({"shard": pa.array([work.shard], pa.int64()),
-                     "work": pa.array([work.to_bytes()], pa.large_binary())})
+    return pa.table(
+        {"shard": pa.array([work.shard], pa.int64()), "work": pa.array([work.to_bytes()], pa.large_binary())}
+    )
 
 
 def _works(table: pa.Table) -> list[ShardWork]:
@@ -78,20 +79,24 @@ def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     # Two shard rows per actor: one running, one arriving. More would only hold more rows in memory.
     if isinstance(concurrency, int):
         return ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2)
-    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1],
-                                      max_tasks_in_flight_per_actor=2)
+    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], max_tasks_in_flight_per_actor=2)
 
 
-def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int],
-                  job: JobInfo, counter) -> Iterator[ShardResult]:
+def shard_results(
+    spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int], job: JobInfo, counter
+) -> Iterator[ShardResult]:
     """Run the pending shards; yields each one's result (committed or failed) as it finishes."""
     engine = spec.engine
-    reader = ShardReader(spec.source.model_dump_json(), store.public_url(PLAN_DIR), options,
-                         engine.retries, engine.retry_backoff_s)
+    reader = ShardReader(
+        spec.source.model_dump_json(), store.public_url(PLAN_DIR), options, engine.retries, engine.retry_backoff_s
+    )
     settings = WriteSettings(
-        image_format=spec.output.image_format, quality=spec.output.jpeg_quality,
-        keep_rejected=spec.output.keep_rejected, max_failure_fraction=spec.output.max_failure_fraction,
-        retries=engine.retries, backoff=engine.retry_backoff_s,
+        image_format=spec.output.image_format,
+        quality=spec.output.jpeg_quality,
+        keep_rejected=spec.output.keep_rejected,
+        max_failure_fraction=spec.output.max_failure_fraction,
+        retries=engine.retries,
+        backoff=engine.retry_backoff_s,
     )
     writer = ShardWriter(store.url, options, settings, job)
     if not spec.stages:
@@ -100,15 +105,20 @@ def shard_results(spec: JobSpec, store: OutputStore, options: dict, classes: Cla
         return
     # One block per shard: without the override, Ray Data splits the output of too few read tasks into
     # empty blocks that every later step would schedule.
-    ds = ray.data.read_datasource(ShardDatasource(pending, reader), override_num_blocks=len(pending),
-                                  num_cpus=engine.read_cpus)
+    ds = ray.data.read_datasource(
+        ShardDatasource(pending, reader), override_num_blocks=len(pending), num_cpus=engine.read_cpus
+    )
     for stage in spec.stages:
         r = stage.resources
         ds = ds.map_batches(
             StageActor,
             fn_constructor_kwargs={
-                "stage_spec": stage.model_dump(mode="json"), "job_seed": spec.seed, "classes": classes,
-                "retries": engine.retries, "backoff": engine.retry_backoff_s, "progress": counter,
+                "stage_spec": stage.model_dump(mode="json"),
+                "job_seed": spec.seed,
+                "classes": classes,
+                "retries": engine.retries,
+                "backoff": engine.retry_backoff_s,
+                "progress": counter,
             },
             batch_size=1,
             batch_format="pyarrow",

@@ -31,8 +31,9 @@ def _in_flight_limit(num_cpus: float) -> int:
     return max(TASKS_PER_SLOT, int(TASKS_PER_SLOT * slots))
 
 
-def commit_shards(pending: list[int], reader: ShardReader, writer: ShardWriter,
-                  num_cpus: float) -> Iterator[ShardResult]:
+def commit_shards(
+    pending: list[int], reader: ShardReader, writer: ShardWriter, num_cpus: float
+) -> Iterator[ShardResult]:
     """Each pending shard's result, in the order they finish.
 
     A worker that dies is retried by Ray; a shard whose task still fails comes back as a failed row (it
