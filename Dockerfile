@@ -1,11 +1,11 @@
 # The factory's cluster image: every Ray node (head and GPU workers) runs it.
 #
-#   docker build -t REGISTRY/factory:0.1.0 .
+#   make image REGISTRY=registry.example.com/team    (docker build -t REGISTRY/factory:<version> .)
 #
 # No model weights are baked in: stages fetch them at run time, once per node, into $FACTORY_MODEL_CACHE
 # (hub ids into $HF_HOME). The manifests in cluster/ mount a node-local volume at /cache for both.
 #
-# CUDA: torch 2.14.1's wheel on PyPI is built for CUDA 13.0 and brings its own CUDA libraries as wheels
+# CUDA: the locked torch (2.14.1)'s wheel on PyPI is built for CUDA 13.0 and brings its own CUDA libraries as wheels
 # (cuda-toolkit, cudnn-cu13, nccl-cu13); the base image supplies the matching CUDA 13.0 runtime and the
 # NVIDIA container settings. Change the two together: tests/test_cluster_manifests.py checks they match.
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
@@ -14,7 +14,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 
 # python3 is Ubuntu 24.04's Python 3.12 (pyproject: requires-python >= 3.11). wget: KubeRay's health
 # probes call it. Ubuntu's package versions move with security updates, so they are left unpinned; the
-# Python packages, which decide the output, are all pinned by pyproject.toml.
+# Python packages, which decide the output, are all pinned by requirements.lock.
 # Ubuntu's image has a user `ubuntu` at uid 1000, the uid Ray images and the manifests run as: it goes.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -37,18 +37,17 @@ ENV VIRTUAL_ENV=/opt/factory/venv \
 USER 1000:100
 WORKDIR /opt/factory/src
 
-# Dependencies first, in their own layer, so a code change does not reinstall torch. They are read
-# from pyproject.toml, the one place versions are pinned; the cluster also needs Ray's dashboard and
-# Jobs API, so Ray's extras gain `default` (ray[data] -> ray[data,default]) at the same pinned version.
-COPY --chown=factory:users pyproject.toml ./
+# Dependencies first, in their own layer, so a code change does not reinstall torch: every extra
+# (`all`: the engine, the model stages, training, reports and Ray's dashboard and Jobs API), each at the
+# version requirements.lock pins. pip builds the package's metadata from pyproject.toml alone here.
+COPY --chown=factory:users pyproject.toml requirements.lock README.md ./
 RUN python3 -m venv "$VIRTUAL_ENV" \
-    && python -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(re.sub(r"^ray\[(.*?)\]", r"ray[\1,default]", d) for d in deps))' > requirements.txt \
-    && pip install -r requirements.txt
+    && pip install -c requirements.lock ".[all]"
 
-# The project itself; its dependencies are already there, exactly as pinned.
+# The project itself; its dependencies are already there, exactly as locked.
 COPY --chown=factory:users factory ./factory
-RUN pip install --no-deps . \
-    && factory --help > /dev/null
+RUN pip install --no-deps --force-reinstall . \
+    && factory --version
 
 WORKDIR /home/factory
 CMD ["factory", "--help"]

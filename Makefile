@@ -1,15 +1,23 @@
 # Two commands do all set-up: `make run` (the quickstart job) and `make test` (the tests).
-# Each creates the virtual environment in .venv first if it is missing or pyproject.toml changed.
+# Each creates the virtual environment in .venv first if it is missing or the lock changed.
 VENV := .venv
 BIN := $(VENV)/bin
 OUT := build/quickstart
+# What ruff checks and formats (mypy's files are in pyproject.toml).
+PY_DIRS := factory tests bench
+# The one place the version is written is pyproject.toml: `factory --version` and the image tag read it.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: run test test-fast bench clean
+.PHONY: run test test-fast lint fmt lock image bench clean
 
-$(BIN)/.installed: pyproject.toml
+# Exactly the locked set (requirements.lock, every extra and the test tools), then the project itself
+# without dependencies; `pip check` fails if the lock no longer covers what pyproject.toml requires.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $@
 
 run: $(BIN)/.installed
@@ -22,13 +30,34 @@ run: $(BIN)/.installed
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-# Every tier (unit, integration, e2e): what CI runs.
-test: $(BIN)/.installed /usr/bin/chromium
+# Every tier (unit, integration, e2e), after the lint and type checks: what CI runs.
+test: lint $(BIN)/.installed /usr/bin/chromium
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/mypy
+
+# Fixes what the linter and the formatter can fix.
+fmt: $(BIN)/.installed
+	$(BIN)/ruff check --fix $(PY_DIRS)
+	$(BIN)/ruff format $(PY_DIRS)
+
+# Rewrites requirements.lock from pyproject.toml, keeping every pin that still fits; UPGRADE=1 moves every
+# package to its newest allowed release. The lock is universal (any platform, Python >= 3.11).
+lock: $(BIN)/.installed
+	$(BIN)/uv pip compile pyproject.toml --extra test --universal --python-version 3.11 \
+		--custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade) -o requirements.lock
 
 # The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "unit or integration" tests
+
+# The cluster image, tagged with the version (the manifests in cluster/ name that tag; a test checks).
+image:
+	$(if $(REGISTRY),,$(error set REGISTRY, e.g. make image REGISTRY=registry.example.com/team))
+	docker build -t $(REGISTRY)/factory:$(VERSION) .
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/bench_pipeline.py

@@ -14,6 +14,8 @@ import traceback
 
 import yaml
 
+from factory import __version__
+from factory.extras import MissingExtra, extra_for_module, install_line, require
 from factory.output.layout import open_output
 from factory.schema import SpecError, read_yaml
 
@@ -59,6 +61,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
+    require("engine", "factory run")
     from factory.engine.driver import run_job
 
     spec = _job_spec(args)
@@ -71,6 +74,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
+    require("cluster", "factory submit")
     from factory.engine.submit import submit
 
     # The job's driver runs in a fresh directory on the head node, so a relative path would point into
@@ -79,6 +83,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_logs(args) -> int:
+    require("cluster", "factory logs")
     from factory.engine.submit import print_logs
 
     return print_logs(args.job_id, args.address, follow=args.follow)
@@ -107,18 +112,23 @@ def cmd_stage(args) -> int:
 
 
 def cmd_train(args) -> int:
+    require("train", "factory train")
     from factory.seggen.train import main_train
 
     return main_train(args.model, args.spec)
 
 
 def cmd_eval(args) -> int:
+    if not args.check:  # the check reads the data alone: the core suffices
+        require("train", "factory eval")
+        require("report", "factory eval")
     from factory.downstream.eval import main_eval
 
     return main_eval(args.spec, address=args.address, check_only=args.check)
 
 
 def cmd_report(args) -> int:
+    require("report", "factory report")
     from factory.tools.report import main_report
 
     return main_report(args.output, args.out, endpoint_url=args.endpoint_url)
@@ -155,6 +165,7 @@ def cmd_plan_resources(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="factory", description=__doc__)
+    p.add_argument("--version", action="version", version=f"factory {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def spec_args(q):
@@ -285,12 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"factory: bad job spec: {e}", file=sys.stderr)
         return 2
+    except MissingExtra as e:
+        print(f"factory: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         _stop_ray()
         print("factory: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
         _stop_ray()
+        missing = e.name if isinstance(e, ModuleNotFoundError) else None
+        extra = extra_for_module(missing) if missing else None
+        if extra is not None:
+            print(
+                f"factory: {missing} is not installed; it comes with the '{extra}' extra: {install_line(extra)}",
+                file=sys.stderr,
+            )
+            return 2
         if args.verbose:
             traceback.print_exc()
         if type(e).__name__ in ("ResumeError", "LeaseError", "JobIncomplete", "PlanError"):

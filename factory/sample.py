@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 
@@ -63,6 +64,17 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.error is None and self.rejected is None
+
+    def array(self, name: Literal["image", "mask", "source_image"]) -> np.ndarray:
+        """An array the caller knows is there: it checked, or the recipe's earlier stages always fill it.
+
+        A missing one is a bug in a stage or a recipe, not bad data: it fails the batch as any bug does,
+        with a message that names the array (not an AttributeError on None somewhere in numpy or PIL).
+        """
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"sample {self.key} has no {name}")
+        return value
 
     def seed(self, job_seed: int, salt: str = "") -> int:
         return derive_seed(job_seed, self.source_id, self.variant, salt)

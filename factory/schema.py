@@ -9,7 +9,7 @@ process, because workers run in other directories.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -61,6 +61,10 @@ def read_yaml(path: str | Path) -> Any:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
 
 
+@overload
+def absolute_path(path: str) -> str: ...
+@overload
+def absolute_path(path: None) -> None: ...
 def absolute_path(path: str | None) -> str | None:
     """A local path made absolute against the current directory; URLs (`s3://...`) and None unchanged."""
     return path if path is None or "://" in path else str(Path(path).expanduser().resolve())

@@ -1,7 +1,8 @@
 """The consumer side: training with the factory's outputs.
 
 mix_spec.py     a mix of real and synthetic data, and its strategy (each paper's law)
-mix.py          the mixing loader for torch (`MixDataset`), the laws, SENSE's teacher labels
+mix.py          the mixing laws and the loader without torch (`MixBatches`: numpy batches)
+mix_torch.py    the loader for torch's DataLoader (`MixDataset`), SENSE's teacher labels
 mix_streams.py  the real and synthetic sample streams a loader draws from
 mix_ray.py      the same loader on Ray Data + Ray Train
 eval_spec.py    `factory eval`'s spec

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from factory.downstream.eval_spec import BASELINE, EvalSpec
-from factory.downstream.mix import MixDataset, pseudo_label, resize_short_side
+from factory.downstream.mix import resize_short_side
+from factory.downstream.mix_torch import MixDataset, pseudo_label
 from factory.downstream.segmenter import Segmenter, build_segmenter
 from factory.sample import BadSample
 from factory.sources import open_source

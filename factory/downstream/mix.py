@@ -23,8 +23,9 @@ every batch, whatever the number of loader workers. Why not webdataset's `Random
 Python's global, unseeded `random`, so batches would not reproduce and the draw would depend on which
 loader process made the batch. Reading uses webdataset's tar expander, key grouping and shuffle stage.
 
-Two loaders over the same law: `MixDataset`, a torch `IterableDataset` (shares split across ranks and
-DataLoader workers), and `ray_datasets` + `ray_train_batches` for Ray Train (`factory.downstream.mix_ray`:
+Three loaders over the same law: `MixBatches` here, plain numpy batches with no torch (the core install);
+`MixDataset` (`factory.downstream.mix_torch`), a torch `IterableDataset` (shares split across ranks and
+DataLoader workers); and `ray_datasets` + `ray_train_batches` for Ray Train (`factory.downstream.mix_ray`:
 Ray Data reads each worker's share in tasks, the worker mixes).
 """
 
@@ -33,8 +34,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-import torch
-import torch.utils.data
 
 from factory.downstream.mix_spec import MixSpec, check_inputs, parse_mix_spec
 from factory.downstream.mix_streams import (
@@ -52,7 +51,7 @@ from factory.downstream.mix_streams import (
     synthetic_shards,
 )
 
-__all__ = ["MixSpec", "MixDataset", "parse_mix_spec", "pseudo_label", "REAL", "SYNTHETIC", "PSEUDO", "KIND_NAMES"]
+__all__ = ["MixSpec", "MixBatches", "parse_mix_spec", "REAL", "SYNTHETIC", "PSEUDO", "KIND_NAMES"]
 
 
 # ---------------------------------------------------------------- the laws
@@ -98,10 +97,17 @@ def mixed_batches(
     mask_dtype,
 ) -> Iterator[dict]:
     """Batches `batch_indices` drawn from the two streams by the strategy's law, transformed and collated."""
+    drawn = synthetic if synthetic is not None else _no_synthetic(spec)
     for b in batch_indices:
-        rows = [next(synthetic) if is_synthetic else next(real) for is_synthetic in slot_kinds(spec, rank, b)]
+        rows = [next(drawn) if is_synthetic else next(real) for is_synthetic in slot_kinds(spec, rank, b)]
         rng = np.random.default_rng([spec.seed, rank, b, 1])
         yield collate([transform(spec, decode(r, ignore_index, mask_dtype), rng, ignore_index) for r in rows])
+
+
+def _no_synthetic(spec: MixSpec) -> Iterator[dict]:
+    """The synthetic stream of a mix without synthetic outputs: only the `real` strategy never draws from it."""
+    raise ValueError(f"mix: strategy {spec.strategy.kind!r} draws synthetic samples, but `synthetic` lists none")
+    yield  # a generator: the error comes at the first draw, not when the batches are set up
 
 
 def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +118,8 @@ def resize_short_side(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[n
     scale = size / min(h, w)
     shape = (max(1, round(w * scale)), max(1, round(h * scale)))
     return (
-        np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR)),
-        np.asarray(Image.fromarray(mask).resize(shape, Image.NEAREST)),
+        np.asarray(Image.fromarray(image).resize(shape, Image.Resampling.BILINEAR)),
+        np.asarray(Image.fromarray(mask).resize(shape, Image.Resampling.NEAREST)),
     )
 
 
@@ -140,14 +146,15 @@ def transform(spec: MixSpec, row: dict, rng: np.random.Generator, ignore_index: 
 
 
 def collate(rows: list[dict]) -> dict:
+    """One batch as numpy arrays (channels first, as torch's DataLoader and models take them)."""
     shapes = {r["mask"].shape for r in rows}
     if len(shapes) > 1:
         raise ValueError(f"mix: one batch holds images of sizes {sorted(shapes)}: set `crop` (and `resize`)")
     return {
-        "image": torch.from_numpy(np.stack([r["image"] for r in rows])).permute(0, 3, 1, 2).contiguous(),
-        "mask": torch.from_numpy(np.stack([r["mask"].astype(np.int64) for r in rows])),
-        "kind": torch.tensor([r["kind"] for r in rows], dtype=torch.int64),
-        "labelled": torch.tensor([bool(r["labelled"]) for r in rows]),
+        "image": np.ascontiguousarray(np.stack([r["image"] for r in rows]).transpose(0, 3, 1, 2)),
+        "mask": np.stack([r["mask"].astype(np.int64) for r in rows]),
+        "kind": np.array([r["kind"] for r in rows], dtype=np.int64),
+        "labelled": np.array([bool(r["labelled"]) for r in rows]),
         "key": [r["key"] for r in rows],
         "source_id": [r["source_id"] for r in rows],
     }
@@ -160,36 +167,30 @@ def _class_info(spec: MixSpec) -> tuple[int, np.dtype]:
     return classes.ignore_index, classes.mask_dtype
 
 
-# ---------------------------------------------------------------- torch
+# ---------------------------------------------------------------- the loader
 
 
-class MixDataset(torch.utils.data.IterableDataset):
-    """Batches of a mix for torch's DataLoader (use `batch_size=None`).
+class MixBatches:
+    """Batches of a mix as numpy arrays, for any training loop (`MixDataset` wraps it for torch).
 
-    Rank r of `world` (default: torch.distributed's, if initialised) and loader process w of n read
-    share r * n + w of the real ids and of the synthetic shards; process w yields batches start + w,
-    + n, + 2n, ..., which the DataLoader takes in turn, so batch b always comes from the same process.
+    Rank r of `world` and loader process w of n read share r * n + w of the real ids and of the synthetic
+    shards; process w yields batches start + w, + n, + 2n, ..., so batch b always comes from the same
+    process whatever the number of processes.
     """
 
-    def __init__(self, spec: MixSpec, rank: int | None = None, world: int | None = None, start: int = 0):
-        super().__init__()
-        if rank is None or world is None:
-            from webdataset.utils import pytorch_worker_info
-
-            rank, world, _, _ = pytorch_worker_info()
+    def __init__(self, spec: MixSpec, rank: int = 0, world: int = 1, start: int = 0):
         self.spec, self.rank, self.world, self.start = spec, rank, world, start
         check_inputs(spec)
         self.ids = real_ids(spec)
         self.shards = synthetic_shards(spec) if spec.synthetic else []
 
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
-        slot, slots = self.rank * n + w, self.world * n
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        """Loader process `worker` of `workers`: its batches, for ever."""
+        slot, slots = self.rank * workers + worker, self.world * workers
         if len(self.ids) < slots:
             raise ValueError(
                 f"mix: the real dataset has {len(self.ids)} samples, fewer than the {slots} readers "
-                f"({self.world} ranks x {n} loader workers)"
+                f"({self.world} ranks x {workers} loader workers)"
             )
         spec = self.spec
         real = forever(lambda e: real_rows(spec, self.ids, e, slot, slots), "the real dataset")
@@ -199,42 +200,8 @@ class MixDataset(torch.utils.data.IterableDataset):
                 spec, lambda e: synthetic_epoch(spec, self.shards, e, slot, slots), [spec.seed, slot]
             )
         ignore_index, mask_dtype = _class_info(spec)
-        indices = iter(range(self.start + w, 2**62, n))
+        indices = iter(range(self.start + worker, 2**62, workers))
         yield from mixed_batches(spec, self.rank, indices, real, synthetic, ignore_index, mask_dtype)
 
-
-# ---------------------------------------------------------------- Ray Data + Ray Train
-
-
-# ---------------------------------------------------------------- SENSE's teacher
-
-
-@torch.no_grad()
-def pseudo_label(
-    batch: dict, teacher: torch.nn.Module, threshold: float, ignore_index: int = 255, preprocess=None
-) -> dict:
-    """Label the batch's unlabelled synthetic images with `teacher`: a pixel gets the teacher's class where
-    its softmax confidence is >= `threshold`, else `ignore_index`. Those samples become PSEUDO.
-
-    `teacher(images)` returns logits (B, C, H, W) (or torchvision's {"out": ...}); `preprocess` turns the
-    uint8 batch into the teacher's input (default: float in [0, 1]).
-    """
-    todo = (batch["kind"] == SYNTHETIC) & ~batch["labelled"]
-    if not todo.any():
-        return batch
-    device = next(teacher.parameters()).device
-    images = batch["image"][todo].to(device)
-    x = preprocess(images) if preprocess else images.float() / 255.0
-    was_training = teacher.training
-    teacher.eval()
-    logits = teacher(x)
-    teacher.train(was_training)
-    logits = logits["out"] if isinstance(logits, dict) else logits
-    confidence, label = torch.softmax(logits.float(), dim=1).max(dim=1)
-    label[confidence < threshold] = ignore_index
-    out = dict(batch)
-    out["mask"], out["kind"], out["labelled"] = batch["mask"].clone(), batch["kind"].clone(), batch["labelled"].clone()
-    out["mask"][todo] = label.to(out["mask"].device, torch.int64)
-    out["kind"][todo] = PSEUDO
-    out["labelled"][todo] = True
-    return out
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches()

@@ -65,6 +65,8 @@ def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
     """Inside a Ray Train worker: this worker's batches start, start + 1, ..., from its `ray_datasets`."""
     import ray.train
 
+    from factory.downstream.mix_torch import to_torch
+
     rank = ray.train.get_context().get_world_rank()
     real_shard = ray.train.get_dataset_shard(f"real_{rank}")
     real = forever(
@@ -76,4 +78,5 @@ def ray_train_batches(spec: MixSpec, start: int = 0) -> Iterator[dict]:
         synthetic_shard = ray.train.get_dataset_shard(f"synthetic_{rank}")
         synthetic = synthetic_draws(spec, lambda _: synthetic_shard.iter_rows(), [spec.seed, rank])
     ignore_index, mask_dtype = _class_info(spec)
-    yield from mixed_batches(spec, rank, iter(range(start, 2**62)), real, synthetic, ignore_index, mask_dtype)
+    batches = mixed_batches(spec, rank, iter(range(start, 2**62)), real, synthetic, ignore_index, mask_dtype)
+    yield from map(to_torch, batches)

@@ -32,8 +32,8 @@ class SyntheticInput(StrictModel):
 
     def passes(self, scores: dict[str, float | None]) -> bool:
         """Within every bound; a null score fails a bound on it."""
-        return all(scores[k] is not None and scores[k] >= v for k, v in self.min.items()) and all(
-            scores[k] is not None and scores[k] <= v for k, v in self.max.items()
+        return all((value := scores[k]) is not None and value >= v for k, v in self.min.items()) and all(
+            (value := scores[k]) is not None and value <= v for k, v in self.max.items()
         )
 
 

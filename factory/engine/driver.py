@@ -28,7 +28,7 @@ from factory.engine.progress import Progress, StageCounter
 from factory.engine.ray_session import init_ray
 from factory.engine.records import JobInfo, ShardResult
 from factory.engine.shard_plan import Plan, plan_shards
-from factory.engine.spec import JobSpec, redacted_spec
+from factory.engine.spec import JobSpec, redacted_spec, require_stage_extras
 from factory.output.layout import LEASE_FILE, PLAN_DIR, OutputStore
 from factory.schema import SpecError
 from factory.sources import open_source
@@ -102,6 +102,7 @@ def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
 
 def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) -> dict:
     """Run (or resume) a job; return its index (committed shards and totals), or raise JobIncomplete."""
+    require_stage_extras(spec)
     store = OutputStore.at(spec.output)
     source = open_source(spec.source)
     check_stages(spec, source.classes)
@@ -143,7 +144,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
 
 
 def _failure_message(failed: list[ShardResult], attempted: int) -> str:
-    first, why = failed[0], failed[0].failure
+    first, why = failed[0], failed[0].why
     others = ", ".join(str(f.shard) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
     return (
         f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first.shard} at stage "
@@ -161,7 +162,8 @@ def _run_pipeline(
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
     job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
     # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
-    counter = StageCounter.remote() if spec.stages else None
+    # StageCounter is a Ray actor class (@ray.remote), which mypy reads as the plain class it decorates.
+    counter = StageCounter.remote() if spec.stages else None  # type: ignore[attr-defined]
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
     failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
@@ -171,7 +173,7 @@ def _run_pipeline(
             lease.check()
             if not result.committed:
                 failed.append(result)
-                log.error("shard %d failed at stage %s: %s", result.shard, result.failure.stage, result.failure.cause)
+                log.error("shard %d failed at stage %s: %s", result.shard, result.why.stage, result.why.cause)
                 if len(failed) >= spec.engine.max_failed_shards:
                     log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
                     break

@@ -22,7 +22,7 @@ log = logging.getLogger("factory")
 class StageCounter:
     """Rows processed per stage, reported by the stage runners after every batch."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rows: dict[str, int] = {}
 
     def stage_rows(self, label: str, n: int) -> None:

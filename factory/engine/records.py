@@ -72,6 +72,13 @@ class ShardResult:
     def committed(self) -> bool:
         return self.status == "committed"
 
+    @property
+    def why(self) -> Failure:
+        """The failure of a failed shard, which always has one."""
+        if self.failure is None:
+            raise ValueError(f"shard {self.shard} is {self.status}, with no failure recorded")
+        return self.failure
+
     @classmethod
     def failed_at(
         cls, shard: int, failure: Failure, samples: int = 0, failed: int = 0, rejected: int = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +40,14 @@ def stage_device(spec: StageSpec) -> str:
             "CUDA device; run it on a GPU node, or set num_gpus: 0 to run it on CPU"
         )
     return "cuda"
+
+
+@dataclass
+class RetryTally:
+    """What the failure policy cost on one shard: counted while its batches run, then put in its StepStats."""
+
+    retries: int = 0
+    oom_splits: int = 0
 
 
 class StageRunner:
@@ -70,16 +78,17 @@ class StageRunner:
         if work.failure is not None:
             return work
         started = time.time()
-        counts = StepStats(rows_out=0, seconds=0.0, rows_in=0, batches=0, retries=0, oom_splits=0)
+        tally = RetryTally()
+        batches = 0
         live = [i for i, s in enumerate(work.samples) if s.ok]
         produced: dict[int, list[Sample]] = {}
         try:
             for start in range(0, len(live), self.batch_size):
                 positions = live[start : start + self.batch_size]
-                rows = self.process_batch([work.samples[i] for i in positions], counts)
+                rows = self.process_batch([work.samples[i] for i in positions], tally)
                 for n, i in enumerate(positions):
                     produced[i] = rows[n * self.k : (n + 1) * self.k]
-                counts.batches += 1
+                batches += 1
                 if self.progress is not None:
                     self.progress.stage_rows.remote(self.label, len(positions))
         except ShardFailed as e:
@@ -87,13 +96,19 @@ class StageRunner:
             work.failure = Failure.of(self.label, e.cause)
             return work
         work.samples = [row for i, s in enumerate(work.samples) for row in produced.get(i, (s,))]
-        counts.rows_in, counts.rows_out = len(live), sum(len(rows) for rows in produced.values())
-        counts.seconds = round(time.time() - started, 3)
-        counts.worker_setup_s, self.setup_s = self.setup_s, None
-        work.stages[self.label] = counts
+        work.stages[self.label] = StepStats(
+            rows_out=sum(len(rows) for rows in produced.values()),
+            seconds=round(time.time() - started, 3),
+            rows_in=len(live),
+            batches=batches,
+            retries=tally.retries,
+            oom_splits=tally.oom_splits,
+            worker_setup_s=self.setup_s,
+        )
+        self.setup_s = None
         return work
 
-    def process_batch(self, inputs: list[Sample], counts: StepStats) -> list[Sample]:
+    def process_batch(self, inputs: list[Sample], tally: RetryTally) -> list[Sample]:
         """`process` one batch under the failure policy; returns `k` rows per input, in order."""
         for attempt in range(self.retries + 1):
             try:
@@ -103,22 +118,22 @@ class StageRunner:
                 return [self._check_output(s) for s in produced]
             except BadSample as e:
                 if len(inputs) > 1:  # find the sample the data problem belongs to
-                    return [row for s in inputs for row in self.process_batch([s], counts)]
+                    return [row for s in inputs for row in self.process_batch([s], tally)]
                 return [v.fail(self.label, e.reason, e.detail) for v in inputs[0].expand(self.k)]
             except Exception as e:
                 if is_cuda_oom(e) and len(inputs) > 1:
                     import torch
 
                     torch.cuda.empty_cache()
-                    counts.oom_splits += 1
+                    tally.oom_splits += 1
                     half = len(inputs) // 2
                     log.warning(
                         "stage %s: CUDA out of memory on %d samples; splitting the batch", self.label, len(inputs)
                     )
-                    return self.process_batch(inputs[:half], counts) + self.process_batch(inputs[half:], counts)
+                    return self.process_batch(inputs[:half], tally) + self.process_batch(inputs[half:], tally)
                 if attempt == self.retries:
                     raise ShardFailed(self.label, e) from e
-                counts.retries += 1
+                tally.retries += 1
                 delay = self.backoff * 2**attempt
                 log.warning(
                     "stage %s failed on a batch of %d (%s); retry %d of %d in %.1fs",

@@ -70,6 +70,7 @@ def plan_shards(ids: Iterable[str], shard_size: int, open_part: Callable[[str], 
                 _close(writer, sink)
                 sink = open_part(plan_part_name(shard))
                 writer = pq.ParquetWriter(sink, _SCHEMA)
+            assert writer is not None  # shard 0 opened the first part
             writer.write_table(pa.table({"sample_id": chunk}, schema=_SCHEMA), row_group_size=shard_size)
             count += len(chunk)
     finally:

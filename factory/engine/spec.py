@@ -156,6 +156,18 @@ def _validate_stage(i: int, stage: StageSpec) -> None:
         raise SpecError(f"{where}.resources.num_gpus: stage {stage.kind!r} runs on CPU only")
 
 
+def require_stage_extras(spec: JobSpec) -> None:
+    """Before a job or a stage runs (not when a spec is validated): every stage's extra is installed, or
+    one line names it, instead of an ImportError from a worker after the job started."""
+    from factory.extras import require
+    from factory.stages import resolve_stage
+
+    for i, stage in enumerate(spec.stages):
+        extra = resolve_stage(stage.kind).extra
+        if extra is not None:
+            require(extra, f"stages[{i}] ({stage.kind})")
+
+
 def parse_spec(data: Any, origin: str = "spec") -> JobSpec:
     """Validate a spec given as plain data; stage params are normalised (defaults filled in)."""
     if not isinstance(data, dict):

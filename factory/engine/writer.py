@@ -64,7 +64,7 @@ def encode_files(sample: Sample, image_format: str, quality: int, meta_extra: di
     meta.update(sample.meta)
     if sample.rejected is not None:
         meta["rejected"] = sample.rejected
-    files = {image_format: encode_image(sample.image, image_format, quality)}
+    files = {image_format: encode_image(sample.array("image"), image_format, quality)}
     if sample.mask is not None:
         files["seg.png"] = encode_mask(sample.mask)
     if sample.instances is not None:
@@ -113,7 +113,9 @@ def write_shard(work: ShardWork, store: OutputStore, settings: WriteSettings, jo
         )
     except Exception as e:
         return ShardResult.failed_at(work.shard, Failure.of("write", e), **counts)
-    return ShardResult(work.shard, "committed", **counts)
+    return ShardResult(
+        work.shard, "committed", samples=counts["samples"], failed=counts["failed"], rejected=counts["rejected"]
+    )
 
 
 class ShardWriter:
@@ -147,7 +149,8 @@ def _write_tar(store: OutputStore, members, *parts: str) -> None:
         except BaseException:
             # The file is being discarded: mark the tar stream closed, or its __del__ would try to flush
             # it again (into the same full disk) and print a traceback from the garbage collector.
-            tar.closed = tar.fileobj.closed = True
+            # typeshed declares neither attribute, though both exist (TarFile and its stream-mode _Stream).
+            tar.closed = tar.fileobj.closed = True  # type: ignore[attr-defined]
             raise
 
 

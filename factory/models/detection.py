@@ -136,6 +136,7 @@ class MaskGenerator:
 
         self.settings, self.classes, self.device = settings, classes, device
         self.dtype = torch_dtype(cfg.dtype, device)
+        sam_type: str  # a segment-anything registry size, or "tiny"
         if cfg.profile == "random":
             self.detector, self.processor = random_detector(device, self.dtype)
             sam_type, sam_path = cfg.sam_type, None
@@ -174,9 +175,9 @@ class MaskGenerator:
         """One pseudo-label per image; `class_names` is one list for every image, or one list per image."""
         import torch
 
-        per_image = class_names if class_names and isinstance(class_names[0], list) else [class_names] * len(images)
+        lists = class_names if class_names and isinstance(class_names[0], list) else [class_names] * len(images)
         skip = set(self.settings.skip_classes)
-        per_image = [[n for n in names if n not in skip] for names in per_image]
+        per_image = [[n for n in names if isinstance(n, str) and n not in skip] for names in lists]
         detections = self.detect(images, per_image)
         boxed = [i for i, d in enumerate(detections) if len(d[1])]
         ignore, dtype = self.classes.ignore_index, self.classes.mask_dtype
@@ -202,7 +203,8 @@ class MaskGenerator:
     def _chunks(self, names: list[str]) -> list[list[str]]:
         """Names split so each prompt fits the detector's text length (150 ADE classes need several)."""
         budget = self.detector.config.max_text_len - 2  # [CLS] and [SEP]
-        chunks, used = [[]], 0
+        chunks: list[list[str]] = [[]]
+        used = 0
         for name in names:
             if name not in self._token_counts:
                 phrase = self.settings.phrases.get(name, name).lower() + "."
@@ -227,8 +229,8 @@ class MaskGenerator:
         # features), and a resumed shard would not label its images the same way.
         pairs.sort(key=lambda p: images[p[0]].shape[:2])
         batches = []
-        for _, same_size in itertools.groupby(pairs, key=lambda p: images[p[0]].shape[:2]):
-            same_size = list(same_size)
+        for _, group in itertools.groupby(pairs, key=lambda p: images[p[0]].shape[:2]):
+            same_size = list(group)
             n = s.detector_batch_size
             batches += [same_size[k : k + n] for k in range(0, len(same_size), n)]
         found: list[list[tuple]] = [[] for _ in images]

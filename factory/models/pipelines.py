@@ -77,8 +77,9 @@ def apply_speed(pipe: Any, speed: SpeedOptions) -> None:
                 use_sdpa_backend(modules[name], speed.sdpa)
     if speed.channels_last:
         for name in ("unet", "controlnet", "vae"):
-            if modules[name] is not None:
-                modules[name].to(memory_format=torch.channels_last)
+            module = modules[name]
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
     if speed.vae_batch:
         decode_in_batches(pipe.vae, speed.vae_batch)
     for name in speed.compile:

@@ -46,6 +46,13 @@ class SDXLModelConfig(DiffusionModelConfig):
             raise ValueError("profile pretrained needs `weights`: the final/ folder of `factory train`")
         return self
 
+    @property
+    def pretrained_weights(self) -> str:
+        """`weights`, which the pretrained profile has (the check above)."""
+        if self.weights is None:
+            raise ValueError("profile pretrained needs `weights`: the final/ folder of `factory train`")
+        return self.weights
+
 
 # ---------------------------------------------------------------- tiny models
 
@@ -84,7 +91,7 @@ def model_ids(model: SDXLModelConfig, kind: str) -> dict[str, str]:
     if model.profile == "tiny":
         name = TINY_TEXT2MASK if kind == "text2mask" else TINY_MASK2IMG
         return {"base": f"tiny:{TINY_SDXL}", kind: f"tiny:{name}"}
-    ids = {"base": model.base, kind: model.weights}
+    ids = {"base": model.base, kind: model.pretrained_weights}
     if model.vae:
         ids["vae"] = model.vae
     return ids
@@ -111,7 +118,8 @@ def load_seggen_pipeline(model: SDXLModelConfig, kind: str, device: str) -> tupl
     if model.profile == "tiny":
         weights_name, folder = f"tiny:{kind}", tiny_seggen_dir(kind)
     else:
-        weights_name, folder = model.weights, weights_dir(model.weights, model.storage_options)
+        weights_name = model.pretrained_weights
+        folder = weights_dir(weights_name, model.storage_options)
     palette = Palette.load(folder)
     extra = {}
     if model.vae:

@@ -102,6 +102,8 @@ def prompt_tokens(pipe: Any, family: str, prompt: str, max_sequence_length: int 
     for attr, kind in FAMILIES[family].tokenizers.items():
         tokenizer = getattr(pipe, attr)
         limit = tokenizer.model_max_length if kind == "clip" else max_sequence_length
+        if limit is None:
+            raise ValueError(f"{family}: its {attr} reads max_sequence_length tokens, and none is set")
         n = len(tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids)
         out[attr] = {"kind": kind, "tokens": n, "limit": limit, "truncated": n > limit}
     return out

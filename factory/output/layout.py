@@ -19,7 +19,7 @@ Under the output root:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from typing import Any
 
 from factory.storage import TMP_DIR, Folder, fsspec_options
@@ -104,7 +104,7 @@ class OutputStore(Folder):
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
 
-    def remove_all(self, keep: set[str] = frozenset()) -> None:
+    def remove_all(self, keep: Set[str] = frozenset()) -> None:
         """Delete the output, but for the top-level entries named in `keep` (the running job's lease)."""
         self.fs.invalidate_cache()
         if not self.fs.exists(self.root):

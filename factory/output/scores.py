@@ -27,14 +27,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 DENSITY_FIELDS = ("instances", "classes", "class_entropy", "mean_instance_area", "min_instance_area")
 FIDELITY_FIELDS = ("miou", "boundary_f", "clip_score")
 # Every score a sample can carry, by the dotted name selection and the report use.
 SCORE_NAMES = tuple(f"density.{f}" for f in DENSITY_FIELDS) + tuple(f"fidelity.{f}" for f in FIDELITY_FIELDS)
 
-_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
+# scipy.ndimage's generate_binary_structure(2, 1), written out: the score names above are read by the core
+# install (mix filters, selections), which has no scipy; the scores themselves import it when computed.
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 def _areas_from_instances(instances: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -43,6 +44,8 @@ def _areas_from_instances(instances: np.ndarray, valid: np.ndarray) -> np.ndarra
 
 
 def _areas_from_components(mask: np.ndarray, class_ids: np.ndarray, min_pixels: int) -> np.ndarray:
+    from scipy import ndimage
+
     areas = []
     for c in class_ids:
         labels, n = ndimage.label(mask == c, structure=_FOUR_CONNECTED)
@@ -106,6 +109,8 @@ def miou(target: np.ndarray, label: np.ndarray, ignore_index: int = 255) -> floa
 
 def boundary(region: np.ndarray) -> np.ndarray:
     """Pixels of a boolean region with a 4-neighbour outside it; the image frame is not a boundary."""
+    from scipy import ndimage
+
     # border_value=1: pixels outside the image count as inside the region, so the frame erodes nothing.
     interior = ndimage.binary_erosion(region, structure=_FOUR_CONNECTED, border_value=1)
     return region & ~interior
@@ -115,6 +120,8 @@ def _matched_fraction(edges: np.ndarray, other_edges: np.ndarray, tolerance: flo
     """Fraction of `edges` pixels within `tolerance` pixels of some `other_edges` pixel."""
     if not other_edges.any():
         return 0.0
+    from scipy import ndimage
+
     distance = ndimage.distance_transform_edt(~other_edges)
     return float(np.count_nonzero(distance[edges] <= tolerance) / np.count_nonzero(edges))
 

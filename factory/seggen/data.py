@@ -78,7 +78,7 @@ class PairStream:
         box = (left, top, left + r, top + r)
 
         def nearest(a: np.ndarray) -> np.ndarray:
-            return np.asarray(Image.fromarray(a.astype(np.int32)).resize((nw, nh), Image.NEAREST).crop(box))
+            return np.asarray(Image.fromarray(a.astype(np.int32)).resize((nw, nh), Image.Resampling.NEAREST).crop(box))
 
         ids = nearest(self.lut[rec.mask.astype(np.int64)])
         instances = nearest(rec.instances) if self.palette.outlines and rec.instances is not None else None
@@ -95,7 +95,7 @@ class PairStream:
             "time_ids": torch.tensor([h, w, top, left, r, r], dtype=torch.float32),
         }
         if self.kind == "mask2img":
-            image = Image.fromarray(rec.image).resize((nw, nh), Image.BICUBIC).crop(box)
+            image = Image.fromarray(rec.image).resize((nw, nh), Image.Resampling.BICUBIC).crop(box)
             out["image"] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
         return out
 

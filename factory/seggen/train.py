@@ -26,6 +26,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def _worker_loop(config: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         latest = store.latest()
         resume = store.download_dir(Path(tmp) / "resume", CHECKPOINTS, step_dir(latest)) if latest is not None else None
-        state = json.loads((resume / "state.json").read_text()) if resume else {"step": 0, "starts": []}
+        state: dict[str, Any] = json.loads((resume / "state.json").read_text()) if resume else {"step": 0, "starts": []}
         start = state["step"]
         models = TrainingModels(kind, spec.model, spec.mixed_precision, device, resume)
         optimizer = torch.optim.AdamW(models.trainable.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
@@ -222,6 +223,8 @@ def train(kind: str, spec: TrainSpec, address: str | None = None) -> dict:
         address,
     )
     info = store.read_json(FINAL, MODEL_INFO)
+    if info is None:
+        raise RuntimeError(f"{store.path(FINAL)}: training ended without writing its {MODEL_INFO}")
     return {**info, "url": store.path(FINAL)}
 
 

@@ -106,15 +106,12 @@ class Source(ABC):
 class FileSource(Source):
     """A dataset stored as files under `spec.path`, read through fsspec."""
 
-    default_split: str | None = None
-
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
         self.fs, root = fsspec.core.url_to_fs(spec.path, **spec.storage_options)
         self.root = root.rstrip("/") or root
         if not self.fs.exists(self.root):
             raise FileNotFoundError(f"source {spec.kind}: path {spec.path!r} does not exist")
-        self.split = spec.split or self.default_split
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)

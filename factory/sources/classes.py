@@ -185,7 +185,7 @@ def colorize(mask: np.ndarray, palette: np.ndarray, lut: np.ndarray | None = Non
 
 
 def decode_palette_mask(
-    rgb: np.ndarray, palette: np.ndarray, ignore_colors: tuple[tuple[int, int, int], ...] = ()
+    rgb: np.ndarray, palette: np.ndarray, ignore_colors: tuple[tuple[int, ...], ...] = ()
 ) -> tuple[np.ndarray, int]:
     """(H, W, 3) colours -> (class ids, number of pixels whose colour is in no palette) by exact match.
 

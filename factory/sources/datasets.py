@@ -7,6 +7,7 @@ import json
 import logging
 import posixpath
 from collections.abc import Iterator
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,15 +33,27 @@ def _apply_lut(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
     return mapped
 
 
-def _image_and_mapped_mask(source: FileSource, image_path: str, mask_path: str) -> tuple[np.ndarray, np.ndarray]:
-    """The image, and its label map read as raw ids, size-checked and mapped through `source._lut`."""
+def _image_and_mapped_mask(
+    source: FileSource, lut: np.ndarray, image_path: str, mask_path: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image, and its label map read as raw ids, size-checked and mapped through `lut`."""
     image = source._image(image_path)
     raw = id_array(source._mask_image(mask_path), mask_path)
     source._check_size(image, raw, mask_path)
-    return image, _apply_lut(raw, source._lut, mask_path).astype(source.classes.mask_dtype)
+    return image, _apply_lut(raw, lut, mask_path).astype(source.classes.mask_dtype)
 
 
-class ADE20KSource(FileSource):
+class DatasetSource(FileSource):
+    """A published dataset, its files laid out by split: `spec.split`, else the dataset's usual one."""
+
+    default_split: ClassVar[str]
+
+    def __init__(self, spec: SourceSpec):
+        super().__init__(spec)
+        self.split = spec.split or self.default_split
+
+
+class ADE20KSource(DatasetSource):
     """ADEChallengeData2016: images/<split>/*.jpg, annotations/<split>/*.png with 0 = unlabeled, 1..150."""
 
     default_split = "training"
@@ -60,12 +73,12 @@ class ADE20KSource(FileSource):
     def _load(self, sample_id: str) -> SourceRecord:
         image_path = self._path("images", self.split, sample_id + ".jpg")
         mask_path = self._path("annotations", self.split, sample_id + ".png")
-        image, mask = _image_and_mapped_mask(self, image_path, mask_path)
+        image, mask = _image_and_mapped_mask(self, self._lut, image_path, mask_path)
         meta = {"image_path": self._rel(image_path), "mask_path": self._rel(mask_path)}
         return SourceRecord(sample_id, image, mask, None, meta)
 
 
-class CocoPanopticSource(FileSource):
+class CocoPanopticSource(DatasetSource):
     """COCO panoptic: annotations/panoptic_<split>.json, RGB-encoded segment PNGs, images in <split>/.
 
     The annotation file is one JSON document that must be parsed whole, so its index (a small tuple per
@@ -116,15 +129,18 @@ class CocoPanopticSource(FileSource):
         self._index = index
         return tuple(c["name"] for c in cats)
 
-    def _ids(self) -> Iterator[str]:
+    def _table(self) -> dict:
+        """The index, parsed again by a copy that was unpickled without it (`__getstate__`)."""
         if self._index is None:
             self._load_index()
-        return iter(sorted(self._index))
+        assert self._index is not None  # _load_index always sets it
+        return self._index
+
+    def _ids(self) -> Iterator[str]:
+        return iter(sorted(self._table()))
 
     def _load(self, sample_id: str) -> SourceRecord:
-        if self._index is None:
-            self._load_index()
-        png_file, image_file, segments = self._index[sample_id]
+        png_file, image_file, segments = self._table()[sample_id]
         image_path = self._path(self.split, image_file)
         png_path = posixpath.join(self._png_dir, png_file)
         image = self._image(image_path)
@@ -164,7 +180,7 @@ class CocoPanopticSource(FileSource):
         return SourceRecord(sample_id, image, mask, instances, meta)
 
 
-class VOCSource(FileSource):
+class VOCSource(DatasetSource):
     """PASCAL VOC 2012 segmentation: split lists, JPEGImages, P-mode SegmentationClass (255 = boundary)."""
 
     default_split = "train"
@@ -221,7 +237,7 @@ CITYSCAPES_TRAIN_IDS = {
 }
 
 
-class CityscapesSource(FileSource):
+class CityscapesSource(DatasetSource):
     """Cityscapes fine annotations: leftImg8bit/<split>/<city>/<x>_leftImg8bit.png + gtFine labelIds."""
 
     default_split = "train"
@@ -245,7 +261,7 @@ class CityscapesSource(FileSource):
         image_path = self._path("leftImg8bit", self.split, sample_id + self.image_suffix)
         label_path = self._path("gtFine", self.split, sample_id + "_gtFine_labelIds.png")
         instance_path = self._path("gtFine", self.split, sample_id + "_gtFine_instanceIds.png")
-        image, mask = _image_and_mapped_mask(self, image_path, label_path)
+        image, mask = _image_and_mapped_mask(self, self._lut, image_path, label_path)
         meta = {"image_path": self._rel(image_path), "mask_path": self._rel(label_path)}
 
         instances = None
@@ -267,7 +283,7 @@ class CityscapesSource(FileSource):
         return SourceRecord(sample_id, image, mask, instances, meta)
 
 
-DATASET_READERS: dict[str, type[FileSource]] = {
+DATASET_READERS: dict[str, type[DatasetSource]] = {
     "ade20k": ADE20KSource,
     "coco_panoptic": CocoPanopticSource,
     "voc": VOCSource,

@@ -22,6 +22,7 @@ class FolderSource(FileSource):
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
+        assert spec.classes is not None  # the spec's validator requires classes of a folder source
         self.classes = resolve_classes(spec.classes)
         if spec.image_suffix == spec.mask_suffix:
             raise ValueError(f"source folder: image_suffix and mask_suffix are both {spec.image_suffix!r}")
@@ -29,6 +30,7 @@ class FolderSource(FileSource):
         if spec.mask_format == "palette":
             if self.classes.mask_dtype != np.uint8:
                 raise ValueError("source folder: colour masks support at most 254 classes")
+            assert spec.palette is not None  # the spec's validator requires it of colour masks
             self._palette = self._resolve_palette(spec.palette)
             self._ignore_colors = tuple(tuple(int(v) for v in c) for c in spec.ignore_colors)
 
@@ -47,13 +49,15 @@ class FolderSource(FileSource):
     def _ids(self) -> Iterator[str]:
         image_suffix, mask_suffix = self.spec.image_suffix, self.spec.mask_suffix
         # With ".png" images and "_mask.png" masks every mask also ends with the image suffix: a file
-        # that ends with the longer suffix is a mask, never an image.
-        masks_look_like_images = (
-            mask_suffix is not None and len(mask_suffix) > len(image_suffix) and mask_suffix.endswith(image_suffix)
+        # that ends with the longer suffix is a mask, never an image. Other suffixes: empty, matching nothing.
+        mask_endings = (
+            (mask_suffix,)
+            if mask_suffix is not None and len(mask_suffix) > len(image_suffix) and mask_suffix.endswith(image_suffix)
+            else ()
         )
 
         def stem(name: str) -> str | None:
-            if not name.endswith(image_suffix) or (masks_look_like_images and name.endswith(mask_suffix)):
+            if not name.endswith(image_suffix) or name.endswith(mask_endings):
                 return None
             return name[: -len(image_suffix)]
 

@@ -140,7 +140,7 @@ class Palette:
     outlines: bool = False  # the model was trained with instance outlines: decode instances from them
     edge_color: tuple[int, int, int] = EDGE_COLOR
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         colours = np.asarray(self.colors)
         if colours.shape != (len(self.names), 3):
             raise PaletteError(f"palette: {len(self.names)} names but colours of shape {colours.shape}")

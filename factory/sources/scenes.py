@@ -82,6 +82,7 @@ def render_scene(size: int, seed: int, index: int, style: str = "palette") -> tu
     outdoor = rng.random() < 0.6
     horizon = int(size * rng.uniform(0.35, 0.6))
     mask = np.empty((size, size), dtype=np.uint8)
+    objects: tuple[tuple[str, float, float], ...]  # the setting's; indoor and outdoor have different counts
 
     if outdoor:
         mask[:horizon] = _cid("sky")
@@ -211,16 +212,18 @@ class ScenesSource(Source):
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
         self.classes = fixed_classes(spec, class_set("ade150"))
-        self._digits = max(7, len(str(spec.count - 1)))
+        assert spec.count is not None  # the spec's validator requires it of a scenes source
+        self.count = spec.count
+        self._digits = max(7, len(str(self.count - 1)))
         self._id = re.compile(rf"scene-(\d{{{self._digits}}})")
 
     def _ids(self) -> Iterator[str]:
-        return map(f"scene-{{:0{self._digits}d}}".format, range(self.spec.count))
+        return map(f"scene-{{:0{self._digits}d}}".format, range(self.count))
 
     def _load(self, sample_id: str) -> SourceRecord:
         match = self._id.fullmatch(sample_id)
-        if match is None or int(match[1]) >= self.spec.count:
-            raise BadSample("missing_image", f"{sample_id}: not one of the {self.spec.count} scenes of this source")
+        if match is None or int(match[1]) >= self.count:
+            raise BadSample("missing_image", f"{sample_id}: not one of the {self.count} scenes of this source")
         index = int(match[1])
         image, mask = render_scene(self.spec.size, self.spec.seed, index)
         meta = {"scene_seed": self.spec.seed, "scene_index": index}

@@ -14,7 +14,7 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -23,6 +23,12 @@ from factory.schema import StrictModel
 from factory.sources.classes import ClassSet
 
 _REGISTRY: dict[str, type[Stage]] = {}
+
+# What a stage validated its `params` and `model` sections into: a subclass names its own pydantic models
+# (`Stage[CaptionParams, CaptionModelConfig]`), so its attributes are typed by them.
+ParamsT = TypeVar("ParamsT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
+StageT = TypeVar("StageT", bound="type[Stage]")
 
 
 class NoParams(StrictModel):
@@ -39,13 +45,15 @@ class StageContext:
     device: str  # "cuda" or "cpu": cuda only when the spec gives the stage a GPU and one is visible
 
 
-class Stage(ABC):
+class Stage(ABC, Generic[ParamsT, ModelT]):
     name: ClassVar[str]
     uses_gpu: ClassVar[bool] = False
+    # The extra of the install its models need (pyproject.toml), checked before a job or `factory stage` runs.
+    extra: ClassVar[str | None] = None
     Params: ClassVar[type[BaseModel]] = NoParams
     Model: ClassVar[type[BaseModel]] = NoParams
 
-    def __init__(self, params: BaseModel, model: BaseModel, context: StageContext):
+    def __init__(self, params: ParamsT, model: ModelT, context: StageContext):
         self.params = params
         self.model = model
         self.context = context
@@ -76,7 +84,7 @@ class Stage(ABC):
         """
 
 
-def register_stage(cls: type[Stage]) -> type[Stage]:
+def register_stage(cls: StageT) -> StageT:
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"stage name {cls.name!r} is registered twice")
     _REGISTRY[cls.name] = cls

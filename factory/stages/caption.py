@@ -8,7 +8,7 @@ size, so images of any size share the call.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -73,9 +73,10 @@ def load_captioner(cfg: CaptionModelConfig, device: str):
 
 
 @register_stage
-class CaptionStage(Stage):
+class CaptionStage(Stage[CaptionParams, CaptionModelConfig]):
     name = "caption"
     uses_gpu = True
+    extra = "models"
     Params = CaptionParams
     Model = CaptionModelConfig
 
@@ -93,7 +94,7 @@ class CaptionStage(Stage):
         """One caption per image, from a single batched `generate` call."""
         import torch
 
-        kwargs = {"images": images, "return_tensors": "pt"}
+        kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
         if self.params.prompt:
             kwargs.update(text=[self.params.prompt] * len(images), padding=True)
         inputs = self.processor(**kwargs).to(self.context.device)

@@ -38,7 +38,7 @@ class ControlNetModelConfig(DiffusionModelConfig):
 
 
 @register_stage
-class ControlNetStage(MaskConditionedStage):
+class ControlNetStage(MaskConditionedStage[ControlNetParams, ControlNetModelConfig]):
     name = "controlnet"
     salt_seeds_with_label = False
     Params = ControlNetParams
@@ -75,7 +75,9 @@ class ControlNetStage(MaskConditionedStage):
         for src, variants in zip(sources, groups):
             prompt = self.prompt(src, self.params.prompt)
             # NEAREST keeps every conditioning pixel an exact palette colour.
-            cond = Image.fromarray(colorize(src.mask, self.palette, self.lut)).resize((gw, gh), Image.NEAREST)
+            cond = Image.fromarray(colorize(src.array("mask"), self.palette, self.lut)).resize(
+                (gw, gh), Image.Resampling.NEAREST
+            )
             for v in variants:
                 v.meta["prompt"], v.meta["seed"] = prompt, self.seed(v)
                 prompts.append(prompt)
@@ -101,5 +103,5 @@ class ControlNetStage(MaskConditionedStage):
         }
         for v, image in zip(flat, images):
             # New arrays, never in place: the variants of a source share its arrays.
-            v.source_image, v.image = v.image, resize_to(image, *v.mask.shape[:2])
+            v.source_image, v.image = v.image, resize_to(image, *v.array("mask").shape[:2])
             v.meta["synthesis"] = dict(synthesis, models=self.model_ids())

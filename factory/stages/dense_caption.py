@@ -50,9 +50,10 @@ class DenseCaptionModelConfig(ModelConfig):
 
 
 @register_stage
-class DenseCaptionStage(Stage):
+class DenseCaptionStage(Stage[DenseCaptionParams, DenseCaptionModelConfig]):
     name = "dense_caption"
     uses_gpu = True
+    extra = "models"
     Params = DenseCaptionParams
     Model = DenseCaptionModelConfig
 
@@ -85,7 +86,7 @@ class DenseCaptionStage(Stage):
     def process(self, samples: list[Sample]) -> list[Sample]:
         import torch
 
-        images = [Image.fromarray(s.image) for s in samples]
+        images = [Image.fromarray(s.array("image")) for s in samples]
         inputs = self.processor(images=images, text=[self.text] * len(samples), padding=True, return_tensors="pt").to(
             self.context.device
         )

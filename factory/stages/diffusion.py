@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import time
 from abc import abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from pydantic import Field
 
-from factory.models.pipelines import apply_speed, mark_cuda_graph_step, unet_size_multiple
+from factory.models.pipelines import DiffusionModelConfig, apply_speed, mark_cuda_graph_step, unet_size_multiple
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import ClassSet, class_names_in
@@ -66,7 +66,7 @@ def resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def group_by(keys: list) -> dict[Any, list[int]]:
@@ -117,8 +117,12 @@ class MaskConditionedParams(SamplingParams):
 
 # ---------------------------------------------------------------- the base stage
 
+DiffusionParamsT = TypeVar("DiffusionParamsT", bound=DiffusionParams)
+MaskConditionedParamsT = TypeVar("MaskConditionedParamsT", bound=MaskConditionedParams)
+DiffusionModelT = TypeVar("DiffusionModelT", bound=DiffusionModelConfig)
 
-class DiffusionStage(Stage):
+
+class DiffusionStage(Stage[DiffusionParamsT, DiffusionModelT]):
     """A stage that loads diffusers pipelines in `load()` and calls them through `generate()`.
 
     Subclasses implement `load()` (returning one pipeline, or a dict of them) and `process()`; `setup()`
@@ -127,6 +131,7 @@ class DiffusionStage(Stage):
     """
 
     uses_gpu = True
+    extra = "models"
     # Whether seeds are salted with the stage label (two stages of a kind in one job then draw different
     # noise). ControlNet and t2i predate the salt and keep their seeds, so their images stay the same.
     salt_seeds_with_label: ClassVar[bool] = True
@@ -177,7 +182,7 @@ class DiffusionStage(Stage):
         return to_uint8(result.images)
 
 
-class MaskConditionedStage(DiffusionStage):
+class MaskConditionedStage(DiffusionStage[MaskConditionedParamsT, DiffusionModelT]):
     """A diffusion stage drawing `variants_per_input()` images for each mask (ControlNet, Mask2Img).
 
     Every sample needs a mask (none: each variant fails `no_mask`). Images are generated at the mask's
@@ -198,7 +203,7 @@ class MaskConditionedStage(DiffusionStage):
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         out = [sample.expand(self.variants_per_input()) for sample in samples]
-        live = []
+        live, sizes = [], []
         for i, sample in enumerate(samples):
             if sample.mask is None:
                 out[i] = [
@@ -206,7 +211,7 @@ class MaskConditionedStage(DiffusionStage):
                 ]
             else:
                 live.append(i)
-        sizes = [self.generation_size(*samples[i].mask.shape[:2]) for i in live]
+                sizes.append(self.generation_size(*sample.mask.shape[:2]))
         for size, members in group_by(sizes).items():
             self.generate_for([samples[live[m]] for m in members], [out[live[m]] for m in members], size)
         return [v for variants in out for v in variants]

@@ -75,7 +75,8 @@ class Embedder:
             x = torch.from_numpy(
                 np.stack(
                     [
-                        np.asarray(Image.fromarray(im).resize(side, Image.BOX), dtype=np.float32).ravel() / 255.0
+                        np.asarray(Image.fromarray(im).resize(side, Image.Resampling.BOX), dtype=np.float32).ravel()
+                        / 255.0
                         for im in images
                     ]
                 )
@@ -104,9 +105,10 @@ class SelectModelConfig(MaskGenModelConfig):
 
 
 @register_stage
-class SelectStage(Stage):
+class SelectStage(Stage[SelectParams, SelectModelConfig]):
     name = "select"
     uses_gpu = True
+    extra = "models"
     Params = SelectParams
     Model = SelectModelConfig
 
@@ -131,21 +133,26 @@ class SelectStage(Stage):
 
     def cosines(self, samples: list[Sample]) -> list[float]:
         """cosine(real, synthetic) per sample; each real image is embedded once for all its variants."""
+        assert self.embedder is not None  # set up whenever check_cosine is on
         reals: dict[tuple[int, int], int] = {}
-        images = []
+        images: list[np.ndarray] = []
         for s in samples:
             if (s.shard, s.index) not in reals:
                 reals[(s.shard, s.index)] = len(images)
-                images.append(s.source_image)
-        emb = self.embedder(images + [s.image for s in samples])
+                images.append(s.array("source_image"))
+        emb = self.embedder(images + [s.array("image") for s in samples])
         real_emb, synth_emb = emb[[reals[(s.shard, s.index)] for s in samples]], emb[len(images) :]
         return (real_emb * synth_emb).sum(-1).tolist()
 
     def mious(self, samples: list[Sample]) -> list[float]:
+        assert self.generator is not None  # set up whenever check_miou is on
         classes = self.context.classes
-        names = [class_names_in(s.mask, classes) for s in samples]
-        labels = self.generator.generate([s.image for s in samples], names)
-        return [mean_iou(label.mask, s.mask, classes.ignore_index, self.skip_ids) for label, s in zip(labels, samples)]
+        names = [class_names_in(s.array("mask"), classes) for s in samples]
+        labels = self.generator.generate([s.array("image") for s in samples], names)
+        return [
+            mean_iou(label.mask, s.array("mask"), classes.ignore_index, self.skip_ids)
+            for label, s in zip(labels, samples)
+        ]
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         p, label = self.params, self.context.label

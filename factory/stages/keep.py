@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from factory.output.scores import check_score_names, flatten_scores
 from factory.sample import Sample
 from factory.schema import StrictModel
-from factory.stages import Stage, register_stage
+from factory.stages import NoParams, Stage, register_stage
 
 
 class KeepParams(StrictModel):
@@ -32,7 +32,7 @@ class KeepParams(StrictModel):
 
 
 @register_stage
-class KeepStage(Stage):
+class KeepStage(Stage[KeepParams, NoParams]):
     name = "keep"
     Params = KeepParams
 

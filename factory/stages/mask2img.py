@@ -37,7 +37,7 @@ class Mask2ImgParams(MaskConditionedParams):
 
 
 @register_stage
-class Mask2ImgStage(MaskConditionedStage):
+class Mask2ImgStage(MaskConditionedStage[Mask2ImgParams, SDXLModelConfig]):
     name = "mask2img"
     Params = Mask2ImgParams
     Model = SDXLModelConfig
@@ -60,14 +60,14 @@ class Mask2ImgStage(MaskConditionedStage):
     def condition(self, sample: Sample) -> np.ndarray:
         """The colour map the ControlNet sees, at the mask's size."""
         instances = sample.instances if self.palette.outlines else None
-        return self.palette.encode(self.to_palette[sample.mask.astype(np.int64)], instances)
+        return self.palette.encode(self.to_palette[sample.array("mask").astype(np.int64)], instances)
 
     def generate_for(self, sources: list[Sample], groups: list[list[Sample]], size: tuple[int, int]) -> None:
         gh, gw = size
         prompts, conds, seeds, flat = [], [], [], []
         for sample, variants in zip(sources, groups):
             # NEAREST keeps every conditioning pixel an exact palette colour.
-            cond = Image.fromarray(self.condition(sample)).resize((gw, gh), Image.NEAREST)
+            cond = Image.fromarray(self.condition(sample)).resize((gw, gh), Image.Resampling.NEAREST)
             prompt = self.prompt(sample, self.params.prompt)
             for v in variants:
                 prompts.append(prompt)
@@ -89,7 +89,7 @@ class Mask2ImgStage(MaskConditionedStage):
         for v, prompt, seed, image in zip(flat, prompts, seeds, images):
             if v.meta.get("image_kind") != "color_map":
                 v.source_image = v.image
-            v.image = resize_to(image, *v.mask.shape[:2])
+            v.image = resize_to(image, *v.array("mask").shape[:2])
             v.meta["prompt"] = prompt
             v.meta["image_kind"] = "synthetic"
             v.meta["mask2img"] = {

@@ -34,9 +34,10 @@ class MaskGenParams(DetectionParams):
 
 
 @register_stage
-class MaskGenStage(Stage):
+class MaskGenStage(Stage[MaskGenParams, MaskGenModelConfig]):
     name = "maskgen"
     uses_gpu = True
+    extra = "models"
     Params = MaskGenParams
     Model = MaskGenModelConfig
 
@@ -54,7 +55,7 @@ class MaskGenStage(Stage):
         todo = [s for s in samples if s.image is not None and (self.params.mode == "replace" or s.mask is None)]
         for s in samples:
             s.meta["pseudo_label"] = False
-        for s, label in zip(todo, self.generator.generate([s.image for s in todo], self.names)):
+        for s, label in zip(todo, self.generator.generate([s.array("image") for s in todo], self.names)):
             s.mask, s.instances = label.mask, label.instances
             s.meta["pseudo_label"] = True
             s.meta["pseudo_instances"] = {

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import class_names_in
-from factory.stages import Stage, register_stage
+from factory.stages import NoParams, Stage, register_stage
 
 
 class PromptParams(StrictModel):
@@ -97,17 +97,23 @@ def read_captions(url: str, storage_options: dict | None = None) -> dict[str, li
 
 
 @register_stage
-class PromptStage(Stage):
+class PromptStage(Stage[PromptParams, NoParams]):
     name = "prompt"
     Params = PromptParams
 
     def setup(self) -> None:
         self.captions: dict[str, list[str]] = {}
         if self.params.mode == "dataset":
-            self.captions = read_captions(self.params.captions, self.params.storage_options)
+            self.captions = read_captions(self.captions_file, self.params.storage_options)
+
+    @property
+    def captions_file(self) -> str:
+        """The captions file of dataset mode, which the params' validator makes sure is given."""
+        assert self.params.captions is not None
+        return self.params.captions
 
     def model_ids(self) -> dict[str, str]:
-        return {"captions": self.params.captions} if self.params.mode == "dataset" else {}
+        return {"captions": self.captions_file} if self.params.mode == "dataset" else {}
 
     def class_names(self, sample: Sample) -> list[str]:
         """The sample's class names in the dataset's own words, most pixels first, without duplicates."""

@@ -74,16 +74,17 @@ class ScoreModelConfig(ModelConfig):
 
 
 @register_stage
-class ScoreStage(Stage):
+class ScoreStage(Stage[ScoreParams, ScoreModelConfig]):
     name = "score"
     uses_gpu = True  # CLIP and the labeler run faster on one; everything else is numpy
+    extra = "models"
     Params = ScoreParams
     Model = ScoreModelConfig
 
     def setup(self) -> None:
         self.labeler = None
         if self.params.auto_label is not None:
-            self.labeler = self._labeler()
+            self.labeler = self._labeler(self.params.auto_label)
             self.labeler.setup()
             if self.labeler.variants_per_input() != 1:
                 raise ValueError(f"auto_label stage {self.params.auto_label.kind!r} must return one sample per input")
@@ -103,12 +104,12 @@ class ScoreStage(Stage):
             self.processor = from_pretrained(AutoProcessor, ref, path)
             self.clip = from_pretrained(CLIPModel, ref, path, dtype=dtype).to(self.context.device).eval()
 
-    def _labeler(self) -> Stage:
+    def _labeler(self, spec: AutoLabelSpec) -> Stage:
         ctx = self.context
         labeler_ctx = StageContext(
             label=f"{ctx.label}.auto_label", job_seed=ctx.job_seed, classes=ctx.classes, device=ctx.device
         )
-        return self.params.auto_label.build(labeler_ctx)
+        return spec.build(labeler_ctx)
 
     def model_ids(self) -> dict[str, str]:
         ids = {}
@@ -117,7 +118,7 @@ class ScoreStage(Stage):
                 self.model.profile, self.model.clip
             )
         if self.params.auto_label is not None:
-            ids.update({f"auto_label.{k}": v for k, v in self._labeler().model_ids().items()})
+            ids.update({f"auto_label.{k}": v for k, v in self._labeler(self.params.auto_label).model_ids().items()})
         return ids
 
     def process(self, samples: list[Sample]) -> list[Sample]:
@@ -125,7 +126,7 @@ class ScoreStage(Stage):
         auto, clip = self._auto_labels(samples), self._clip_scores(samples)
         for sample, (label, label_instances, label_error), (clip_score, clip_info) in zip(samples, auto, clip):
             if label is not None and sample.mask is not None and label.shape != sample.mask.shape:
-                label = np.asarray(Image.fromarray(label).resize(sample.mask.shape[::-1], Image.NEAREST))
+                label = np.asarray(Image.fromarray(label).resize(sample.mask.shape[::-1], Image.Resampling.NEAREST))
             # Density of the sample's own mask; of its auto-label when it has none (unlabeled t2i output).
             if sample.mask is not None:
                 measured, instances, density_from = sample.mask, sample.instances, "mask"
@@ -166,7 +167,7 @@ class ScoreStage(Stage):
                 return [r for s in samples for r in self._auto_labels([s])]
             # A labeler failure leaves fidelity null; the sample itself is still good.
             return [(None, None, f"{type(e).__name__}: {e}"[:200])]
-        out = []
+        out: list[tuple[np.ndarray | None, np.ndarray | None, str | None]] = []
         for s in labeled:
             if s.error is not None:
                 out.append((None, None, s.error["reason"]))
@@ -186,11 +187,12 @@ class ScoreStage(Stage):
         if not prompted:
             return out
         prompts = [str(samples[i].meta["prompt"]) for i in prompted]
+        assert self.processor is not None  # loaded with self.clip
         tokenizer = self.processor.tokenizer
         limit = tokenizer.model_max_length
         inputs = self.processor(
             text=prompts,
-            images=[Image.fromarray(samples[i].image) for i in prompted],
+            images=[Image.fromarray(samples[i].array("image")) for i in prompted],
             return_tensors="pt",
             padding=True,
             truncation=True,

@@ -71,7 +71,7 @@ class T2IModelConfig(DiffusionModelConfig):
 
 
 @register_stage
-class TextToImageStage(DiffusionStage):
+class TextToImageStage(DiffusionStage[T2IParams, T2IModelConfig]):
     name = "t2i"
     salt_seeds_with_label = False
     Params = T2IParams
@@ -126,7 +126,7 @@ class TextToImageStage(DiffusionStage):
             live.append((i, prompt))
         # Per generator, one pipeline call per generation size, holding every image of that size.
         for g_index, generator in enumerate(self.params.generators):
-            sizes = [self.generation_size(generator, *samples[i].image.shape[:2]) for i, _ in live]
+            sizes = [self.generation_size(generator, *samples[i].array("image").shape[:2]) for i, _ in live]
             for size, members in group_by(sizes).items():
                 group = [(live[m][1], out[live[m][0]][g_index * n : (g_index + 1) * n]) for m in members]
                 self._generate(generator, size, group)

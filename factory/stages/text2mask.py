@@ -44,7 +44,7 @@ class Text2MaskParams(SamplingParams):
 
 
 @register_stage
-class Text2MaskStage(DiffusionStage):
+class Text2MaskStage(DiffusionStage[Text2MaskParams, SDXLModelConfig]):
     name = "text2mask"
     Params = Text2MaskParams
     Model = SDXLModelConfig

@@ -11,7 +11,8 @@ from factory.output.samples import iter_samples, only_json, sample_meta
 
 def export_captions(store: OutputStore, out_path: str) -> int:
     """Write one {"id", "caption"} line per source sample that has a caption; returns how many."""
-    written, shard_seen, last_shard = 0, set(), None
+    written, last_shard = 0, None
+    shard_seen: set[str] = set()
     with open(out_path, "w") as out:
         for shard, _, files in iter_samples(store, select_files=only_json):
             if shard != last_shard:  # every variant of a source lives in its source's shard

@@ -95,7 +95,7 @@ def plan(
         rate = rates.get(label, rates.get(kind)) if on_gpu else None
         if on_gpu and (rate is None or rate <= 0):
             raise ValueError(f"no rate for GPU stage {label!r} (kind {kind}); known: {sorted(rates)}")
-        cost = rows * k / rate if on_gpu else 0.0
+        cost = rows * k / rate if rate is not None else 0.0  # only GPU stages have a rate (checked above)
         partial.append((label, kind, rows, k, rate, cost, memory.get(label, memory.get(kind))))
         rows *= k
     total = sum(p[5] for p in partial)
@@ -138,7 +138,8 @@ def plan(
 def rates_from_bench(path: str | Path) -> tuple[dict[str, float], dict[str, float]]:
     """(rows/s, peak GiB) per stage name and kind from a bench_gpu.py JSON (its `stages` list)."""
     data = json.loads(Path(path).read_text())
-    rates, memory = {}, {}
+    rates: dict[str, float] = {}
+    memory: dict[str, float] = {}
     for entry in data.get("stages", []):
         if entry.get("images_per_s"):
             for key in (entry["kind"], entry["name"]):
@@ -216,7 +217,7 @@ def main_plan_resources(
     from factory.sources import open_source
 
     source = open_source(spec.source)
-    memory = {}
+    memory: dict[str, float] = {}
     if rates_file:
         rates, memory = rates_from_bench(rates_file)
     else:

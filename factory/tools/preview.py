@@ -23,7 +23,7 @@ def _cell(rgb: np.ndarray) -> Image.Image:
     img = Image.fromarray(rgb)
     # Scaled to fit the cell, up or down; NEAREST so mask edges stay sharp and colours exact.
     scale = CELL / max(img.width, img.height)
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.NEAREST)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (CELL, CELL), (32, 32, 32))
     canvas.paste(img, ((CELL - img.width) // 2, (CELL - img.height) // 2))
     return canvas

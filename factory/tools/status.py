@@ -22,7 +22,7 @@ def job_status(store: OutputStore) -> dict:
             totals[k] += s[k]
         started = s["started"] if started is None else min(started, s["started"])
         finished = s["finished"] if finished is None else max(finished, s["finished"])
-    span = finished - started if shards else 0
+    span = finished - started if started is not None and finished is not None else 0
     return {
         "job": manifest["name"],
         "spec_hash": manifest["spec_hash"],

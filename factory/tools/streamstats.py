@@ -25,7 +25,7 @@ class ScoreSummary:
         self.total = 0.0
         self.low = self.high = math.nan
         self.exact: list[float] | None = []  # the values, until there are more than `bins` of them
-        self.counts: np.ndarray | None = None
+        self.counts = np.zeros(0, dtype=np.int64)  # the histogram's bins, once binned
         self.lo = self.width = 0.0
 
     def add(self, value: float | None) -> None:
@@ -39,7 +39,7 @@ class ScoreSummary:
         if self.exact is not None:
             self.exact.append(value)
             if len(self.exact) > self.bins:
-                self._start_bins()
+                self._start_bins(self.exact)
             return
         self._bin(value)
 
@@ -56,14 +56,14 @@ class ScoreSummary:
         bin width of it)."""
         if self.n == 0:
             return math.nan
-        if not self.binned:
+        if self.exact is not None:
             return float(np.median(self.exact))
         i = int(np.searchsorted(np.cumsum(self.counts), (self.n + 1) / 2))
         return self.lo + (i + 0.5) * self.width
 
     def histogram(self, max_bars: int = 30) -> tuple[np.ndarray, np.ndarray]:
         """(counts, edges) with at most `max_bars` bars over the values' range."""
-        if not self.binned:
+        if self.exact is not None:
             return np.histogram(self.exact, bins=min(max_bars, max(5, len(set(self.exact)))))
         nonzero = np.flatnonzero(self.counts)
         first, last = int(nonzero[0]), int(nonzero[-1]) + 1
@@ -74,8 +74,8 @@ class ScoreSummary:
         edges = self.lo + self.width * (first + group * np.arange(len(counts) + 1))
         return counts, edges
 
-    def _start_bins(self) -> None:
-        values, self.exact = self.exact, None
+    def _start_bins(self, values: list[float]) -> None:
+        self.exact = None
         span = (self.high - self.low) or max(abs(self.low), 1.0)
         self.lo, self.width = self.low, span * (1 + 1e-9) / self.bins
         self.counts = np.zeros(self.bins, dtype=np.int64)

@@ -56,7 +56,7 @@ def select_top(store: OutputStore, score: str, fraction: float, lowest: bool = F
         keys = []
         for key, files in iter_shard_samples(store, shard, only_json):
             value = _score_of(files, score)
-            if n_keep == 0 or math.isnan(value):
+            if threshold is None or math.isnan(value):  # None: nothing to keep
                 continue
             if sign * value < sign * threshold or (value == threshold and ties_wanted > 0):
                 ties_wanted -= value == threshold

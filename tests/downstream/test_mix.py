@@ -13,8 +13,9 @@ from output_builder import Item, build_output
 from PIL import Image
 from scipy import stats
 
-from factory.downstream.mix import PSEUDO, REAL, SYNTHETIC, MixDataset, parse_mix_spec, pseudo_label, slot_kinds
+from factory.downstream.mix import PSEUDO, REAL, SYNTHETIC, MixBatches, parse_mix_spec, slot_kinds
 from factory.downstream.mix_ray import ray_datasets, ray_train_batches
+from factory.downstream.mix_torch import MixDataset, pseudo_label
 from factory.output.layout import OutputStore
 from factory.schema import SpecError
 from factory.sources.scenes import make_scenes
@@ -195,6 +196,17 @@ def test_masks_decode_exactly(data):
         for mask, key, kind in zip(b["mask"], b["key"], b["kind"].tolist()):
             want = masks[key] if kind == SYNTHETIC else np.asarray(Image.open(root / f"{key}_mask.png"))
             assert np.array_equal(mask.numpy(), want)
+
+
+def test_the_numpy_loader_gives_the_torch_loaders_batches(data):
+    """`MixBatches` (the core install, no torch) and `MixDataset` yield the same batches, value for value."""
+    spec_data = spec(data, {"kind": "diffusion_synthesis", "alpha": 0.5})
+    plain = MixBatches(parse_mix_spec(spec_data), rank=1, world=2).batches()
+    for tensors in batches(spec_data, 6, rank=1, world=2):
+        arrays = next(plain)
+        assert arrays.keys() == tensors.keys() and isinstance(arrays["image"], np.ndarray)
+        for k, v in arrays.items():
+            assert np.array_equal(v, tensors[k].numpy()) if isinstance(v, np.ndarray) else v == tensors[k]
 
 
 def test_uint16_masks_decode_exactly(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -65,3 +66,14 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def load_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def locked() -> dict[str, str]:
+    """requirements.lock as {normalized name: exact version}: what the project's own builds install."""
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        requirement = line.split(";")[0].strip()
+        if requirement and not requirement.startswith("#"):
+            name, _, version = requirement.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins

@@ -17,7 +17,7 @@ from pathlib import Path
 from factory.engine.reader import ShardReader
 from factory.engine.records import ShardWork
 from factory.engine.runner import StageRunner
-from factory.engine.spec import JobSpec
+from factory.engine.spec import JobSpec, require_stage_extras
 from factory.engine.writer import encode_files, failure_records
 from factory.sample import Sample
 from factory.schema import SpecError
@@ -52,7 +52,9 @@ def run_stage_alone(spec: JobSpec, label: str, out_dir: str | Path, limit: int, 
     chosen = [s for s in spec.stages if s.label == label]
     if not chosen:
         raise SpecError(f"{origin}: no stage named {label!r}; stages: {[s.label for s in spec.stages]}")
-    return write_files(run_in_process(spec.model_copy(update={"stages": chosen}), limit=limit), out_dir)
+    alone = spec.model_copy(update={"stages": chosen})
+    require_stage_extras(alone)
+    return write_files(run_in_process(alone, limit=limit), out_dir)
 
 
 def write_files(samples: Iterator[Sample], out_dir: str | Path, image_format: str = "png") -> dict:

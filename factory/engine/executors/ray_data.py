@@ -13,7 +13,7 @@ plain Ray task from read to commit (`factory/engine/executors/ray_tasks.py`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import partial
 
 import pyarrow as pa
@@ -84,7 +84,7 @@ def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
 
 def shard_results(
     spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int], job: JobInfo, counter
-) -> Iterator[ShardResult]:
+) -> Generator[ShardResult, None, None]:
     """Run the pending shards; yields each one's result (committed or failed) as it finishes."""
     engine = spec.engine
     reader = ShardReader(
