@@ -11,12 +11,26 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from factory.downstream.mix_spec import MixSpec, Strategy, SyntheticInput
-from factory.downstream.segmenter import SegmenterConfig
 from factory.schema import StrictModel, absolute_path, read_yaml, validated
 from factory.sources.spec import SourceSpec
 from factory.storage import Location
 
 BASELINE = "real-only"
+
+
+class SegmenterConfig(StrictModel):
+    kind: Literal[
+        "unet",
+        "fcn_resnet50",
+        "fcn_resnet101",
+        "deeplabv3_resnet50",
+        "deeplabv3_resnet101",
+        "deeplabv3_mobilenet_v3_large",
+    ] = "unet"
+    width: int = Field(16, gt=0, description="unet: channels of the first level (doubled at each level)")
+    depth: int = Field(3, ge=1, le=6, description="unet: levels (the input is padded to a multiple of 2^depth)")
+    backbone_checkpoint: str | None = Field(None, description="state dict for the backbone (path or fsspec URL)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class EvalArm(StrictModel):

@@ -10,15 +10,14 @@ downloaded.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
-from factory.schema import StrictModel
+from factory.downstream.eval_spec import SegmenterConfig
 
 TORCHVISION_KINDS = (
     "fcn_resnet50",
@@ -28,21 +27,6 @@ TORCHVISION_KINDS = (
     "deeplabv3_mobilenet_v3_large",
 )
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class SegmenterConfig(StrictModel):
-    kind: Literal[
-        "unet",
-        "fcn_resnet50",
-        "fcn_resnet101",
-        "deeplabv3_resnet50",
-        "deeplabv3_resnet101",
-        "deeplabv3_mobilenet_v3_large",
-    ] = "unet"
-    width: int = Field(16, gt=0, description="unet: channels of the first level (doubled at each level)")
-    depth: int = Field(3, ge=1, le=6, description="unet: levels (the input is padded to a multiple of 2^depth)")
-    backbone_checkpoint: str | None = Field(None, description="state dict for the backbone (path or fsspec URL)")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class Segmenter(nn.Module):

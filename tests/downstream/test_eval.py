@@ -24,9 +24,9 @@ from scipy import stats
 
 from factory.cli import main
 from factory.downstream.eval import BASELINE, load_eval_spec, paired_difference, run_eval
-from factory.downstream.eval_spec import parse_eval_spec
+from factory.downstream.eval_spec import SegmenterConfig, parse_eval_spec
 from factory.downstream.eval_worker import _teacher, baseline_path, class_iou, confusion, train_run
-from factory.downstream.segmenter import SegmenterConfig, build_segmenter
+from factory.downstream.segmenter import build_segmenter
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
 from factory.output.layout import OutputStore

@@ -113,14 +113,18 @@ def test_the_core_alone_reads_and_mixes_shards_of_the_full_install(dist, ray_loc
         spec = parse_mix_spec(yaml.safe_load(open({str(tmp_path / "mix.yaml")!r})))
         batches = MixBatches(spec).batches()
         seen = [next(batches) for _ in range(4)]
+        from factory.cli import main
+        specs = {[str(p) for p in sorted((REPO / "jobs").glob("*.yaml")) if not p.name.startswith("eval_")]!r}
         print(json.dumps({{
+            "invalid": [path for path in specs if main(["validate", path]) != 0],
             "shapes": [list(b["image"].shape) + list(b["mask"].shape) for b in seen],
             "kinds": sorted({{int(k) for b in seen for k in b["kind"]}}),
             "heavy": [m for m in {HEAVY!r} if importlib.util.find_spec(m) is not None],
         }}))
     """)
-    found = json.loads(run(python, "-c", program, cwd=tmp_path).stdout)
+    found = json.loads(run(python, "-c", program, cwd=tmp_path).stdout.splitlines()[-1])  # after validate's lines
     assert found["heavy"] == []
+    assert found["invalid"] == []  # every recipe's spec (and training spec) validates with the core alone
     assert found["shapes"] == [[4, 3, 16, 16, 4, 16, 16]] * 4
     assert found["kinds"] == [0, 1]  # real and synthetic samples, from the folder and from the shards
 
