@@ -7,23 +7,28 @@
 #
 # CUDA: the locked torch (2.14.1)'s wheel on PyPI is built for CUDA 13.0 and brings its own CUDA libraries as wheels
 # (cuda-toolkit, cudnn-cu13, nccl-cu13); the base image supplies the matching CUDA 13.0 runtime and the
-# NVIDIA container settings. Change the two together: tests/test_cluster_manifests.py checks they match.
+# NVIDIA container settings. Change the two together: tests/cluster/test_cluster_manifests.py checks they
+# match. The hosts need an NVIDIA driver >= 580 for CUDA 13 (cluster/ray-up-aws.yaml names such an AMI).
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 ARG DEBIAN_FRONTEND=noninteractive
 
 # python3 is Ubuntu 24.04's Python 3.12 (pyproject: requires-python >= 3.11). wget: KubeRay's health
-# probes call it. Ubuntu's package versions move with security updates, so they are left unpinned; the
-# Python packages, which decide the output, are all pinned by requirements.lock.
+# probes call it. rsync: `ray up` copies its bootstrap config into the container with
+# `rsync -e 'docker exec -i'` (ray-project/ray#40566). Ubuntu's package versions move with security
+# updates, so they are left unpinned; the Python packages, which decide the output, are all pinned by
+# requirements.lock.
 # Ubuntu's image has a user `ubuntu` at uid 1000, the uid Ray images and the manifests run as: it goes.
+# Every directory the user works in is made and handed to it here, as root: a WORKDIR that does not exist
+# yet is created root-owned after USER by the classic builder and older kaniko, and the next step fails.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates wget \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates wget rsync \
     && rm -rf /var/lib/apt/lists/* \
     && userdel --remove ubuntu \
     && useradd --uid 1000 --gid 100 --create-home --shell /bin/bash factory \
-    && mkdir -p /opt/factory /cache \
-    && chown factory:users /opt/factory /cache
+    && mkdir -p /opt/factory/src /cache \
+    && chown factory:users /opt/factory /opt/factory/src /cache
 
 ENV VIRTUAL_ENV=/opt/factory/venv \
     PATH=/opt/factory/venv/bin:$PATH \

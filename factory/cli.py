@@ -287,7 +287,7 @@ def _stop_ray() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; any failure ends in one `factory:` line with what to do (the traceback with --verbose)."""
-    from factory.engine.errors import advice, one_line
+    from factory.engine.errors import FactoryError, advice, one_line
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="factory: %(message)s", stream=sys.stderr)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.verbose:
             traceback.print_exc()
-        if type(e).__name__ in ("ResumeError", "LeaseError", "JobIncomplete", "PlanError"):
+        if isinstance(e, FactoryError):
             print(f"factory: {e}", file=sys.stderr)
         else:
             hint = "" if args.verbose else " (--verbose shows the traceback)"

@@ -2,22 +2,29 @@
 
 A spec can be valid and still impossible here: a stage asking for a GPU on a cluster without one, more
 CPUs than a node has, actor pools that together need more than the cluster offers (Ray would wait for
-them forever), a shard too large for a node's object store, a node-local output on several nodes. Each
-is refused with the field to change. An autoscaling cluster may grow into a request: with
-`engine.resource_wait_s` the check waits that long for it, saying so, before it refuses.
+them forever), a shard too large for the object store of a node that works on it, a node-local output on
+several nodes. Each is refused with the field to change. An autoscaling cluster may grow into a request:
+with `engine.resource_wait_s` the check waits that long for it, saying so, before it refuses.
+
+The checks themselves are pure functions of the spec and the nodes as Ray describes them (`ray.nodes()`'s
+`Resources`: `CPU`, `GPU`, `object_store_memory` in bytes), so a test can run them on the node shapes a
+cluster manifest declares.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import ray
 
 from factory.engine.spec import JobSpec
 from factory.output.layout import OutputStore
+from factory.sample import BadSample
 from factory.schema import SpecError
 from factory.sources.base import Source
 
@@ -26,11 +33,18 @@ log = logging.getLogger("factory")
 # A shard row lives in the object store as a stage's input and output at once, and a pool queues more:
 # one row may take at most this share of a node's object store.
 ROW_SHARE_OF_OBJECT_STORE = 4
-_SIZE_PROBES = 4  # source samples read to measure a typical one
+_SIZE_PROBES = 4  # good source samples read to measure a typical one
+_PROBE_LIMIT = 16  # listing entries tried for them, past bad samples
 
 
 def _alive_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def _runs_work(node: dict) -> bool:
+    # Read tasks, stage actors and write tasks all ask for CPUs or GPUs: a node with neither (a head started
+    # with num-cpus 0) never holds a shard row, so its object store says nothing about the shard size.
+    return node.get("CPU", 0) > 0 or node.get("GPU", 0) > 0
 
 
 def resource_problems(spec: JobSpec, nodes: list[dict]) -> list[str]:
@@ -112,39 +126,59 @@ def check_shared_output(spec: JobSpec, store: OutputStore) -> None:
 
 
 def row_bytes_per_source(source: Source, rows_per_source: int, probes: int = _SIZE_PROBES) -> int:
-    """Bytes a source sample and its rows take in a shard row, from the first few samples of the listing.
+    """Bytes a source sample and its rows take in a shard row, from the first good samples of the listing.
 
     Per pixel: the source's image (3), mask (2 at most) and instances (2) once per source; each row a
-    stage makes may carry a new image, mask and instance map (7 more).
+    stage makes may carry a new image, mask and instance map (7 more). A bad sample (`BadSample`) says
+    nothing about size and is skipped, as the pipeline would record it; any other error is the storage's
+    or a bug's and is raised. A listing whose first samples are all bad is refused: nothing could be
+    measured, and the job would make nothing either.
     """
-    pixels = []
-    for sample_id in source.list_ids():
+    pixels: list[int] = []
+    bad: Counter[str] = Counter()
+    for sample_id in itertools.islice(source.list_ids(), _PROBE_LIMIT):
         try:
             rec = source.load(sample_id)
-        except Exception:  # a bad sample says nothing about size; the pipeline will record it
+        except BadSample as e:
+            bad[e.reason] += 1
             continue
         pixels.append(rec.image.shape[0] * rec.image.shape[1])
         if len(pixels) == probes:
             break
+    if bad and not pixels:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in bad.most_common())
+        raise SpecError(
+            f"source.path: the first {bad.total()} samples of {source.spec.kind} source {source.spec.path!r} are "
+            f"all bad ({reasons}); check that source.path is the dataset's root and source.kind its layout"
+        )
     if not pixels:
         return 0
     per_pixel = 7 * (1 + rows_per_source) if rows_per_source else 7
     return int(np.mean(pixels) * per_pixel)
 
 
-def check_shard_size(spec: JobSpec, source: Source, rows_per_source: int) -> None:
-    """Refuse a shard size whose row cannot fit in a node's object store."""
-    stores = [n.get("object_store_memory", 0) for n in _alive_nodes()]
-    if not stores:
-        return
+def shard_size_problem(spec: JobSpec, per_source: int, rows_per_source: int, nodes: list[dict]) -> str | None:
+    """Why a row of `spec.output.shard_size` sources (`per_source` bytes each) cannot fit the object store
+    of the smallest node that works on rows; None if it fits, or if no node works yet."""
+    stores = [n.get("object_store_memory", 0) for n in nodes if _runs_work(n)]
+    if not stores or not per_source:
+        return None
     limit = min(stores) / ROW_SHARE_OF_OBJECT_STORE
-    per_source = row_bytes_per_source(source, rows_per_source)
     row = per_source * spec.output.shard_size
-    if per_source and row > limit:
-        fits = max(1, math.floor(limit / per_source))
-        raise SpecError(
-            f"output.shard_size: a shard of {spec.output.shard_size} sources holds about {row / 2**30:.1f} GiB "
-            f"in flight ({per_source / 2**20:.1f} MiB per source with its {rows_per_source or 1} rows, measured on "
-            f"the first sources); a row may use at most 1/{ROW_SHARE_OF_OBJECT_STORE} of a node's object store "
-            f"({min(stores) / 2**30:.1f} GiB here). Use shard_size <= {fits}, or lower source.max_side"
-        )
+    if row <= limit:
+        return None
+    fits = max(1, math.floor(limit / per_source))
+    return (
+        f"output.shard_size: a shard of {spec.output.shard_size} sources holds about {row / 2**30:.1f} GiB "
+        f"in flight ({per_source / 2**20:.1f} MiB per source with its {rows_per_source or 1} rows, measured on "
+        f"the first sources); a row may use at most 1/{ROW_SHARE_OF_OBJECT_STORE} of the object store of a "
+        f"node that runs reads, stages or writes ({min(stores) / 2**30:.1f} GiB on the smallest here). Use "
+        f"shard_size <= {fits}, lower source.max_side, or give the worker nodes a larger object store"
+    )
+
+
+def check_shard_size(spec: JobSpec, source: Source, rows_per_source: int) -> None:
+    """Refuse a shard size whose row cannot fit in the object store of a node that works on it."""
+    problem = shard_size_problem(spec, row_bytes_per_source(source, rows_per_source), rows_per_source, _alive_nodes())
+    if problem:
+        raise SpecError(problem)

@@ -14,21 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import closing
 
-import ray
-
 from factory import __version__
-from factory.engine.checks import check_resources, check_shard_size, check_shared_output
-from factory.engine.errors import JobIncomplete
-from factory.engine.executors.ray_data import shard_results
+from factory.engine.errors import FactoryError, JobIncomplete
+from factory.engine.executors.base import Executor, ShardJob, executor_class
 from factory.engine.lease import Lease
-from factory.engine.progress import Progress, StageCounter
-from factory.engine.ray_session import init_ray
+from factory.engine.progress import Progress, start_counter
+from factory.engine.reader import ShardReader
 from factory.engine.records import JobInfo, ShardResult
 from factory.engine.shard_plan import Plan, plan_shards
 from factory.engine.spec import JobSpec, redacted_spec, require_stage_extras
+from factory.engine.watch import Watch
+from factory.engine.writer import ShardWriter, WriteSettings
 from factory.output.layout import LEASE_FILE, PLAN_DIR, OutputStore
 from factory.schema import SpecError
 from factory.sources import open_source
@@ -38,10 +38,13 @@ from factory.stages import StageContext, resolve_stage
 
 log = logging.getLogger("factory")
 
+# Names a custom Ray resource that stands in for GPUs, for tests of several nodes on a machine without
+# one (tests/support). Read from the environment, never a spec: no job can ask to run GPU stages on CPUs.
+GPU_STAND_IN_ENV = "FACTORY_TEST_GPU_RESOURCE"
 MANIFEST = "manifest.json"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(FactoryError, RuntimeError):
     """The output already holds a different job."""
 
 
@@ -108,10 +111,9 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     check_stages(spec, source.classes)
     if not overwrite:
         _check_resume(store, spec)
-    init_ray(address)
-    check_shared_output(spec, store)
-    check_resources(spec)
-    check_shard_size(spec, source, rows_per_source(spec, source.classes))
+    executor = executor_class(spec)
+    if executor.uses_ray:
+        _check_cluster(spec, store, source, address)
     lease = Lease(store, spec.engine.lease_ttl_s)
     lease.acquire()
     try:
@@ -133,7 +135,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
         failed: list[ShardResult] = []
         if pending:
             store.clear_tmp()
-            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease)
+            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor)
             store.clear_tmp()
         index = write_index(store, plan)
     finally:
@@ -141,6 +143,46 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     if failed:
         raise JobIncomplete(_failure_message(failed, len(pending)))
     return index
+
+
+def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: str | None) -> None:
+    """Connect to Ray and refuse what this cluster cannot run. The output's check comes after the wait for
+    resources: an autoscaling cluster may have grown past one node by then."""
+    from factory.engine.checks import check_resources, check_shard_size, check_shared_output
+    from factory.engine.ray_session import init_ray
+
+    init_ray(address)
+    check_resources(spec)
+    check_shared_output(spec, store)
+    check_shard_size(spec, source, rows_per_source(spec, source.classes))
+
+
+def shard_job(spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo, progress=None) -> ShardJob:
+    """What every worker of this job needs, from the spec: the reader, the writer, the stages, the watch."""
+    engine, options = spec.engine, spec.output.options()
+    settings = WriteSettings(
+        image_format=spec.output.image_format,
+        quality=spec.output.jpeg_quality,
+        keep_rejected=spec.output.keep_rejected,
+        max_failure_fraction=spec.output.max_failure_fraction,
+        retries=engine.retries,
+        backoff=engine.retry_backoff_s,
+    )
+    return ShardJob(
+        reader=ShardReader(
+            spec.source.model_dump_json(), store.public_url(PLAN_DIR), options, engine.retries, engine.retry_backoff_s
+        ),
+        writer=ShardWriter(store.url, options, settings, job),
+        stages=tuple(st.model_dump(mode="json") for st in spec.stages),
+        job_seed=spec.seed,
+        classes=classes,
+        retries=engine.retries,
+        backoff=engine.retry_backoff_s,
+        shard_size=spec.output.shard_size,
+        watch=Watch(store.url, options, engine.shard_timeout_s, end_process=executor_class(spec).uses_ray),
+        progress=progress,
+        gpu_stand_in=os.environ.get(GPU_STAND_IN_ENV) or None,
+    )
 
 
 def _failure_message(failed: list[ShardResult], attempted: int) -> str:
@@ -153,21 +195,24 @@ def _failure_message(failed: list[ShardResult], attempted: int) -> str:
 
 
 def _run_pipeline(
-    spec: JobSpec, store: OutputStore, classes: ClassSet, plan: Plan, pending: list[int], lease: Lease
+    spec: JobSpec,
+    store: OutputStore,
+    classes: ClassSet,
+    plan: Plan,
+    pending: list[int],
+    lease: Lease,
+    executor_cls: type[Executor],
 ) -> list[ShardResult]:
-    """Stream the pending shards through the pipeline; returns the shards that failed."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False
+    """Run the pending shards on the job's executor; returns the shards that failed."""
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
     job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
-    # Only stage actors report rows to the counter; a zero-stage job spares its worker process.
-    # StageCounter is a Ray actor class (@ray.remote), which mypy reads as the plain class it decorates.
-    counter = StageCounter.remote() if spec.stages else None  # type: ignore[attr-defined]
+    # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
+    counter = start_counter() if spec.stages and executor_cls.uses_ray else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
+    executor = executor_cls(spec, shard_job(spec, store, classes, job, counter), store)
     failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
-    with closing(shard_results(spec, store, spec.output.options(), classes, pending, job, counter)) as results:
+    with closing(executor.run(pending)) as results:
         for result in results:
             progress.shard_done(result)
             lease.check()
@@ -179,6 +224,8 @@ def _run_pipeline(
                     break
     progress.show(final=True)
     if counter is not None:
+        import ray
+
         ray.kill(counter)
     return failed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,7 +35,16 @@ class ShardFailed(Exception):
         self.cause = cause
 
 
-class JobIncomplete(RuntimeError):
+class FactoryError(Exception):
+    """A failure whose message already says what happened and what to do: told to the user as it is.
+
+    Subclasses set `advice` (what `advice()` returns for them); the message is the whole story.
+    """
+
+    advice = RERUN
+
+
+class JobIncomplete(FactoryError, RuntimeError):
     """The job ended with shards that failed (after their retries) and stay uncommitted."""
 
 
@@ -59,40 +69,59 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return f"{type(exc).__name__}: {first}"[:limit]
 
 
-def is_cuda_oom(exc: BaseException) -> bool:
-    import sys
+def _types(module: str, *names: str) -> tuple[type, ...]:
+    """Exception classes of a library, if this process has imported it: a library never imported raised
+    nothing here, and importing it just to compare types would cost seconds (torch, ray)."""
+    loaded = sys.modules.get(module)
+    found = (getattr(loaded, name, None) for name in names) if loaded is not None else ()
+    return tuple(t for t in found if isinstance(t, type))
 
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    return isinstance(exc, _types("torch.cuda", "OutOfMemoryError"))
+
+
+# botocore's ClientError carries the service's error code as data; these mean the credentials.
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "403"}
+
+
+def _storage_credentials(exc: BaseException) -> bool:
+    if isinstance(exc, _types("botocore.exceptions", "NoCredentialsError", "PartialCredentialsError")):
+        return True
+    if isinstance(exc, _types("botocore.exceptions", "ClientError")):
+        return getattr(exc, "response", {}).get("Error", {}).get("Code") in _CREDENTIAL_CODES
+    return False
+
+
+def _unreachable() -> tuple[type, ...]:
+    return (
+        ConnectionError,
+        *_types("botocore.exceptions", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"),
+        *_types("aiohttp", "ClientConnectorError", "ServerDisconnectedError"),
+    )
 
 
 def advice(exc: BaseException) -> str:
-    """What the user should do about an infrastructure failure, from its root cause."""
+    """What the user should do about an infrastructure failure, chosen by the type of its root cause (and
+    the structured codes it carries), never by its message text."""
     exc = root_cause(exc)
-    name = type(exc).__name__
     code = getattr(exc, "errno", None)
-    text = str(exc)
-    if code == errno.ENOSPC or "No space left" in text:
+    if isinstance(exc, FactoryError):
+        return exc.advice
+    if code == errno.ENOSPC:
         return f"no space left on the device: free space, then {RERUN}"
     if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EROFS, errno.EPERM):
         return "the location is not writable: fix its permissions or pass --output elsewhere"
-    if name in ("NoCredentialsError", "PartialCredentialsError") or any(
-        word in text for word in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
-    ):
+    if _storage_credentials(exc):
         return "object storage refused the credentials: check key/secret (or AWS_* variables), then " + RERUN
-    if name in (
-        "EndpointConnectionError",
-        "ConnectTimeoutError",
-        "ClientConnectorError",
-        "ServerDisconnectedError",
-        "ConnectionRefusedError",
-        "ConnectionResetError",
-        "ReadTimeoutError",
-    ) or isinstance(exc, ConnectionError):
+    if isinstance(exc, _unreachable()):
         return f"object storage is unreachable: check the endpoint is up, then {RERUN}"
     if is_cuda_oom(exc):
         return "a single sample does not fit in GPU memory: lower the stage's resolution or give it a whole GPU"
-    if name in (
+    if isinstance(exc, MemoryError):
+        return f"the process ran out of memory: lower output.shard_size or give the stage more memory, then {RERUN}"
+    ray_deaths = _types(
+        "ray.exceptions",
         "ActorDiedError",
         "RayActorError",
         "WorkerCrashedError",
@@ -100,7 +129,8 @@ def advice(exc: BaseException) -> str:
         "OutOfMemoryError",
         "ObjectLostError",
         "OwnerDiedError",
-    ):
+    )
+    if isinstance(exc, ray_deaths):
         return f"a Ray worker or node died (see the Ray logs for why); {RERUN}"
     return RERUN
 

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 
+from factory.engine.errors import FactoryError
 from factory.output.layout import OutputStore
 
 log = logging.getLogger("factory")
@@ -26,7 +27,7 @@ LEASE_FILE = "_lease.json"
 _SETTLE_S = {True: 0.1, False: 1.0}
 
 
-class LeaseError(RuntimeError):
+class LeaseError(FactoryError, RuntimeError):
     """Another run holds the output."""
 
 
@@ -61,16 +62,27 @@ class Lease:
         }
 
     def _abandoned(self, lease: dict) -> bool:
-        if lease.get("host") == self.host and not _pid_alive(int(lease.get("pid", -1))):
-            return True
-        return time.time() - float(lease.get("heartbeat", 0)) > self.ttl
+        """Whether the holder is gone. On this host its pid and this host's clock tell. Another host's clock
+        is never compared with ours: its lease is abandoned when its heartbeat stays unchanged for `ttl`
+        seconds as this host counts them (a live holder renews it every ttl / 6)."""
+        if lease.get("host") == self.host:
+            stale = time.time() - float(lease.get("heartbeat", 0)) > self.ttl
+            return stale or not _pid_alive(int(lease.get("pid", -1)))
+        log.info("watching the lease of %s for %.0fs: taken over if its heartbeat stops", self._holder(lease), self.ttl)
+        deadline = time.monotonic() + self.ttl
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, self.ttl / 12))
+            if self.store.read_json(LEASE_FILE) != lease:
+                return False
+        return True
 
     def _holder(self, lease: dict) -> str:
-        age = time.time() - float(lease.get("heartbeat", 0))
+        def when(key: str) -> str:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get(key, 0))))
+
         return (
             f"run {lease.get('run_id')} (host {lease.get('host')}, pid {lease.get('pid')}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(lease.get('started', 0))))}, "
-            f"heartbeat {age:.0f}s ago)"
+            f"{when('started')}, last heartbeat {when('heartbeat')} by its host's clock)"
         )
 
     def acquire(self) -> None:

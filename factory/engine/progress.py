@@ -32,6 +32,15 @@ class StageCounter:
         return dict(self.rows)
 
 
+def start_counter():
+    """The row counter, placed on the driver's node: it lives as long as the job's driver, whichever other
+    nodes leave (on a worker node it died with the node, and the progress line froze)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return StageCounter.options(scheduling_strategy=here).remote()
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds >= 3600:

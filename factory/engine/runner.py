@@ -28,9 +28,13 @@ from factory.stages import StageContext, resolve_stage
 log = logging.getLogger("factory")
 
 
-def stage_device(spec: StageSpec) -> str:
-    """ "cuda" for a stage given GPUs, which then must see one: a GPU stage never falls back to the CPU."""
+def stage_device(spec: StageSpec, gpu_stand_in: str | None = None) -> str:
+    """ "cuda" for a stage given GPUs, which then must see one: a GPU stage never falls back to the CPU,
+    but where the job names a stand-in resource for GPUs (tests of several nodes on one machine)."""
     if spec.resources.num_gpus <= 0:
+        return "cpu"
+    if gpu_stand_in:
+        log.warning("stage %s runs on the CPU: the job stands %r in for GPUs", spec.label, gpu_stand_in)
         return "cpu"
     import torch
 
@@ -52,7 +56,14 @@ class RetryTally:
 
 class StageRunner:
     def __init__(
-        self, stage_spec: dict, job_seed: int, classes: ClassSet, retries: int = 3, backoff: float = 2.0, progress=None
+        self,
+        stage_spec: dict,
+        job_seed: int,
+        classes: ClassSet,
+        retries: int = 3,
+        backoff: float = 2.0,
+        progress=None,
+        gpu_stand_in: str | None = None,
     ):
         spec = StageSpec.model_validate(stage_spec)
         cls = resolve_stage(spec.kind)
@@ -65,7 +76,7 @@ class StageRunner:
         self.stage = cls(
             cls.Params.model_validate(spec.params),
             cls.Model.model_validate(spec.model),
-            StageContext(label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec)),
+            StageContext(label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec, gpu_stand_in)),
         )
         self.stage.setup()
         self.k = self.stage.variants_per_input()

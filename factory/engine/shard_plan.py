@@ -16,12 +16,13 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from factory.engine.errors import FactoryError
 from factory.output.layout import PLAN_DIR, SHARDS_PER_PART, plan_part_name
 
 _SCHEMA = pa.schema([("sample_id", pa.string())])
 
 
-class PlanError(ValueError):
+class PlanError(FactoryError, ValueError):
     pass
 
 

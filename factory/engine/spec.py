@@ -82,6 +82,17 @@ class EngineSpec(StrictModel):
     resource_wait_s: float = Field(
         0.0, ge=0, description="wait this long for an autoscaling cluster to offer the resources a stage needs"
     )
+    shard_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="a step of one shard (its read, a stage, its write) that runs longer fails as a timeout and "
+        "its worker is replaced; default 600 s plus 30 s per row the step handles",
+    )
+    executor: Literal["auto", "ray_data", "ray_tasks", "in_process"] = Field(
+        "auto",
+        description="how shards run: ray_data (actor pools per stage), ray_tasks (one task per shard, read to "
+        "commit), in_process (no Ray, one shard at a time); auto: ray_data with stages, ray_tasks without",
+    )
 
 
 class JobSpec(StrictModel):

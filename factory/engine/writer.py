@@ -1,10 +1,12 @@
 """The shard writer: one shard's samples in, one committed WebDataset shard out, from whichever worker runs it.
 
 Commit order: the tar appears under `shards/` only once complete (`OutputStore.open_atomic`), then the
-failure list is written to `failures/`, and the stats file last: it is the commit marker. A crash at
-any point leaves either no final tar, or a final tar without stats that the next run regenerates from
-scratch: never a partial tar under a final name. Every step is idempotent (same bytes, same names), so
-a retried or repeated write of a shard is harmless.
+failure list is written to `failures/`, and the stats file last: it is the commit marker. A crash or a
+failed write at any point leaves either no final tar, or a whole final tar without stats that the next
+run regenerates: never a partial tar under a final name. Two attempts of one shard may overlap (a Ray
+retry, a driver that lost its lease): an attempt that finds the shard committed writes nothing, and no
+attempt ever deletes a shard's files, so none can undo another's commit. Every write is idempotent
+(same bytes, same names): attempts that overlap write the same files.
 """
 
 from __future__ import annotations
@@ -166,17 +168,19 @@ def _commit(work: ShardWork, store: OutputStore, settings: WriteSettings, job: J
     def is_rejected(s: Sample) -> bool:
         return s.error is None and s.rejected is not None
 
+    committed = store.read_json(STATS_DIR, f"{name}.json")
+    if committed is not None:
+        # Another attempt of this shard (a Ray retry whose first try was not dead after all, an old driver
+        # after a lease takeover) committed it first: its files stand as they are.
+        return committed
     kept_rejected = settings.keep_rejected and any(is_rejected(s) for s in work.samples)
     if kept_rejected:
         _write_tar(store, members(is_rejected), REJECTED_DIR, f"{name}.tar")
     _write_tar(store, members(lambda s: s.ok), SHARD_DIR, f"{name}.tar")
-    try:
-        return _write_stats(work, store, job, name, kept_rejected)
-    except BaseException:
-        # No final tar without its stats: the next run would redo it anyway, but nobody should find one.
-        for folder in (SHARD_DIR, REJECTED_DIR):
-            store.remove(folder, f"{name}.tar")
-        raise
+    # If the stats cannot be written, the tar stays: deleting it could delete the tar of another attempt
+    # that committed meanwhile. A whole tar without stats is what a crash here leaves anyway; the next
+    # run rewrites it.
+    return _write_stats(work, store, job, name, kept_rejected)
 
 
 def _write_stats(work: ShardWork, store: OutputStore, job: JobInfo, name: str, kept_rejected: bool) -> dict:

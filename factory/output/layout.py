@@ -103,6 +103,10 @@ class OutputStore(Folder):
         self.fs.invalidate_cache()
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
+        self.fs.invalidate_cache()
+        if not self.is_local() and self.fs.exists(tmp):
+            # A filer-backed object store (SeaweedFS) lists the emptied folder until its marker key goes.
+            self.fs.rm_file(tmp + "/")
 
     def remove_all(self, keep: Set[str] = frozenset()) -> None:
         """Delete the output, but for the top-level entries named in `keep` (the running job's lease)."""

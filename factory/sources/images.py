@@ -24,6 +24,8 @@ def decode(data: bytes, path: str, reason: str) -> Image.Image:
         im.load()
     except Image.DecompressionBombError as e:
         raise BadSample("too_large", f"{path}: {e}") from None
+    except MemoryError:  # the worker's memory, not the file: an infrastructure failure, retried
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad bytes
         raise BadSample(reason, f"{path}: {e}") from None
     return im

@@ -32,7 +32,7 @@ from factory.models.random_vision import random_clip
 from factory.models.random_weights import CLIP_L, random_id
 from factory.models.tiny_vision import TINY_CLIP, tiny_clip_dir
 from factory.output.scores import density, fidelity
-from factory.sample import Sample
+from factory.sample import BadSample, Sample
 from factory.schema import StrictModel
 from factory.stages import Stage, StageContext, register_stage, resolve_stage
 
@@ -162,11 +162,12 @@ class ScoreStage(Stage[ScoreParams, ScoreModelConfig]):
         copies = [replace(s, mask=None, instances=None, meta=dict(s.meta)) for s in samples]
         try:
             labeled = self.labeler.process(copies)
-        except Exception as e:
+        except BadSample as e:
             if len(copies) > 1:  # label one by one, so one bad image costs only its own auto-label
                 return [r for s in samples for r in self._auto_labels([s])]
-            # A labeler failure leaves fidelity null; the sample itself is still good.
-            return [(None, None, f"{type(e).__name__}: {e}"[:200])]
+            # The labeler refused this image: fidelity stays null, the sample itself is still good. Any
+            # other error (CUDA, storage, a bug) is the stage's own failure, retried like any other.
+            return [(None, None, str(e)[:200])]
         out: list[tuple[np.ndarray | None, np.ndarray | None, str | None]] = []
         for s in labeled:
             if s.error is not None:

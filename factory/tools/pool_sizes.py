@@ -9,8 +9,13 @@ The arithmetic, per source sample of the dataset:
 - on one GPU it makes r_s rows/s, so it costs g_s = E_s x K_s / r_s GPU-seconds per source;
 - a pipeline of N GPUs in balance gives each stage the share g_s / sum(g) of them and runs
   N / sum(g) sources/s, that is N x rows_out / sum(g) output samples/s, rows_out = the product of all K;
-- a stage's share f_s GPUs becomes ceil(f_s) actors of f_s / ceil(f_s) GPU each (Ray packs fractional
-  actors of different stages onto the same cards), fractions rounded down to 0.01 so the pools fit.
+- a stage's share f_s GPUs becomes ceil(f_s) actors (no more model copies than it needs) of
+  f_s / ceil(f_s) GPU each, rounded up to 0.01, so every stage gets at least its share;
+- Ray places an actor asking for a fraction of a GPU on one GPU, never split across two, so fractions
+  that sum under N need not fit on N whole GPUs (1 x 0.07, 7 x 0.94 and 2 x 0.66 on 8 GPUs place 9 of
+  the 10 actors): the actors are packed onto the N GPUs first-fit decreasing, and while some actor finds
+  no room every share is scaled down by 1% and the pools are rebuilt. The plan reports the packing it
+  found and the sources/s its pools reach (the slowest stage's), below the balanced rate when shrunk.
 Stages without a GPU (`prompt`, `keep`) are left out of the split. Rejections and failures are ignored:
 the figures are for every row surviving, an upper bound on the work.
 """
@@ -42,15 +47,21 @@ class StagePlan:
     memory_gib: float | None = None  # peak GPU memory of one actor, when the rates say
 
 
+# One GPU's actors: (stage label, GPU fraction) each.
+Card = list[tuple[str, float]]
+
+
 @dataclass(frozen=True)
 class ResourcePlan:
     gpus: int
     stages: list[StagePlan]
-    sources_per_second: float
+    sources_per_second: float  # what the packed pools reach: the slowest stage's rate
     samples_per_second: float
     rows_per_source: float
     sources: int | None
     hours: float | None
+    scale: float  # the share of each balanced GPU share the pools got so that every actor packs (1 = all)
+    packing: list[Card]  # per GPU, the actors placed on it
 
     def to_json(self) -> dict:
         return {
@@ -60,8 +71,37 @@ class ResourcePlan:
             "rows_per_source": self.rows_per_source,
             "sources": self.sources,
             "hours": self.hours,
+            "scale": self.scale,
             "stages": [vars(s) for s in self.stages],
+            "packing": [[{"stage": label, "gpus": share} for label, share in card] for card in self.packing],
         }
+
+
+def pack(actors: list[tuple[str, float]], gpus: int) -> tuple[list[Card], list[tuple[str, float]]]:
+    """(per GPU, unplaced): each (label, GPU fraction) actor, largest first, on the first of `gpus` whole
+    GPUs with room left for it: one actor stays on one GPU, as Ray places it."""
+    cards: list[Card] = [[] for _ in range(gpus)]
+    free = [1.0] * gpus
+    unplaced = []
+    for actor in sorted(actors, key=lambda a: -a[1]):
+        i = next((i for i, room in enumerate(free) if actor[1] <= room + 1e-9), None)
+        if i is None:
+            unplaced.append(actor)
+            continue
+        cards[i].append(actor)
+        free[i] -= actor[1]
+    return cards, unplaced
+
+
+def _pools(shares: dict[str, float], scale: float) -> dict[str, tuple[int, float]]:
+    """(actors, GPU per actor) of each stage given `scale` x its share: ceil(share) actors, so none asks
+    for more than one GPU, each fraction rounded up to 0.01 (the packing, not the rounding, makes them fit)."""
+    pools = {}
+    for label, share in shares.items():
+        want = scale * share
+        actors = max(1, math.ceil(want - 1e-9))
+        pools[label] = (actors, math.ceil(want / actors * 100 - 1e-9) / 100)
+    return pools
 
 
 def stage_shapes(spec: JobSpec, classes) -> list[tuple[str, str, int, bool]]:
@@ -101,26 +141,22 @@ def plan(
     total = sum(p[5] for p in partial)
     if total == 0:
         raise ValueError("the spec has no GPU stage to balance")
+    shares = {p[0]: gpus * p[5] / total for p in partial if p[4] is not None}
+    for step in range(100, 0, -1):
+        pools = _pools(shares, step / 100)
+        packing, unplaced = pack([(label, f) for label, (n, f) in pools.items() for _ in range(n)], gpus)
+        if not unplaced:
+            break
+    else:
+        raise ValueError(f"the {len(shares)} GPU stages' actors do not fit on {gpus} GPUs even at 0.01 GPU each")
     stages = []
+    per_second = math.inf
     for label, kind, rows_in, k, rate, cost, mem in partial:
-        share = gpus * cost / total
-        actors = max(1, math.ceil(share - 1e-9)) if rate is not None else 0
-        per_actor = math.floor(share / actors * 100) / 100 if actors else 0.0
-        stages.append(
-            StagePlan(
-                label,
-                kind,
-                rows_in,
-                k,
-                rate,
-                round(cost, 6),
-                round(share, 4),
-                actors,
-                max(per_actor, 0.01) if actors else 0.0,
-                mem,
-            )
-        )
-    per_second = gpus / total
+        actors, per_actor = pools.get(label, (0, 0.0))
+        if rate is not None:  # a GPU stage makes (its GPUs / its GPU-seconds per source) sources/s
+            per_second = min(per_second, actors * per_actor / cost)
+        share = round(shares.get(label, 0.0), 4)
+        stages.append(StagePlan(label, kind, rows_in, k, rate, round(cost, 6), share, actors, per_actor, mem))
     return ResourcePlan(
         gpus,
         stages,
@@ -129,6 +165,8 @@ def plan(
         rows,
         sources,
         round(sources / per_second / 3600, 3) if sources else None,
+        step / 100,
+        packing,
     )
 
 
@@ -202,6 +240,13 @@ def format_plan(p: ResourcePlan) -> str:
             f"{s.label:<16}{s.kind:<14}{s.rows_in:>8g}{s.k:>4}{rate:>12}{s.gpu_seconds:>11.4f}"
             f"{s.gpus:>7.2f}{s.actors:>8}{s.gpus_per_actor:>10.2f}"
         )
+    if p.scale < 1:
+        lines.append(
+            f"the balanced shares do not pack onto {p.gpus} whole GPUs: every pool got {p.scale:.0%} of its share"
+        )
+    for i, card in enumerate(p.packing):
+        actors = ", ".join(f"{label} {share:.2f}" for label, share in card) or "-"
+        lines.append(f"GPU {i}: {actors} ({sum(share for _, share in card):.2f} used)")
     lines.append(
         f"expected: {p.sources_per_second:.4f} sources/s, {p.samples_per_second:.4f} samples/s "
         f"({p.rows_per_source:g} rows per source) on {p.gpus} GPUs"

@@ -5,6 +5,7 @@ silently: these tests parse every one of them and hold them to pyproject.toml an
 (image, Ray version, entrypoint, GPU limits, secrets, pre-stop, object-store sizing, the model cache).
 """
 
+import json
 import re
 import shlex
 import shutil
@@ -116,6 +117,36 @@ def test_the_image_runs_as_a_non_root_user_with_factory_on_path():
     assert env["PATH"].split(":")[0] == venv_bin
     assert "factory --version" in " ".join(instructions("RUN"))  # the build fails if the script is missing
     assert env["FACTORY_MODEL_CACHE"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
+
+
+def test_the_image_has_rsync_for_ray_up():
+    # `ray up` copies its bootstrap config into the container with `rsync -e 'docker exec -i'`.
+    packages = [p for run in instructions("RUN") for p in re.findall(r"apt-get install ([^&;|]+)", run)]
+    assert "rsync" in " ".join(packages).split()
+
+
+def test_every_workdir_after_user_exists_and_belongs_to_the_user():
+    """A WORKDIR made after USER is root-owned with the classic builder and older kaniko: each one must be
+    made and handed to the user (mkdir -p + chown) by a RUN before USER, or be the user's home."""
+    steps = dockerfile()
+    first_user = next(i for i, (word, _) in enumerate(steps) if word == "USER")
+    uid = instructions("USER")[-1].partition(":")[0]
+    made, owned, homes = set(), set(), set()
+    for word, args in steps[:first_user]:
+        if word != "RUN":
+            continue
+        for command in re.split(r"&&|;", args):
+            words = shlex.split(command)
+            if words[:2] == ["mkdir", "-p"]:
+                made.update(words[2:])
+            elif words[:1] == ["chown"]:
+                owned.update(words[2:])
+            elif words[:1] == ["useradd"] and "--create-home" in words and words[words.index("--uid") + 1] == uid:
+                homes.add(f"/home/{words[-1]}")
+    workdirs = [args for word, args in steps[first_user:] if word == "WORKDIR"]
+    assert workdirs
+    for path in workdirs:
+        assert path in homes or path in made & owned, f"WORKDIR {path} is not made and chowned before USER"
 
 
 def test_dockerignore_sends_only_what_the_image_copies():
@@ -295,3 +326,30 @@ def test_ray_up_config_is_valid_for_ray_and_matches_the_image():
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         commands = " ".join(config[key])
         assert "ray stop" in commands and "--object-store-memory=" in commands
+
+
+def test_ray_up_config_validates_against_rays_schema_as_written():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(yaml.safe_load((CLUSTER / "ray-up-aws.yaml").read_text()), schema)
+
+
+def test_ray_up_installs_nothing_and_names_a_cuda_13_ami():
+    from ray.autoscaler._private.util import fillout_defaults
+
+    text = (CLUSTER / "ray-up-aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    # Ray's AWS defaults `pip install boto3` on the head, which moves botocore past aiobotocore's pin.
+    filled = fillout_defaults(config)
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert config[key] == [] and filled[key] == [], key
+    # One explicit AMI for every node: the Deep Learning Base OSS Nvidia Driver AMI (driver >= 580 for
+    # CUDA 13), looked up per region through its public SSM parameter, never Ray's CUDA 11 `latest_dlami`.
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    assert len(images) == 1 and re.fullmatch(r"AMI_ID|ami-[0-9a-f]{8,17}", images.pop())
+    assert "aws ssm get-parameter --region " + config["provider"]["region"] in text
+    assert "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in text
+    assert "latest_dlami" not in re.sub(r"#.*", "", text)
+    assert "--gpus all" not in text  # Ray adds --runtime=nvidia on GPU hosts, not --gpus

@@ -1,4 +1,5 @@
-"""`factory submit / logs / status` against a real Ray cluster that the test starts with `ray start --head`.
+"""`factory submit / logs / status` against a real Ray cluster that the test starts with `ray start --head`,
+and what `factory submit` says when it cannot reach one.
 
 The cluster is this test's own: its own ports, its own temp dir (so `ray.init()` elsewhere on the machine
 never finds it through /tmp/ray/ray_current_cluster) and its own auth token. It is stopped by signalling
@@ -21,10 +22,11 @@ import pytest
 import yaml
 from helpers import folder_spec, write_folder_source
 
+from factory import cli
 from factory.engine.spec import parse_spec
 from factory.engine.submit import submission_id
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 INVERT = "stages_for_tests:InvertStage"
 VENV_BIN = Path(sys.executable).parent
@@ -52,10 +54,10 @@ def ray_cluster(model_cache):
     temp_dir = tempfile.mkdtemp(prefix="fray-", dir="/tmp")
     gcs, dashboard, client_server, agent = _ports(4)
     env = dict(os.environ)
-    # The cluster's nodes run the project's interpreter first on PATH, as the image does: the job's
-    # entrypoint `python -m factory.cli` must find it. Workers inherit the model cache and PYTHONPATH
-    # (conftest puts tests/support/ on it, for the plug-in stage).
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    # Ray runs from the project's venv, which is not on PATH: a venv used without being activated. The job's
+    # driver must still run on Ray's interpreter, not on whatever `python` PATH names (without `factory`).
+    # Workers inherit the model cache and PYTHONPATH (conftest puts tests/support/ on it, for the plug-in stage).
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
     env["FACTORY_MODEL_CACHE"] = str(model_cache)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
@@ -142,6 +144,7 @@ def jobs_named(address: str, env: dict, prefix: str) -> dict[str, str]:
     return {sid: status for sid, status in rows.items() if sid.startswith(prefix)}
 
 
+@pytest.mark.e2e
 def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
     address, env = ray_cluster
     write_folder_source(tmp_path / "src", 6)
@@ -192,6 +195,7 @@ def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
     assert jobs_named(address, env, "cluster-e2e") == {sid: "SUCCEEDED", f"{sid}-retry1": "SUCCEEDED"}
 
 
+@pytest.mark.e2e
 def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
     address, env = ray_cluster
     # The source folder does not exist yet: the driver fails before any worker starts.
@@ -213,7 +217,29 @@ def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
     assert jobs_named(address, env, "cluster-retry") == {sid: "FAILED", f"{sid}-retry1": "SUCCEEDED"}
 
 
+@pytest.mark.e2e
 def test_unknown_job_logs_fail_clearly(ray_cluster, tmp_path):
     address, env = ray_cluster
     out = factory(env, "logs", "no-such-job", "--address", address, cwd=tmp_path)
     assert out.returncode == 1 and "no-such-job" in out.stderr
+
+
+def test_an_unreachable_cluster_gets_ray_advice(tmp_path, capsys):
+    write_folder_source(tmp_path / "src", 1)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(folder_spec(tmp_path / "src", tmp_path / "out", [])))
+    address = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    for args in (["submit", str(tmp_path / "job.yaml")], ["logs", "some-job"]):
+        assert cli.main([*args, "--address", address]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith(f"factory: cannot reach the Ray Jobs API at {address}: ")
+        assert "port 8265 is reachable" in err and "object storage" not in err
+
+
+@pytest.mark.e2e
+def test_a_wrong_token_gets_token_advice(ray_cluster, tmp_path):
+    address, env = ray_cluster
+    out = factory(env | {"RAY_AUTH_TOKEN": "0" * 64}, "logs", "some-job", "--address", address, cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"factory: the Ray cluster at {address} refused the request: "), out.stderr
+    assert "RAY_AUTH_TOKEN" in out.stderr and "object storage" not in out.stderr

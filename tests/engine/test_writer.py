@@ -1,6 +1,7 @@
 """The shard writer alone: commit order, idempotent rewrites, the failure ceiling, storage errors retried."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from helpers import read_tar
 
 from factory.engine.records import Failure, JobInfo, ShardWork
 from factory.engine.writer import WriteSettings, write_shard
-from factory.output.layout import OutputStore
+from factory.output.layout import STATS_DIR, OutputStore
 from factory.sample import Sample
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +58,9 @@ def test_a_shard_commits_tar_failures_then_stats(tmp_path):
         ("000003-000002-0", "rejected", "low_cosine"),
     ]
     first = (tmp_path / "shards" / "shard-000003.tar").read_bytes()
-    # A retried or repeated write of the same shard (Ray re-ran the task) gives the same bytes.
+    # A repeated write of the same shard that was not committed (a crash between its tar and its stats)
+    # gives the same bytes.
+    (tmp_path / "stats" / "shard-000003.json").unlink()
     assert write_shard(shard_work_with_marks(), store, SETTINGS, JOB).committed
     assert (tmp_path / "shards" / "shard-000003.tar").read_bytes() == first
 
@@ -101,7 +104,51 @@ def test_storage_errors_are_retried_then_reported_without_a_commit(tmp_path, mon
 
     monkeypatch.setattr(store, "write_json", flaky)
     assert write_shard(shard_work(1), store, SETTINGS, JOB).committed
+    store = OutputStore(str(tmp_path / "another"))
+    monkeypatch.setattr(store, "write_json", flaky)
     calls["n"] = -10  # now every attempt fails
     result = write_shard(shard_work(1), store, SETTINGS, JOB)
     assert result.status == "failed" and result.failure.stage == "write"
     assert "No space left" in result.failure.cause and "free space" in result.failure.advice
+
+
+class StatsFailAfter(OutputStore):
+    """A store whose stats write waits until `other_done` is set, then fails: the attempt of a shard that
+    wrote its tar and lost its storage just as another attempt of the same shard committed it."""
+
+    def __init__(self, url: str, at_stats: threading.Event, other_done: threading.Event):
+        super().__init__(url)
+        self.at_stats, self.other_done = at_stats, other_done
+
+    def write_json(self, data, *parts):
+        if parts[0] == STATS_DIR:
+            self.at_stats.set()
+            assert self.other_done.wait(30)
+            raise OSError(5, "Input/output error")
+        super().write_json(data, *parts)
+
+
+def test_an_attempt_that_fails_never_undoes_another_attempts_commit(tmp_path):
+    at_stats, other_done = threading.Event(), threading.Event()
+    results = {}
+    once = WriteSettings(**{**SETTINGS.__dict__, "retries": 0})
+    first = threading.Thread(
+        target=lambda: results.update(
+            first=write_shard(shard_work(3), StatsFailAfter(str(tmp_path), at_stats, other_done), once, JOB)
+        )
+    )
+    first.start()
+    assert at_stats.wait(30)  # the first attempt's tar is in place; its stats write is about to fail
+    results["second"] = write_shard(shard_work(3), OutputStore(str(tmp_path)), SETTINGS, JOB)
+    other_done.set()
+    first.join(30)
+    assert results["second"].committed and results["first"].status == "failed"
+    tar, stats = tmp_path / "shards" / "shard-000003.tar", tmp_path / "stats" / "shard-000003.json"
+    assert len(read_tar(tar)) == 6 and json.loads(stats.read_text())["samples"] == 6
+    committed = tar.read_bytes()
+    # A late third attempt, with other rows (say, its batches were split for memory), finds the shard
+    # committed and writes nothing.
+    late = shard_work(1)
+    late.shard = 3
+    assert write_shard(late, OutputStore(str(tmp_path)), SETTINGS, JOB).committed
+    assert tar.read_bytes() == committed and json.loads(stats.read_text())["samples"] == 6

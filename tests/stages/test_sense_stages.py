@@ -258,6 +258,13 @@ def test_labeler_failure_costs_only_that_samples_fidelity(model_cache):
     assert all(s.ok for s in out)
 
 
+def test_a_broken_labeler_fails_the_stage_instead_of_nulling_every_fidelity(model_cache):
+    # A CUDA or storage error is the stage's failure (retried, then the shard fails), never a null score.
+    stage = score_stage(auto_label={**LABELER, "params": {"broken": True}}, clip=False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        stage.process([painted(0), painted(1)])
+
+
 def test_score_params_are_checked():
     with pytest.raises(ValidationError, match="unknown stage"):
         ScoreStage.Params(auto_label={"kind": "no-such-labeler"})

@@ -34,6 +34,8 @@ class InvertParams(StrictModel):
     reject_variants: list[str] = []  # reject only the variants with these paths
     sleep: float = 0.0
     sleep_ids: list[str] = []  # sleep `sleep` seconds on these ids only (else on every sample)
+    crash_ids: list[str] = []  # the worker process dies on these, every time (a poison sample: a segfault)
+    hang_ids: list[str] = []  # the call hangs on these (a model call that never returns)
 
 
 class InvertStage(Stage):
@@ -57,6 +59,10 @@ class InvertStage(Stage):
             time.sleep(0.05)
         out = []
         for s in samples:
+            if s.source_id in self.params.crash_ids:
+                os._exit(139)
+            while s.source_id in self.params.hang_ids:
+                time.sleep(1)
             if not self.params.sleep_ids or s.source_id in self.params.sleep_ids:
                 time.sleep(self.params.sleep)
             if s.source_id in self.params.bad_ids:
@@ -124,11 +130,12 @@ class OomOverTwoStage(Stage):
 
 
 class PaletteLabelerParams(StrictModel):
-    fail_ids: list[str] = []
+    fail_ids: list[str] = []  # refused as bad data (BadSample)
+    broken: bool = False  # every call fails like a broken model or device would (RuntimeError)
 
 
 class PaletteLabeler(Stage):
-    """Nearest ADE150 palette colour per pixel; raises on `fail_ids`."""
+    """Nearest ADE150 palette colour per pixel; refuses `fail_ids`, and every call when `broken`."""
 
     name = "test-palette-labeler"
     Params = PaletteLabelerParams
@@ -137,10 +144,12 @@ class PaletteLabeler(Stage):
         return {"labeler": "palette"}
 
     def process(self, samples):
+        if self.params.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         palette = ade150_palette().astype(np.int32)
         for s in samples:
             if s.source_id in self.params.fail_ids:
-                raise RuntimeError(f"cannot label {s.source_id}")
+                raise BadSample("unlabelable", f"cannot label {s.source_id}")
             d = ((s.image.astype(np.int32)[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
             s.mask = d.argmin(-1).astype(np.uint8)
             s.meta["pseudo_label"] = True

@@ -1,9 +1,11 @@
-"""The same stages without Ray: one process, one slice of samples at a time.
+"""The same stages without Ray, in this process.
 
-For running a stage alone on a folder while debugging it (`factory stage`), and as the engine-free
-reference the benchmarks compare the Ray pipeline with. It reuses the pipeline's reader and the
-`StageRunner`, so a stage behaves exactly as it does on a cluster (batches, failure policy, row
-contract) minus the distribution.
+`InProcessExecutor` runs a job's shards one after another (`engine.executor: in_process`), for a job
+small enough for one process or a debugger. `run_in_process` runs one slice of samples at a time
+without a plan or an output: for running a stage alone on a folder (`factory stage`), and as the
+engine-free reference the benchmarks compare the Ray pipeline with. Both use the pipeline's reader,
+`StageRunner` and watch, so a stage behaves exactly as it does on a cluster (batches, failure policy,
+row contract, deadline) minus the distribution.
 """
 
 from __future__ import annotations
@@ -11,17 +13,31 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
+from factory.engine.executors.base import Executor, ShardJob
 from factory.engine.reader import ShardReader
-from factory.engine.records import ShardWork
-from factory.engine.runner import StageRunner
+from factory.engine.records import ShardResult, ShardWork
 from factory.engine.spec import JobSpec, require_stage_extras
+from factory.engine.watch import ShardTimeout, Watch
 from factory.engine.writer import encode_files, failure_records
 from factory.sample import Sample
 from factory.schema import SpecError
 from factory.sources import open_source
+
+
+class InProcessExecutor(Executor):
+    """A job's shards one after another in this process (`engine.executor: in_process`): no Ray, no
+    worker to replace, so a worker's death is the job's, and a deadline raises in the main thread."""
+
+    name = "in_process"
+    uses_ray = False
+
+    def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
+        runners = [self.job.runner(stage) for stage in self.job.stages]
+        for shard in pending:
+            yield self.job.process(shard, runners)
 
 
 def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4) -> Iterator[Sample]:
@@ -29,10 +45,18 @@ def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4)
     source = open_source(spec.source)
     engine = spec.engine
     reader = ShardReader(spec.source.model_dump_json(), "", {}, engine.retries, engine.retry_backoff_s)
-    runners = [
-        StageRunner(st.model_dump(mode="json"), spec.seed, source.classes, engine.retries, engine.retry_backoff_s)
-        for st in spec.stages
-    ]
+    job = ShardJob(
+        reader=reader,
+        writer=None,
+        stages=tuple(st.model_dump(mode="json") for st in spec.stages),
+        job_seed=spec.seed,
+        classes=source.classes,
+        retries=engine.retries,
+        backoff=engine.retry_backoff_s,
+        shard_size=slice_size,
+        watch=Watch(store_url=None, store_options={}, timeout_s=engine.shard_timeout_s, end_process=False),
+    )
+    runners = [job.runner(stage) for stage in job.stages]
     ids = itertools.islice(source.list_ids(), limit)
     index = 0
     while chunk := list(itertools.islice(ids, slice_size)):
@@ -41,7 +65,10 @@ def run_in_process(spec: JobSpec, limit: int | None = None, slice_size: int = 4)
         )
         index += len(chunk)
         for runner in runners:
-            work = runner.run(work)
+            try:
+                work = job.run_stage(runner, work)
+            except ShardTimeout as e:
+                raise RuntimeError(f"stage {runner.label} failed: {e}") from None
             if work.failure is not None:
                 raise RuntimeError(f"stage {work.failure.stage} failed: {work.failure.cause}")
         yield from work.samples

@@ -21,14 +21,9 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from factory.engine.executors.ray_tasks import commit_shards
-from factory.engine.reader import ShardReader
-from factory.engine.records import JobInfo, ShardResult, ShardWork
+from factory.engine.executors.base import Executor, ShardJob, lost_shard
+from factory.engine.records import ShardResult, ShardWork
 from factory.engine.runner import StageRunner
-from factory.engine.spec import JobSpec
-from factory.engine.writer import ShardWriter, WriteSettings
-from factory.output.layout import PLAN_DIR, OutputStore
-from factory.sources.classes import ClassSet
 
 
 def _row(work: ShardWork) -> pa.Table:
@@ -45,94 +40,101 @@ def _works(table: pa.Table) -> list[ShardWork]:
 class ShardDatasource(Datasource):
     """One read task per pending shard; a task's closure holds only its shard number."""
 
-    def __init__(self, pending: list[int], reader: ShardReader):
+    def __init__(self, pending: list[int], job: ShardJob):
         super().__init__()
         self.pending = pending
-        self.reader = reader
+        self.job = job
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         return [
-            ReadTask(partial(_read_shard, self.reader, shard), BlockMetadata(1, None, None, None))
+            ReadTask(partial(_read_shard, self.job, shard), BlockMetadata(1, None, None, None))
             for shard in self.pending
         ]
 
 
-def _read_shard(reader: ShardReader, shard: int):
-    yield _row(reader.read(shard))
+def _read_shard(job: ShardJob, shard: int):
+    yield _row(job.read(shard))
 
 
-class StageActor(StageRunner):
-    """A stage's Ray Data actor: whole shard rows in, whole shard rows out."""
+class StageActor:
+    """A stage's Ray Data actor: whole shard rows in, whole shard rows out, each under its watch."""
+
+    def __init__(self, job: ShardJob, stage: int):
+        self.job = job
+        self.runner: StageRunner = job.runner(job.stages[stage])
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return pa.concat_tables([_row(self.run(work)) for work in _works(table)])
+        return pa.concat_tables([_row(self.job.run_stage(self.runner, work)) for work in _works(table)])
 
 
-def _write_step(table: pa.Table, writer: ShardWriter) -> pa.Table:
-    return pa.Table.from_pylist([writer.commit(work).to_row() for work in _works(table)])
+def _write_step(table: pa.Table, job: ShardJob) -> pa.Table:
+    return pa.Table.from_pylist([job.commit(work).to_row() for work in _works(table)])
 
 
 def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
-    # Two shard rows per actor: one running, one arriving. More would only hold more rows in memory.
+    # One shard row per actor at a time: a second row queued on an actor would fail with it when a poison
+    # shard ends the actor, and be charged a try it did not cause. The next row waits in the object store.
     if isinstance(concurrency, int):
-        return ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=2)
-    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], max_tasks_in_flight_per_actor=2)
+        return ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], max_tasks_in_flight_per_actor=1)
 
 
-def shard_results(
-    spec: JobSpec, store: OutputStore, options: dict, classes: ClassSet, pending: list[int], job: JobInfo, counter
-) -> Generator[ShardResult, None, None]:
-    """Run the pending shards; yields each one's result (committed or failed) as it finishes."""
-    engine = spec.engine
-    reader = ShardReader(
-        spec.source.model_dump_json(), store.public_url(PLAN_DIR), options, engine.retries, engine.retry_backoff_s
-    )
-    settings = WriteSettings(
-        image_format=spec.output.image_format,
-        quality=spec.output.jpeg_quality,
-        keep_rejected=spec.output.keep_rejected,
-        max_failure_fraction=spec.output.max_failure_fraction,
-        retries=engine.retries,
-        backoff=engine.retry_backoff_s,
-    )
-    writer = ShardWriter(store.url, options, settings, job)
-    if not spec.stages:
-        # One step from read to commit: plain Ray tasks (factory/engine/executors/ray_tasks.py says why not Ray Data).
-        yield from commit_shards(pending, reader, writer, max(engine.read_cpus, engine.write_cpus))
-        return
-    # One block per shard: without the override, Ray Data splits the output of too few read tasks into
-    # empty blocks that every later step would schedule.
-    ds = ray.data.read_datasource(
-        ShardDatasource(pending, reader), override_num_blocks=len(pending), num_cpus=engine.read_cpus
-    )
-    for stage in spec.stages:
-        r = stage.resources
-        ds = ds.map_batches(
-            StageActor,
-            fn_constructor_kwargs={
-                "stage_spec": stage.model_dump(mode="json"),
-                "job_seed": spec.seed,
-                "classes": classes,
-                "retries": engine.retries,
-                "backoff": engine.retry_backoff_s,
-                "progress": counter,
-            },
+class RayDataExecutor(Executor):
+    """Read tasks, an actor pool per stage, write tasks (Ray Data); the default for a job with stages."""
+
+    name = "ray_data"
+
+    def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
+        engine = self.spec.engine
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = False
+        # A shard whose worker died on every try is dropped by Ray Data, not the job: the shards that never
+        # come out are told apart below, from their watch records.
+        ctx.max_errored_blocks = -1
+        # An actor that cannot start (a GPU node without CUDA, a model that fails to load) is replaced this
+        # many times in a row before the job stops with its error.
+        ctx.max_consecutive_actor_init_deaths = engine.retries
+        retries = {"max_retries": engine.retries, "retry_exceptions": False}
+        # One block per shard: without the override, Ray Data splits the output of too few read tasks into
+        # empty blocks that every later step would schedule.
+        ds = ray.data.read_datasource(
+            ShardDatasource(pending, self.job),
+            override_num_blocks=len(pending),
+            ray_remote_args={**self.remote_options(engine.read_cpus, 0.0), **retries},
+        )
+        for i, stage in enumerate(self.spec.stages):
+            r = stage.resources
+            ds = ds.map_batches(
+                StageActor,
+                fn_constructor_kwargs={"job": self.job, "stage": i},
+                batch_size=1,
+                batch_format="pyarrow",
+                compute=_pool(r.concurrency),
+                zero_copy_batch=True,
+                # A running actor that dies (its node lost, a crash, a deadline) is always replaced: the
+                # pool would otherwise keep the dead one's slot and wait for it. What bounds the tries is
+                # the shard's: its task is retried engine.retries times, then dropped.
+                max_restarts=-1,
+                max_task_retries=engine.retries,
+                **self.remote_options(r.num_cpus, r.num_gpus),
+            )
+        rows = ds.map_batches(
+            _write_step,
+            fn_kwargs={"job": self.job},
             batch_size=1,
             batch_format="pyarrow",
-            num_cpus=r.num_cpus,
-            num_gpus=r.num_gpus,
-            compute=_pool(r.concurrency),
             zero_copy_batch=True,
-        )
-    rows = ds.map_batches(
-        _write_step,
-        fn_kwargs={"writer": writer},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=engine.write_cpus,
-        zero_copy_batch=True,
-    ).iter_rows()
-    yield from map(ShardResult.from_row, rows)
+            **self.remote_options(engine.write_cpus, 0.0),
+            **retries,
+        ).iter_rows()
+        left = set(pending)
+        for row in rows:
+            result = ShardResult.from_row(row)
+            left.discard(result.shard)
+            yield result
+        for shard in sorted(left):
+            yield lost_shard(self.store, shard, engine.retries + 1)

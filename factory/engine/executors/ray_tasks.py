@@ -1,27 +1,40 @@
-"""A job without stages as plain Ray tasks: one task per shard reads its samples and commits its tar.
+"""Plain Ray tasks: one task per shard takes it from its read through every stage to its commit.
 
-Ray Data adds nothing to a single step but latency: its executor notices a finished task on its next
-0.1 s poll and only then submits the next one, which left each worker idle 0.1-0.2 s per shard (a third
-of the time of a 100-sample shard at 128 px). Ray's own task queue hands a queued task to a worker the
-moment it is free, so the driver keeps up to two tasks per CPU slot submitted, and no more: the queue
-stays bounded however many shards the job has.
+The default for a job without stages, and `engine.executor: ray_tasks` for any job. Ray Data adds
+nothing to a single step but latency: its executor notices a finished task on its next 0.1 s poll and
+only then submits the next one, which left each worker idle 0.1-0.2 s per shard (a third of the time
+of a 100-sample shard at 128 px). Ray's own task queue hands a queued task to a worker the moment it
+is free, so the driver keeps up to two tasks per slot submitted, and no more: the queue stays bounded
+however many shards the job has. A worker process keeps its stages (and their models) from one shard
+to the next, as an actor would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Generator
 
 import ray
 
-from factory.engine.reader import ShardReader
+from factory.engine.executors.base import Executor, ShardJob, lost_shard
 from factory.engine.records import Failure, ShardResult
-from factory.engine.writer import ShardWriter
+from factory.engine.runner import StageRunner
 
 TASKS_PER_SLOT = 2
 
+_RUNNERS: dict[str, list[StageRunner]] = {}  # per worker process: this job's stages, set up once
 
-def read_and_commit(reader: ShardReader, writer: ShardWriter, shard: int) -> ShardResult:
-    return writer.commit(reader.read(shard))
+
+def _runners(job: ShardJob) -> list[StageRunner]:
+    key = json.dumps([job.reader.plan_url, job.job_seed, job.stages], sort_keys=True)
+    if key not in _RUNNERS:
+        _RUNNERS.clear()  # another job's models: not needed again by this worker
+        _RUNNERS[key] = [job.runner(stage) for stage in job.stages]
+    return _RUNNERS[key]
+
+
+def process_shard(job: ShardJob, shard: int) -> ShardResult:
+    return job.process(shard, _runners(job))
 
 
 def _in_flight_limit(num_cpus: float) -> int:
@@ -31,34 +44,44 @@ def _in_flight_limit(num_cpus: float) -> int:
     return max(TASKS_PER_SLOT, int(TASKS_PER_SLOT * slots))
 
 
-def commit_shards(
-    pending: list[int], reader: ShardReader, writer: ShardWriter, num_cpus: float
-) -> Iterator[ShardResult]:
-    """Each pending shard's result, in the order they finish.
+class RayTasksExecutor(Executor):
+    name = "ray_tasks"
 
-    A worker that dies is retried by Ray; a shard whose task still fails comes back as a failed row (it
-    stays uncommitted), like one whose read or write failed. Closing the iterator cancels what is queued.
-    """
-    task = ray.remote(read_and_commit).options(num_cpus=num_cpus, name="factory.read_and_commit")
-    reader_ref, writer_ref = ray.put(reader), ray.put(writer)
-    todo = iter(pending)
-    in_flight: dict[ray.ObjectRef, int] = {}
-    try:
-        while True:
-            for _ in range(_in_flight_limit(num_cpus) - len(in_flight)):
-                shard = next(todo, None)
-                if shard is None:
-                    break
-                in_flight[task.remote(reader_ref, writer_ref, shard)] = shard
-            if not in_flight:
-                return
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            shard = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                result = ShardResult.failed_at(shard, Failure.of("worker", e))
-            yield result
-    finally:
-        for ref in in_flight:
-            ray.cancel(ref)
+    def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
+        """A worker that dies is replaced and its task retried by Ray (`engine.retries` times, then the shard
+        fails alone). Closing the iterator cancels what is queued."""
+        engine = self.spec.engine
+        # A task runs every step of a shard: it asks for the most any step needs.
+        stages = [s.resources for s in self.spec.stages]
+        num_cpus = max([engine.read_cpus, engine.write_cpus, *(r.num_cpus for r in stages)])
+        num_gpus = max([0.0, *(r.num_gpus for r in stages)])
+        task = ray.remote(process_shard).options(
+            **self.remote_options(num_cpus, num_gpus),
+            max_retries=engine.retries,
+            retry_exceptions=False,
+            name="factory.process_shard",
+        )
+        job_ref = ray.put(self.job)
+        todo = iter(pending)
+        in_flight: dict[ray.ObjectRef, int] = {}
+        try:
+            while True:
+                for _ in range(_in_flight_limit(num_cpus) - len(in_flight)):
+                    shard = next(todo, None)
+                    if shard is None:
+                        break
+                    in_flight[task.remote(job_ref, shard)] = shard
+                if not in_flight:
+                    return
+                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                shard = in_flight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # an exception past every step's own handling: a bug
+                    result = ShardResult.failed_at(shard, Failure.of("worker", e))
+                except ray.exceptions.RayError as e:  # the worker died on every try
+                    result = lost_shard(self.store, shard, engine.retries + 1, e)
+                yield result
+        finally:
+            for ref in in_flight:
+                ray.cancel(ref)

@@ -1,0 +1,175 @@
+"""The executor contract: pending shards in, one `ShardResult` per shard out, as each finishes.
+
+Every executor keeps one failure contract:
+- A step's own failure (storage, a model's exception) is retried inside the step (`errors.retry`,
+  `StageRunner`); if it persists, the shard comes back failed with the step and the cause.
+- A worker that dies (a crash in native code, the OOM killer, a lost node, a step past its deadline) is
+  replaced and its shard tried again, at most `engine.retries` times. After that the shard fails alone,
+  named by the step and node it died on (its watch record), and the job goes on.
+- Every step runs under its watch (`factory/engine/watch.py`): a record of where it is and a deadline.
+
+`executor_class` is the one place that picks an executor for a job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from factory.engine.reader import ShardReader
+from factory.engine.records import Failure, ShardResult, ShardWork
+from factory.engine.runner import StageRunner
+from factory.engine.spec import JobSpec
+from factory.engine.watch import ShardTimeout, Watch, read_attempt
+from factory.engine.writer import ShardWriter
+from factory.output.layout import OutputStore
+from factory.sources.classes import ClassSet
+
+TIMEOUT_ADVICE = (
+    "if the step is slow rather than hung, raise engine.shard_timeout_s; else run the stage alone on the "
+    "shard's samples (factory stage SPEC NAME) to find the sample it hangs on"
+)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs to take a shard from its read to its commit: picklable, sent once."""
+
+    reader: ShardReader
+    writer: ShardWriter | None  # None: samples stay in memory (`factory stage`)
+    stages: tuple[dict, ...]  # the stage specs, as JSON
+    job_seed: int
+    classes: ClassSet
+    retries: int
+    backoff: float
+    shard_size: int
+    watch: Watch
+    progress: Any = field(default=None, compare=False)  # a StageCounter actor, or None
+    # A custom resource that stands in for GPUs (tests of several nodes on a machine without one): GPU
+    # stages ask for it instead, and run on the CPU. Never set from a spec: see runner.stage_device.
+    gpu_stand_in: str | None = None
+
+    def runner(self, stage: dict) -> StageRunner:
+        return StageRunner(
+            stage, self.job_seed, self.classes, self.retries, self.backoff, self.progress, self.gpu_stand_in
+        )
+
+    def read(self, shard: int) -> ShardWork:
+        with self.watch.step(shard, "read", self.shard_size):
+            return self.reader.read(shard)
+
+    def run_stage(self, runner: StageRunner, work: ShardWork) -> ShardWork:
+        if work.failure is not None:
+            return work
+        with self.watch.step(work.shard, runner.label, len(work.samples) * runner.k):
+            return runner.run(work)
+
+    def commit(self, work: ShardWork) -> ShardResult:
+        if self.writer is None:
+            raise ValueError("this job has no writer: its samples stay in memory")
+        with self.watch.step(work.shard, "write", len(work.samples)):
+            return self.writer.commit(work)
+
+    def through_stages(self, shard: int, runners: list[StageRunner]) -> ShardWork:
+        """A shard read and run through every stage, in this process; a step past its deadline (in-process:
+        `ShardTimeout`) fails the shard at that step."""
+        step = "read"
+        try:
+            work = self.read(shard)
+            for runner in runners:
+                step = runner.label
+                work = self.run_stage(runner, work)
+        except ShardTimeout as e:
+            work = ShardWork(shard=shard, samples=[], started=0.0)
+            work.failure = Failure(stage=step, cause=str(e), advice=TIMEOUT_ADVICE)
+        return work
+
+    def process(self, shard: int, runners: list[StageRunner]) -> ShardResult:
+        """One shard from its read to its commit, in this process."""
+        work = self.through_stages(shard, runners)
+        try:
+            return self.commit(work)
+        except ShardTimeout as e:
+            return ShardResult.failed_at(shard, Failure(stage="write", cause=str(e), advice=TIMEOUT_ADVICE))
+
+
+def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException | None = None) -> ShardResult:
+    """The result of a shard whose worker died on every try, told from its watch record."""
+    from factory.engine.errors import one_line
+
+    seen = read_attempt(store, shard) or {}
+    step, node = seen.get("step", "worker"), seen.get("node", "an unknown node")
+    if "timeout" in seen:
+        cause = f"{seen['timeout']} on node {node}, on each of {tries} tries; the worker was replaced each time"
+        return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=TIMEOUT_ADVICE))
+    where = f"node {node} (pid {seen['pid']})" if "pid" in seen else node
+    gone = node in _lost_nodes()
+    cause = (
+        f"the worker running step {step} on {where} died on each of {tries} tries"
+        + (f": node {node} left the cluster" if gone else ": a crash in native code, the OOM killer or a lost node")
+        + (f" ({one_line(error)})" if error is not None else "")
+    )
+    advice = (
+        "a rerun retries it; if it dies again, the shard holds a sample that crashes the step: "
+        f"see the Ray logs of node {node} (worker-*-{seen.get('pid', 'PID')}.err, dmesg for the OOM killer)"
+    )
+    return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=advice))
+
+
+def _lost_nodes() -> set[str]:
+    """Addresses of the nodes Ray knows as dead (none without Ray)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return set()
+    return {n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"]}
+
+
+class Executor(ABC):
+    """Runs a job's pending shards; see the module's docstring for the contract all of them keep."""
+
+    name: ClassVar[str]
+    uses_ray: ClassVar[bool] = True
+
+    def __init__(self, spec: JobSpec, job: ShardJob, store: OutputStore):
+        self.spec = spec
+        self.job = job
+        self.store = store
+
+    def remote_options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
+        """Ray options of a task or actor asking for these CPUs and GPUs.
+
+        A node-local output (`output.shared_filesystem` false) keeps all work on the driver's node, so a
+        node that joins later never writes to its own disk. A GPU stand-in (`gpu_stand_in`, tests only)
+        asks for that custom resource in place of GPUs.
+        """
+        resources: dict[str, float] = {}
+        if self.store.is_local() and not self.spec.output.shared_filesystem:
+            import ray
+
+            resources[f"node:{ray.util.get_node_ip_address()}"] = 0.001
+        if self.job.gpu_stand_in and num_gpus > 0:
+            resources[self.job.gpu_stand_in] = num_gpus
+            num_gpus = 0.0
+        return {"num_cpus": num_cpus, "num_gpus": num_gpus, **({"resources": resources} if resources else {})}
+
+    @abstractmethod
+    def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
+        """Each pending shard's result, in the order they finish; closing the iterator stops the work."""
+
+
+def executor_class(spec: JobSpec) -> type[Executor]:
+    """The executor of a job: `engine.executor`, or by default Ray Data for stages (actor pools that load
+    their models once) and plain Ray tasks for a job without stages (nothing to pipeline)."""
+    from factory.engine.executors.in_process import InProcessExecutor
+    from factory.engine.executors.ray_data import RayDataExecutor
+    from factory.engine.executors.ray_tasks import RayTasksExecutor
+
+    chosen = {c.name: c for c in (RayDataExecutor, RayTasksExecutor, InProcessExecutor)}
+    name: str = spec.engine.executor
+    if name == "auto":
+        name = RayDataExecutor.name if spec.stages else RayTasksExecutor.name
+    return chosen[name]

@@ -1,0 +1,161 @@
+"""The executor contract (factory/engine/executors/base.py), the same for every executor: each shard once,
+shards byte-identical whichever executor made them, a poison shard (its worker dies on every try) and a
+hung one (past `engine.shard_timeout_s`) fail alone with their stage and cause while the job goes on.
+
+The in-process executor has no worker to lose: a poison sample ends its process, which is the user's, so
+it is left out of that case (its deadline raises in the main thread instead of ending a worker).
+"""
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from helpers import folder_spec, write_folder_source
+
+from factory.engine.driver import run_job
+from factory.engine.errors import JobIncomplete
+from factory.engine.executors.base import ShardJob
+from factory.engine.executors.ray_tasks import RayTasksExecutor, _in_flight_limit
+from factory.engine.records import ShardResult, ShardWork
+from factory.engine.spec import parse_spec
+from factory.engine.watch import Watch
+from factory.output.layout import OutputStore
+from factory.sources.classes import ClassSet
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+EXECUTORS = ["ray_data", "ray_tasks", "in_process"]
+WITH_WORKERS = ["ray_data", "ray_tasks"]
+SHARDS = 4
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    src = tmp_path_factory.mktemp("executor-src")
+    write_folder_source(src, 2 * SHARDS, size=16)
+    return src
+
+
+def spec(source: Path, out: Path, executor: str, **invert) -> dict:
+    stage = {
+        "kind": "stages_for_tests:InvertStage",
+        "name": "invert",
+        "params": {"variants": 2, **invert},
+        "resources": {"batch_size": 2},
+    }
+    data = folder_spec(source, out, [stage], shard_size=2)
+    data["engine"] = {"executor": executor, "retries": 1, "retry_backoff_s": 0.1}
+    return data
+
+
+def tars(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+
+
+def pixels(shards: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
+    """Each tar's members but the json, which holds the spec hash: what a job with another spec (one that
+    plants a poison sample) must still write identically for the shards it commits."""
+    out = {}
+    for name, data in shards.items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            out[name] = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".json")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("executor-ref") / "out"
+    assert run_job(parse_spec(spec(source, out, "ray_data")))["complete"]
+    return tars(out)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_every_executor_writes_the_same_bytes(executor, source, reference, tmp_path, ray_local):
+    if executor == "ray_data":
+        return  # the reference itself
+    out = tmp_path / "out"
+    index = run_job(parse_spec(spec(source, out, executor)))
+    assert index["complete"] and index["samples"] == 4 * SHARDS
+    assert tars(out) == reference
+
+
+@pytest.mark.parametrize("executor", WITH_WORKERS)
+def test_a_poison_shard_fails_alone_with_its_stage_and_node(executor, source, reference, tmp_path, ray_local):
+    out = tmp_path / "out"
+    with pytest.raises(JobIncomplete) as raised:
+        run_job(parse_spec(spec(source, out, executor, crash_ids=["s-002"])))  # shard 1
+    message = str(raised.value)
+    assert message.startswith("1 of 4 shards failed and stay uncommitted: shard 1 at stage invert"), message
+    assert "died on each of 2 tries" in message and "node " in message and "pid " in message
+    assert "Ray logs" in message
+    assert pixels(tars(out)) == pixels({k: v for k, v in reference.items() if k != "shard-000001.tar"})
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_hung_shard_times_out_alone_and_its_worker_is_replaced(executor, source, reference, tmp_path, ray_local):
+    out = tmp_path / "out"
+    data = spec(source, out, executor, hang_ids=["s-005"])  # shard 2
+    data["engine"]["shard_timeout_s"] = 3
+    with pytest.raises(JobIncomplete) as raised:
+        run_job(parse_spec(data))
+    message = str(raised.value)
+    assert "shard 2 at stage invert: timeout: step invert ran past 3s" in message, message
+    assert "engine.shard_timeout_s" in message
+    assert pixels(tars(out)) == pixels({k: v for k, v in reference.items() if k != "shard-000002.tar"})
+
+
+class MarkingReader:
+    """Reads empty shards and leaves a file per shard read; the process reading shard `dies_on` exits, as
+    an OOM-killed worker would."""
+
+    plan_url = "marks"
+
+    def __init__(self, marks: Path, dies_on: int | None = None):
+        self.marks = marks
+        self.dies_on = dies_on
+
+    def read(self, shard: int) -> ShardWork:
+        if shard == self.dies_on:
+            import os
+
+            os._exit(1)
+        (self.marks / str(shard)).touch()
+        return ShardWork(shard=shard, samples=[], started=0.0)
+
+
+class CountingWriter:
+    def commit(self, work: ShardWork) -> ShardResult:
+        return ShardResult(work.shard, "committed")
+
+
+def marking_executor(tmp_path: Path, dies_on: int | None = None) -> RayTasksExecutor:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    job_spec = parse_spec(folder_spec(tmp_path, tmp_path / "out", [], shard_size=1))
+    job = ShardJob(
+        reader=MarkingReader(marks, dies_on),  # type: ignore[arg-type]
+        writer=CountingWriter(),  # type: ignore[arg-type]
+        stages=(),
+        job_seed=0,
+        classes=ClassSet("none", ()),
+        retries=1,
+        backoff=0.0,
+        shard_size=1,
+        watch=Watch(str(tmp_path / "out"), {}, None, end_process=True),
+    )
+    return RayTasksExecutor(job_spec, job, OutputStore(str(tmp_path / "out")))
+
+
+def test_the_task_queue_is_bounded_and_every_shard_runs_once(ray_local, tmp_path):
+    limit = _in_flight_limit(0.5)  # a task asks for engine.read_cpus (0.5), its most demanding step
+    assert limit < 50
+    results = marking_executor(tmp_path).run(list(range(50)))
+    first = next(results)
+    # The consumer stops reading: no task is submitted past the limit, however long it waits.
+    time.sleep(3)
+    assert len(list((tmp_path / "marks").iterdir())) <= limit + 1
+    rest = list(results)
+    assert sorted(r.shard for r in [first, *rest]) == list(range(50))
+    assert all(r.committed for r in rest) and len(list((tmp_path / "marks").iterdir())) == 50
