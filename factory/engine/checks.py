@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 import ray
 
+from factory.engine.runner import gpu_stand_in
 from factory.engine.spec import JobSpec
 from factory.output.layout import OutputStore
 from factory.sample import BadSample
@@ -38,7 +39,9 @@ _PROBE_LIMIT = 16  # listing entries tried for them, past bad samples
 
 
 def _alive_nodes() -> list[dict]:
-    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    stand_in = gpu_stand_in()
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return [{**n, "GPU": n.get(stand_in, 0)} for n in nodes] if stand_in else nodes
 
 
 def _runs_work(node: dict) -> bool:
@@ -86,7 +89,7 @@ def _bundles(spec: JobSpec) -> list[dict]:
     bundles = []
     for st in spec.stages:
         r = st.resources
-        bundle = {k: v for k, v in (("CPU", r.num_cpus), ("GPU", r.num_gpus)) if v > 0}
+        bundle = {k: v for k, v in (("CPU", r.num_cpus), (gpu_stand_in() or "GPU", r.num_gpus)) if v > 0}
         bundles += [bundle] * r.min_pool if bundle else []
     return bundles
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import closing
 
@@ -25,6 +24,7 @@ from factory.engine.lease import Lease
 from factory.engine.progress import Progress, start_counter
 from factory.engine.reader import ShardReader
 from factory.engine.records import JobInfo, ShardResult
+from factory.engine.runner import gpu_stand_in
 from factory.engine.shard_plan import Plan, plan_shards
 from factory.engine.spec import JobSpec, redacted_spec, require_stage_extras
 from factory.engine.watch import Watch
@@ -38,9 +38,6 @@ from factory.stages import StageContext, resolve_stage
 
 log = logging.getLogger("factory")
 
-# Names a custom Ray resource that stands in for GPUs, for tests of several nodes on a machine without
-# one (tests/support). Read from the environment, never a spec: no job can ask to run GPU stages on CPUs.
-GPU_STAND_IN_ENV = "FACTORY_TEST_GPU_RESOURCE"
 MANIFEST = "manifest.json"
 
 
@@ -181,7 +178,7 @@ def shard_job(spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo
         shard_size=spec.output.shard_size,
         watch=Watch(store.url, options, engine.shard_timeout_s, end_process=executor_class(spec).uses_ray),
         progress=progress,
-        gpu_stand_in=os.environ.get(GPU_STAND_IN_ENV) or None,
+        gpu_stand_in=gpu_stand_in(),
     )
 
 

@@ -13,7 +13,9 @@ from factory.engine.reaper import watch_local_ray
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    # A local Ray's workers take the model cache from this process; a cluster's nodes each keep their own
+    # (their disks, their environment), so nothing of the driver's is imposed on them.
+    env = {k: os.environ[k] for k in ("FACTORY_MODEL_CACHE", "HF_HUB_OFFLINE") if k in os.environ and not address}
     ray.init(
         address=address,
         runtime_env={"env_vars": env} if env else None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,17 @@ from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
 
 log = logging.getLogger("factory")
+
+
+# Names a custom Ray resource that stands in for GPUs, for tests of several nodes on a machine without
+# one (tests/support/several_nodes.py). Read from the environment, never a spec: no job can ask to run its
+# GPU stages on CPUs. Where it is named, a node's GPUs are its units of that resource, in the cluster checks
+# (checks.py) and in what the stages ask Ray for (executors/base.py).
+GPU_STAND_IN_ENV = "FACTORY_TEST_GPU_RESOURCE"
+
+
+def gpu_stand_in() -> str | None:
+    return os.environ.get(GPU_STAND_IN_ENV) or None
 
 
 def stage_device(spec: StageSpec, gpu_stand_in: str | None = None) -> str:

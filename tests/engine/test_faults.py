@@ -1,7 +1,9 @@
 """The fault matrix: each fault hits a real `factory run` (a subprocess with its own local Ray), and after it
 (and a rerun where the job stopped) every shard is committed exactly once, no partial tar exists, and
 the shards are byte-identical to those of an uninterrupted run (run in this process, on the shared Ray:
-the same spec gives the same bytes wherever it runs).
+the same spec gives the same bytes wherever it runs). The faults that hit the shards' work run under each
+executor that runs them on Ray (`EXECUTORS`): the executor is not part of the spec's hash, so every
+executor must give the reference's bytes.
 
 Storage faults that no real device gives on demand are
 injected by tests/support/faults/sitecustomize.py at fsspec's local file layer, in every process of the run.
@@ -36,15 +38,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 FACTORY = [sys.executable, "-m", "factory.cli"]
 SHARDS = 8
 FAST = {"retries": 2, "retry_backoff_s": 0.2}
+# The executors a shard's work can be hit in: Ray Data (read tasks, an actor pool per stage, write tasks)
+# and plain Ray tasks (one task per shard, read to commit). Not in_process: it has no worker to kill or
+# replace (a worker's death is the job's, by design), and the storage faults it meets are the driver's own.
+EXECUTORS = ["ray_data", "ray_tasks"]
 
 
-def job_spec(src: Path, out, **output) -> dict:
+def job_spec(src: Path, out, executor: str = "auto", **output) -> dict:
     """The job every fault hits: the same spec (its hash is in every sample) as the reference run. Where a
     fault must land mid-job, the run is started with a gate (support/stages_for_tests.py): every shard but
     the first waits while the gate file exists, however fast the machine."""
     stage = {"kind": "stages_for_tests:InvertStage", "params": {"variants": 2}, "resources": {"batch_size": 2}}
     spec = folder_spec(src, out, [stage], shard_size=2, **output)
-    spec["engine"] = FAST
+    spec["engine"] = {**FAST, "executor": executor}
     return spec
 
 
@@ -185,16 +191,22 @@ def test_the_driver_killed_mid_run_then_rerun_gives_every_shard_exactly_once(
     assert "already holds job 'e2e'" in again.stderr and "--output" in again.stderr
 
 
-def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source, reference, tmp_path, ray_local):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_the_process_running_a_stage_killed_mid_shard_is_replaced_and_its_shard_redone(
+    executor, source, reference, tmp_path, ray_local
+):
+    """The process that set the stage up (the test stage records it) dies while it holds a shard at the
+    gate: under ray_data a stage actor (restarted, its task retried), under ray_tasks the task worker that
+    runs the shard from read to commit (replaced, the task retried)."""
     out = tmp_path / "out"
-    spec_data = job_spec(source, out)
+    spec_data = job_spec(source, out, executor)
     spec = write_spec(tmp_path / "job.yaml", spec_data)
     pids, gate = tmp_path / "pids", tmp_path / "gate"
     pids.mkdir()
     proc = start_cli("run", str(spec), pids=pids, gate=gate)
     wait_for(lambda: committed(out) >= 1, "a first commit", proc)
-    actor = wait_for(lambda: recorded_process(pids, "stage"), "the stage actor", proc)
-    actor.send_signal(signal.SIGKILL)  # it holds a shard, waiting at the gate
+    worker = wait_for(lambda: recorded_process(pids, "stage"), "a process running the stage", proc)
+    worker.send_signal(signal.SIGKILL)  # it holds a shard, waiting at the gate
     gate.unlink()
     code, err = finish(proc)
     if code != 0:  # a clean stop is allowed; the rerun must then finish the job
@@ -203,12 +215,14 @@ def test_a_stage_actor_killed_mid_shard_is_restarted_and_its_shard_redone(source
     assert_exactly_once(out, reference)
 
 
-def test_a_write_task_killed_mid_write_and_a_transient_storage_error_are_retried(source, reference, tmp_path):
-    """Two faults of one run: the first write task is killed while it writes (every write is slowed to catch
-    it), and the first write that gets past that fails once with EIO. Both are retried, nothing is recorded
-    as failed."""
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_process_killed_mid_write_and_a_transient_storage_error_are_retried(executor, source, reference, tmp_path):
+    """Two faults of one run: the first process writing a tar is killed while it writes (every write is
+    slowed to catch it; under ray_data a write task, under ray_tasks the shard's task, redone from its read),
+    and the first write that gets past that fails once with EIO. Both are retried, nothing is recorded as
+    failed."""
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out))
+    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out, executor))
     pids, markers = tmp_path / "pids", tmp_path / "markers"
     pids.mkdir()
     markers.mkdir()
@@ -224,6 +238,9 @@ def test_a_write_task_killed_mid_write_and_a_transient_storage_error_are_retried
 
 
 def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_path, ray_local):
+    """ray_tasks only: the executor `auto` picks for a job without stages (a write task killed under
+    ray_data is the test above)."""
+
     def spec(out: Path) -> dict:
         data = folder_spec(source, out, [], shard_size=2)
         data["engine"] = FAST
@@ -258,10 +275,16 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, reference, tmp_path, small_disk, ray_local):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_full_disk_ends_with_one_line_no_partial_tar_and_a_rerun_finishes_once(
+    executor, source, reference, tmp_path, small_disk, ray_local, caplog
+):
+    """A shard is committed when its stats exist (written last, atomically). A shard whose stats write hit
+    the full disk may keep its whole tar without stats (a commit never deletes a tar: another attempt may
+    have committed it): it is not counted, and the rerun writes it again."""
     mount, mounted = small_disk
     out = mount / "out"
-    spec_data = job_spec(source, out)
+    spec_data = job_spec(source, out, executor)
     spec = write_spec(tmp_path / "job.yaml", spec_data)
     # A real full disk where this machine lets the test mount one; else every write fails with ENOSPC.
     result = run_cli("run", str(spec), fault=None if mounted else "enospc")
@@ -269,15 +292,23 @@ def test_a_full_disk_ends_with_one_line_and_no_tar_without_stats(source, referen
     line = last_line(result.stderr)
     assert line.startswith("factory: ") and "No space left on device" in line and "free space" in line, line
     assert "Traceback" not in result.stderr
-    for tar in (out / "shards").glob("*.tar") if (out / "shards").exists() else ():
-        assert (out / "stats" / f"{tar.stem}.json").exists(), f"{tar.name} has no stats"
+    tars = local_tars(out) if (out / "shards").exists() else {}  # every file under a final tar name is whole
+    stats = sorted(p.stem for p in (out / "stats").glob("*.json")) if (out / "stats").exists() else []
+    assert all(f"{name}.tar" in tars for name in stats)  # the stats, written last, always follow their tar
+    store = OutputStore.at(parse_spec(spec_data).output)
+    assert [store.shard_name(s) for s in store.committed_shards()] == stats  # committed = has stats, no other
+    assert f"shards   {len(stats)}/{SHARDS}" in format_status(job_status(store))
     if mounted:
         subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
-    uninterrupted(spec_data)  # the rerun, once there is space, resumes and finishes
+    with caplog.at_level(logging.INFO, logger="factory"):
+        uninterrupted(spec_data)  # the rerun, once there is space, resumes and finishes
+    assert f"{len(stats)} already committed, {SHARDS - len(stats)} to do" in caplog.text
     assert_exactly_once(out, reference)
 
 
 def test_an_unwritable_output_ends_with_one_line(source, tmp_path):
+    """One executor: the driver refuses the output (its lease, its checks) before any executor starts, so
+    the run takes the same path whichever executor the spec names."""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
@@ -298,7 +329,8 @@ def s3_tars(fs, prefix: str) -> dict[str, bytes]:
     return tars_in({p.rsplit("/", 1)[-1]: fs.cat(p) for p in sorted(fs.ls(f"{prefix}/shards"))})
 
 
-def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path, ray_local):
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_the_s3_server_killed_and_restarted_mid_run(executor, source, reference, tmp_path, ray_local):
     import s3fs
 
     ports = seaweed.free_ports()
@@ -309,6 +341,7 @@ def test_the_s3_server_killed_and_restarted_mid_run(source, reference, tmp_path,
     spec = job_spec(
         source,
         "s3://test/faults",
+        executor,
         endpoint_url=seaweed.endpoint(ports),
         storage_options={"key": seaweed.KEY, "secret": seaweed.SECRET},
     )

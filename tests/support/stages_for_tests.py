@@ -4,6 +4,7 @@ Two environment variables (never part of a spec, so they change no spec hash and
 fault tests steer `InvertStage` from outside the job:
     FACTORY_TEST_PIDS=DIR    each stage worker creates DIR/stage-PID when it is set up (the process to kill)
     FACTORY_TEST_GATE=FILE   while FILE exists, every shard but shard 0 waits before its first batch
+    FACTORY_TEST_NODES=DIR   each batch creates DIR/<Ray node id>.<shard> (where the work ran)
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ def record_pid(role: str) -> None:
         Path(folder, f"{role}-{os.getpid()}").touch()
 
 
+def record_node(samples) -> None:
+    """Create FACTORY_TEST_NODES/<node id>.<shard>, when the variable is set."""
+    folder = os.environ.get("FACTORY_TEST_NODES")
+    if folder and samples:
+        import ray
+
+        Path(folder, f"{ray.get_runtime_context().get_node_id()}.{samples[0].shard}").touch()
+
+
 class InvertParams(StrictModel):
     variants: int = 1
     bad_ids: list[str] = []  # raise BadSample: a data problem the engine pins on the sample
@@ -43,6 +53,7 @@ class InvertStage(Stage):
 
     name = "test-invert"
     Params = InvertParams
+    uses_gpu = True  # may be given a GPU: the several-node tests pin it to nodes with a stand-in for one
 
     def setup(self) -> None:
         record_pid("stage")
@@ -54,6 +65,7 @@ class InvertStage(Stage):
         return {"invert": "none"}
 
     def process(self, samples):
+        record_node(samples)
         gate = os.environ.get("FACTORY_TEST_GATE")
         while gate and samples and samples[0].shard > 0 and os.path.exists(gate):
             time.sleep(0.05)

@@ -13,7 +13,8 @@ plain Ray task from read to commit (`factory/engine/executors/ray_tasks.py`).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import logging
+from collections.abc import Generator, Iterator
 from functools import partial
 
 import pyarrow as pa
@@ -24,6 +25,8 @@ from ray.data.datasource import Datasource, ReadTask
 from factory.engine.executors.base import Executor, ShardJob, lost_shard
 from factory.engine.records import ShardResult, ShardWork
 from factory.engine.runner import StageRunner
+
+log = logging.getLogger("factory")
 
 
 def _row(work: ShardWork) -> pa.Table:
@@ -88,12 +91,29 @@ class RayDataExecutor(Executor):
     name = "ray_data"
 
     def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
+        """The pipeline over the pending shards; then once more over the shards it dropped, if a node left
+        the cluster meanwhile: a lost node takes the objects it held with it, and Ray Data drops a block
+        whose lineage cannot be rebuilt within its retries. That is the cluster's fault, not the shard's."""
+        left = set(pending)
+        gone_before = _dead_nodes()
+        for result in self._rows(pending):
+            left.discard(result.shard)
+            yield result
+        if left and _dead_nodes() - gone_before:
+            log.warning("a node left the cluster: running the %d shards it dropped once more", len(left))
+            for result in self._rows(sorted(left)):
+                left.discard(result.shard)
+                yield result
+        for shard in sorted(left):
+            yield lost_shard(self.store, shard, self.spec.engine.retries + 1)
+
+    def _rows(self, pending: list[int]) -> Iterator[ShardResult]:
         engine = self.spec.engine
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.execution_options.preserve_order = False
         # A shard whose worker died on every try is dropped by Ray Data, not the job: the shards that never
-        # come out are told apart below, from their watch records.
+        # come out are told apart by `run`, from their watch records.
         ctx.max_errored_blocks = -1
         # An actor that cannot start (a GPU node without CUDA, a model that fails to load) is replaced this
         # many times in a row before the job stops with its error.
@@ -131,10 +151,8 @@ class RayDataExecutor(Executor):
             **self.remote_options(engine.write_cpus, 0.0),
             **retries,
         ).iter_rows()
-        left = set(pending)
-        for row in rows:
-            result = ShardResult.from_row(row)
-            left.discard(result.shard)
-            yield result
-        for shard in sorted(left):
-            yield lost_shard(self.store, shard, engine.retries + 1)
+        return (ShardResult.from_row(row) for row in rows)
+
+
+def _dead_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
