@@ -19,7 +19,8 @@ from contextlib import closing
 
 from factory import __version__
 from factory.engine.errors import FactoryError, JobIncomplete
-from factory.engine.executors.base import Executor, ShardJob, executor_class
+from factory.engine.executors.base import Executor, ShardJob
+from factory.engine.executors.choice import executor_class
 from factory.engine.lease import Lease
 from factory.engine.progress import Progress, start_counter
 from factory.engine.reader import ShardReader

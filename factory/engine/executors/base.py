@@ -8,7 +8,7 @@ Every executor keeps one failure contract:
   named by the step and node it died on (its watch record), and the job goes on.
 - Every step runs under its watch (`factory/engine/watch.py`): a record of where it is and a deadline.
 
-`executor_class` is the one place that picks an executor for a job.
+`choice.executor_class` is the one place that picks an executor for a job.
 """
 
 from __future__ import annotations
@@ -159,17 +159,3 @@ class Executor(ABC):
     @abstractmethod
     def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
         """Each pending shard's result, in the order they finish; closing the iterator stops the work."""
-
-
-def executor_class(spec: JobSpec) -> type[Executor]:
-    """The executor of a job: `engine.executor`, or by default Ray Data for stages (actor pools that load
-    their models once) and plain Ray tasks for a job without stages (nothing to pipeline)."""
-    from factory.engine.executors.in_process import InProcessExecutor
-    from factory.engine.executors.ray_data import RayDataExecutor
-    from factory.engine.executors.ray_tasks import RayTasksExecutor
-
-    chosen = {c.name: c for c in (RayDataExecutor, RayTasksExecutor, InProcessExecutor)}
-    name: str = spec.engine.executor
-    if name == "auto":
-        name = RayDataExecutor.name if spec.stages else RayTasksExecutor.name
-    return chosen[name]
