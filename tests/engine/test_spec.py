@@ -66,7 +66,7 @@ def test_folder_source_needs_classes():
 
 def test_gpu_on_cpu_only_stage_is_refused():
     data = copy.deepcopy(GOOD)
-    data["stages"] = [{"kind": "stages_for_tests:InvertStage", "resources": {"num_gpus": 1}}]
+    data["stages"] = [{"kind": "stages_for_tests:FloatImageStage", "resources": {"num_gpus": 1}}]
     with pytest.raises(SpecError, match=r"stages\[0\].resources.num_gpus"):
         parse_spec(data)
 
