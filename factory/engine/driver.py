@@ -155,7 +155,9 @@ def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: s
     check_shard_size(spec, source, rows_per_source(spec, source.classes))
 
 
-def shard_job(spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo, progress=None) -> ShardJob:
+def shard_job(
+    spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo, executor_cls: type[Executor], progress=None
+) -> ShardJob:
     """What every worker of this job needs, from the spec: the reader, the writer, the stages, the watch."""
     engine, options = spec.engine, spec.output.options()
     settings = WriteSettings(
@@ -177,7 +179,7 @@ def shard_job(spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo
         retries=engine.retries,
         backoff=engine.retry_backoff_s,
         shard_size=spec.output.shard_size,
-        watch=Watch(store.url, options, engine.shard_timeout_s, end_process=executor_class(spec).uses_ray),
+        watch=Watch(store.url, options, engine.shard_timeout_s, end_process=executor_cls.uses_ray),
         progress=progress,
         gpu_stand_in=gpu_stand_in(),
     )
@@ -207,7 +209,7 @@ def _run_pipeline(
     # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
     counter = start_counter() if spec.stages and executor_cls.uses_ray else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
-    executor = executor_cls(spec, shard_job(spec, store, classes, job, counter), store)
+    executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store)
     failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
     with closing(executor.run(pending)) as results:

@@ -105,7 +105,7 @@ def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException 
         cause = f"{seen['timeout']} on node {node}, on each of {tries} tries; the worker was replaced each time"
         return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=TIMEOUT_ADVICE))
     where = f"node {node} (pid {seen['pid']})" if "pid" in seen else node
-    gone = node in _lost_nodes()
+    gone = node in dead_nodes("NodeManagerAddress")
     cause = (
         f"the worker running step {step} on {where} died on each of {tries} tries"
         + (f": node {node} left the cluster" if gone else ": a crash in native code, the OOM killer or a lost node")
@@ -118,14 +118,14 @@ def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException 
     return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=advice))
 
 
-def _lost_nodes() -> set[str]:
-    """Addresses of the nodes Ray knows as dead (none without Ray)."""
+def dead_nodes(key: str = "NodeID") -> set[str]:
+    """The nodes Ray knows as dead, by `key` of `ray.nodes()` (their ids, or addresses); none without Ray."""
     import sys
 
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return set()
-    return {n["NodeManagerAddress"] for n in ray.nodes() if not n["Alive"]}
+    return {n[key] for n in ray.nodes() if not n["Alive"]}
 
 
 class Executor(ABC):

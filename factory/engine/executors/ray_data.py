@@ -22,7 +22,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from factory.engine.executors.base import Executor, ShardJob, lost_shard
+from factory.engine.executors.base import Executor, ShardJob, dead_nodes, lost_shard
 from factory.engine.records import ShardResult, ShardWork
 from factory.engine.runner import StageRunner
 
@@ -95,11 +95,11 @@ class RayDataExecutor(Executor):
         the cluster meanwhile: a lost node takes the objects it held with it, and Ray Data drops a block
         whose lineage cannot be rebuilt within its retries. That is the cluster's fault, not the shard's."""
         left = set(pending)
-        gone_before = _dead_nodes()
+        gone_before = dead_nodes()
         for result in self._rows(pending):
             left.discard(result.shard)
             yield result
-        if left and _dead_nodes() - gone_before:
+        if left and dead_nodes() - gone_before:
             log.warning("a node left the cluster: running the %d shards it dropped once more", len(left))
             for result in self._rows(sorted(left)):
                 left.discard(result.shard)
@@ -152,7 +152,3 @@ class RayDataExecutor(Executor):
             **retries,
         ).iter_rows()
         return (ShardResult.from_row(row) for row in rows)
-
-
-def _dead_nodes() -> set[str]:
-    return {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
