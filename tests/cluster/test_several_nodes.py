@@ -1,16 +1,21 @@
 """Jobs on real multi-raylet Ray clusters on this machine (tests/support/several_nodes.py): each node its own
 raylet and object store, GPU stages asking for a custom resource that stands in for a GPU."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import REPO, SUPPORT, folder_spec, write_folder_source
+
+from factory.engine.driver import run_job
+from factory.engine.spec import parse_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -66,3 +71,37 @@ def test_a_gpu_stage_on_a_cluster_without_gpu_nodes_is_refused_before_it_starts(
     report, work = on_cluster(tmp_path, job(source, out, "ray_data"), "no_gpu_node")
     assert "stages[0].resources.num_gpus" in report["error"] and "GPU" in report["error"], report
     assert not work and not (out / "shards").exists()
+
+
+def pixels(out: Path) -> dict[str, dict[str, bytes]]:
+    """Each committed tar's members but the json (it holds the spec hash, and the specs differ in resources)."""
+    found = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(fileobj=io.BytesIO(tar_path.read_bytes())) as tar:
+            found[tar_path.name] = {
+                m.name: tar.extractfile(m).read() for m in tar.getmembers() if not m.name.endswith(".json")
+            }
+    return found
+
+
+@pytest.fixture(scope="module")
+def one_node(source, tmp_path_factory):
+    """The same job in one process, with no cluster: what every shard must hold, byte for byte."""
+    out = tmp_path_factory.mktemp("one-node") / "out"
+    data = job(source, out, "in_process")
+    del data["stages"][0]["resources"]["num_gpus"]
+    assert run_job(parse_spec(data))["complete"]
+    return pixels(out)
+
+
+def test_a_lost_node_and_a_joining_one_leave_every_shard_committed_once_as_on_one_node(source, one_node, tmp_path):
+    out = tmp_path / "out"
+    report, work = on_cluster(tmp_path, job(source, out, "ray_data"), "lose_and_gain")
+    assert report.get("index", {}).get("complete"), report
+    assert report["index"]["committed"] == SHARDS and report["index"]["samples"] == 4 * SHARDS
+    assert report["lost_shards"], "the lost node held no work when it was killed"
+    assert work.get(report["added"]), "the node that joined took no work"
+    assert report["head"] not in work, "a stage pinned to the stand-in GPU nodes ran on the head"
+    # One committed tar per shard, byte-identical to one node's, and nothing partial left behind.
+    assert pixels(out) == one_node
+    assert not list(out.rglob("*.tar.*")) and not list((out / "_tmp").glob("*.tar"))

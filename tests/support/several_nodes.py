@@ -7,7 +7,9 @@ each hold one unit of a custom resource standing in for a GPU (FACTORY_TEST_GPU_
 engine asks for it in place of GPUs). The stages record where they ran in NODES_DIR (stages_for_tests).
 Scenarios:
     no_gpu_node    the stand-in resource is named but no node holds it: the job must be refused
-REPORT.json gets the job's index (or its error) and the head's node id.
+    lose_and_gain  two stand-in nodes; once both hold work (held at a gate), one is killed (its raylet and
+                   every worker on it, as a spot instance is taken back) and a fresh one joins; the gate opens
+REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import ray
@@ -27,22 +32,56 @@ from factory.engine.runner import GPU_STAND_IN_ENV
 from factory.engine.spec import parse_spec
 
 STAND_IN = "test_gpu"
+STAND_IN_NODE = {"num_cpus": 1, "resources": {STAND_IN: 1}}
 
 
 def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
     os.environ[GPU_STAND_IN_ENV] = STAND_IN
     os.environ["FACTORY_TEST_NODES"] = nodes_dir
+    # Set before any raylet starts: the workers inherit the environment of the process that started them.
+    gate = Path(tempfile.mkdtemp(), "gate")
+    gate.touch()
+    os.environ["FACTORY_TEST_GATE"] = str(gate)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.wait_for_nodes()
     found: dict = {"head": cluster.head_node.node_id}
+    if scenario == "lose_and_gain":
+        workers = [cluster.add_node(**STAND_IN_NODE) for _ in range(2)]
+    cluster.wait_for_nodes()
     spec = parse_spec(yaml.safe_load(Path(spec_path).read_text()))
-    try:
-        found["index"] = run_job(spec, address=cluster.address)
-    except Exception as e:
-        found["error"] = one_line(e)
+    # The job runs in a thread: starting a node installs signal handlers, which only the main thread may.
+    job = threading.Thread(target=run, args=(spec, cluster.address, found), daemon=True)
+    job.start()
+    if scenario == "lose_and_gain":
+        lose_and_gain(cluster, workers, Path(nodes_dir), gate, found)
+    else:
+        gate.unlink()
+    job.join()
     Path(report).write_text(json.dumps(found))
     ray.shutdown()  # the driver first: the cluster will not remove the head this process is connected to
     cluster.shutdown()
+
+
+def run(spec, address: str, found: dict) -> None:
+    try:
+        found["index"] = run_job(spec, address=address)
+    except Exception as e:
+        found["error"] = one_line(e)
+
+
+def lose_and_gain(cluster: Cluster, workers: list, marks: Path, gate: Path, found: dict) -> None:
+    """Once both stand-in nodes hold a shard, kill the first one, start a new one, open the gate."""
+    ids = {w.node_id for w in workers}
+    while not ids <= {m.name.rsplit(".", 1)[0] for m in marks.iterdir()}:
+        if "index" in found or "error" in found:
+            return  # the job ended before both nodes held work: the test reports it
+        time.sleep(0.1)
+    lost = workers[0]
+    found["lost"] = lost.node_id
+    found["lost_shards"] = sorted(int(m.name.rsplit(".", 1)[1]) for m in marks.glob(f"{lost.node_id}.*"))
+    cluster.remove_node(lost, allow_graceful=False)
+    found["added"] = cluster.add_node(**STAND_IN_NODE).node_id
+    cluster.wait_for_nodes()
+    gate.unlink()
 
 
 if __name__ == "__main__":
