@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         if isinstance(e, FactoryError):
-            print(f"factory: {e}", file=sys.stderr)
+            told = str(e)  # most say what to do in their message; the others carry it as their advice
+            print(f"factory: {told}" + ("" if e.advice in told else f"; {e.advice}"), file=sys.stderr)
         else:
             hint = "" if args.verbose else " (--verbose shows the traceback)"
             print(f"factory: {one_line(e)}; {advice(e)}{hint}", file=sys.stderr)

@@ -48,18 +48,49 @@ class JobIncomplete(FactoryError, RuntimeError):
     """The job ended with shards that failed (after their retries) and stay uncommitted."""
 
 
+class StageSetupFailed(FactoryError, RuntimeError):
+    """A stage could not start on a worker: its model, device or packages failed to load there."""
+
+    advice = f"fix what the stage loads on that node (its model files, its device, its packages), then {RERUN}"
+
+    def __init__(self, stage: str, where: str, cause: str):
+        super().__init__(f"stage {stage} could not start on {where}: {cause}")
+        self.stage, self.where, self.cause_text = stage, where, cause
+
+    def __reduce__(self):  # rebuilt from its parts where Ray hands it to the driver
+        return type(self), (self.stage, self.where, self.cause_text)
+
+
 def root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of a chain, through Ray's wrappers (RayTaskError.cause) and __cause__."""
+    """The innermost exception of a chain, through Ray's wrappers (RayTaskError.cause, the creation task's
+    error an ActorDiedError carries) and __cause__; it stops at a FactoryError, whose message is the story."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
-        inner = getattr(exc, "cause", None)
-        if not isinstance(inner, BaseException):
-            inner = exc.__cause__
-        if not isinstance(inner, BaseException):
+        inner = _inner(exc)
+        if inner is None:
             break
         exc = inner
     return exc
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    inner = getattr(exc, "cause", None)  # Ray's RayTaskError (which also subclasses what it wraps)
+    if isinstance(inner, BaseException):
+        return inner
+    if isinstance(exc, FactoryError):
+        return None
+    wrapped = next((a for a in exc.args if isinstance(a, BaseException)), None)
+    if wrapped is not None:
+        return wrapped
+    # Ray Data chains an empty marker as the cause of what it raises: it tells nothing of what happened.
+    if isinstance(exc.__cause__, BaseException) and not isinstance(exc.__cause__, _ray_data_markers()):
+        return exc.__cause__
+    return None
+
+
+def _ray_data_markers() -> tuple[type, ...]:
+    return _types("ray.data.exceptions", "SystemException", "UserCodeException")
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

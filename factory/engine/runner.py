@@ -19,9 +19,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from factory.engine.errors import ShardFailed, is_cuda_oom, one_line
+from factory.engine.errors import ShardFailed, StageSetupFailed, is_cuda_oom, one_line
 from factory.engine.records import Failure, ShardWork, StepStats
 from factory.engine.spec import StageSpec
+from factory.engine.watch import whereabouts
 from factory.sample import BadSample, Sample
 from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
@@ -78,19 +79,26 @@ class StageRunner:
         gpu_stand_in: str | None = None,
     ):
         spec = StageSpec.model_validate(stage_spec)
-        cls = resolve_stage(spec.kind)
         self.label = spec.label
         self.batch_size = spec.resources.batch_size
         self.retries = retries
         self.backoff = backoff
         self.progress = progress  # a Progress actor, or None
         started = time.time()
-        self.stage = cls(
-            cls.Params.model_validate(spec.params),
-            cls.Model.model_validate(spec.model),
-            StageContext(label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec, gpu_stand_in)),
-        )
-        self.stage.setup()
+        try:
+            cls = resolve_stage(spec.kind)
+            self.stage = cls(
+                cls.Params.model_validate(spec.params),
+                cls.Model.model_validate(spec.model),
+                StageContext(
+                    label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec, gpu_stand_in)
+                ),
+            )
+            self.stage.setup()
+        except Exception as e:
+            # Named here, where the node and the stage are known: under Ray the driver would otherwise see
+            # only that an actor died.
+            raise StageSetupFailed(spec.label, whereabouts(), one_line(e)) from e
         self.k = self.stage.variants_per_input()
         # Set-up (model loading) happens once per actor: reported with the first shard it processes.
         self.setup_s: float | None = round(time.time() - started, 3)

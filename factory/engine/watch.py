@@ -54,6 +54,22 @@ def node_address() -> str:
     return socket.gethostname()
 
 
+def ray_node_id() -> str | None:
+    """Ray's id of this process's node (several nodes may share one address), or None without Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def whereabouts() -> str:
+    """This process, as a user finds it in the Ray logs: its node's address and id, and its pid."""
+    node_id = ray_node_id()
+    return f"node {node_address()} (" + (f"Ray node {node_id[:12]}, " if node_id else "") + f"pid {os.getpid()})"
+
+
 class _Deadline:
     """One thread per process that ends the step it watches when its time is up."""
 
@@ -111,7 +127,7 @@ class Watch:
         store = self._store()
         if store is None:
             return
-        body = {"shard": shard, "node": node_address(), "pid": os.getpid(), **fields}
+        body = {"shard": shard, "node": node_address(), "node_id": ray_node_id(), "pid": os.getpid(), **fields}
         try:
             # A plain write: the record is read only after its writer is gone, and needs no fsync.
             store.write_bytes(json.dumps(body).encode(), TMP_DIR, shard_name(shard) + ATTEMPT_SUFFIX)

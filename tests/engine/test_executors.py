@@ -15,7 +15,7 @@ import pytest
 from helpers import folder_spec, write_folder_source
 
 from factory.engine.driver import run_job
-from factory.engine.errors import JobIncomplete
+from factory.engine.errors import JobIncomplete, StageSetupFailed, advice, one_line
 from factory.engine.executors.base import ShardJob
 from factory.engine.executors.ray_tasks import RayTasksExecutor, _in_flight_limit
 from factory.engine.records import ShardResult, ShardWork
@@ -104,6 +104,19 @@ def test_a_hung_shard_times_out_alone_and_its_worker_is_replaced(executor, sourc
     assert "shard 2 at stage invert: timeout: step invert ran past 3s" in message, message
     assert "engine.shard_timeout_s" in message
     assert pixels(tars(out)) == pixels({k: v for k, v in reference.items() if k != "shard-000002.tar"})
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_stage_that_cannot_start_is_told_with_its_stage_node_and_cause(executor, source, tmp_path, ray_local):
+    """Not Ray's `SystemException` of a dead actor: the stage, where it ran and what its set-up raised."""
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        run_job(parse_spec(spec(source, out, executor, setup_error="CUDA error: no CUDA-capable device is detected")))
+    told = one_line(raised.value, limit=1000)
+    assert "stage invert could not start on node " in told and "pid " in told, told
+    assert "RuntimeError: CUDA error: no CUDA-capable device is detected" in told, told
+    assert StageSetupFailed.advice in str(raised.value) + advice(raised.value)
+    assert not list(out.glob("shards/*.tar"))
 
 
 class MarkingReader:

@@ -46,6 +46,7 @@ class InvertParams(StrictModel):
     sleep_ids: list[str] = []  # sleep `sleep` seconds on these ids only (else on every sample)
     crash_ids: list[str] = []  # the worker process dies on these, every time (a poison sample: a segfault)
     hang_ids: list[str] = []  # the call hangs on these (a model call that never returns)
+    setup_error: str = ""  # set up fails with this RuntimeError (a model that cannot load, no CUDA device)
 
 
 class InvertStage(Stage):
@@ -57,6 +58,8 @@ class InvertStage(Stage):
 
     def setup(self) -> None:
         record_pid("stage")
+        if self.params.setup_error:
+            raise RuntimeError(self.params.setup_error)
 
     def variants_per_input(self) -> int:
         return self.params.variants

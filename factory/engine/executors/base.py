@@ -104,11 +104,12 @@ def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException 
     if "timeout" in seen:
         cause = f"{seen['timeout']} on node {node}, on each of {tries} tries; the worker was replaced each time"
         return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=TIMEOUT_ADVICE))
-    where = f"node {node} (pid {seen['pid']})" if "pid" in seen else node
-    gone = node in dead_nodes("NodeManagerAddress")
+    node_id = seen.get("node_id")
+    where = f"node {node}" + (f" (Ray node {node_id[:12]}" if node_id else " (") + f", pid {seen.get('pid', '?')})"
+    gone = node_id in dead_nodes() if node_id else node in dead_nodes("NodeManagerAddress")
     cause = (
         f"the worker running step {step} on {where} died on each of {tries} tries"
-        + (f": node {node} left the cluster" if gone else ": a crash in native code, the OOM killer or a lost node")
+        + (": its node left the cluster" if gone else ": a crash in native code, the OOM killer or a lost node")
         + (f" ({one_line(error)})" if error is not None else "")
     )
     advice = (

@@ -16,6 +16,7 @@ from collections.abc import Generator
 
 import ray
 
+from factory.engine.errors import root_cause
 from factory.engine.executors.base import Executor, ShardJob, lost_shard
 from factory.engine.records import Failure, ShardResult
 from factory.engine.runner import StageRunner
@@ -77,8 +78,9 @@ class RayTasksExecutor(Executor):
                 shard = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # an exception past every step's own handling: a bug
-                    result = ShardResult.failed_at(shard, Failure.of("worker", e))
+                except ray.exceptions.RayTaskError as e:  # past every step's own handling: a bug, a set-up
+                    step = getattr(root_cause(e), "stage", "worker")
+                    result = ShardResult.failed_at(shard, Failure.of(step, e))
                 except ray.exceptions.RayError as e:  # the worker died on every try
                     result = lost_shard(self.store, shard, engine.retries + 1, e)
                 yield result

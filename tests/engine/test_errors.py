@@ -1,0 +1,56 @@
+"""How failures are told (factory/engine/errors.py): the root cause through Ray's wrappers, by type."""
+
+import pickle
+
+import pytest
+import yaml
+from helpers import folder_spec, write_folder_source
+
+from factory.cli import main
+from factory.engine.errors import RERUN, StageSetupFailed, advice, one_line, root_cause
+
+
+class Wrapper(Exception):
+    """Stands in for Ray's RayTaskError: the task's exception as `.cause`."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__("ray::task() (pid=1, ip=10.0.0.1)")
+        self.cause = cause
+
+
+def setup_failed() -> StageSetupFailed:
+    return StageSetupFailed("caption", "node 10.0.0.7 (pid 42)", "RuntimeError: CUDA error: no device")
+
+
+@pytest.mark.unit
+def test_the_root_cause_is_found_through_wrappers_carried_errors_and_causes():
+    died = RuntimeError(Wrapper(setup_failed()))  # as Ray's ActorDiedError carries its creation task's error
+    try:
+        raise ValueError("outer") from died
+    except ValueError as e:
+        root = root_cause(e)
+    assert isinstance(root, StageSetupFailed)
+    assert one_line(root) == (
+        "StageSetupFailed: stage caption could not start on node 10.0.0.7 (pid 42): RuntimeError: CUDA error: no device"
+    )
+    assert advice(died) == StageSetupFailed.advice and StageSetupFailed.advice.endswith(RERUN)
+
+
+@pytest.mark.unit
+def test_a_stage_setup_failure_survives_the_trip_to_the_driver():
+    back = pickle.loads(pickle.dumps(setup_failed()))
+    assert str(back) == str(setup_failed()) and back.stage == "caption"
+
+
+@pytest.mark.integration
+def test_the_cli_tells_a_factory_error_with_its_advice_once(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_folder_source(src, 2, size=8)
+    stage = {"kind": "stages_for_tests:InvertStage", "name": "invert", "params": {"setup_error": "no device"}}
+    data = folder_spec(src, tmp_path / "out", [stage], shard_size=2)
+    data["engine"] = {"executor": "in_process"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 1
+    told = capsys.readouterr().err.strip().splitlines()[-1]
+    assert told.startswith("factory: stage invert could not start on node ") and told.count(RERUN) == 1, told
+    assert told.endswith(f"RuntimeError: no device; {StageSetupFailed.advice}"), told
