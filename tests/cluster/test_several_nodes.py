@@ -43,7 +43,8 @@ def source(tmp_path_factory):
 
 
 def on_cluster(tmp_path: Path, data: dict, scenario: str) -> tuple[dict, dict[str, set[int]]]:
-    """Run the scenario; returns its report and, per node id, the shards its stage work touched."""
+    """Run the scenario; returns its report and, per node id, the shards its stage work touched. Every
+    worker saw its node's own model cache, not the driver's."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
     nodes = tmp_path / "nodes"
@@ -61,6 +62,7 @@ def on_cluster(tmp_path: Path, data: dict, scenario: str) -> tuple[dict, dict[st
     report = json.loads((tmp_path / "report").read_text())
     work: dict[str, set[int]] = {}
     for mark in nodes.iterdir():
+        assert mark.read_text() == "/models/of-the-nodes", "a worker was given the driver's model cache"
         node, shard = mark.name.rsplit(".", 1)
         work.setdefault(node, set()).add(int(shard))
     return report, work
@@ -105,3 +107,15 @@ def test_a_lost_node_and_a_joining_one_leave_every_shard_committed_once_as_on_on
     # One committed tar per shard, byte-identical to one node's, and nothing partial left behind.
     assert pixels(out) == one_node
     assert not list(out.rglob("*.tar.*")) and not list((out / "_tmp").glob("*.tar"))
+
+
+@pytest.mark.parametrize("executor", ["ray_data", "ray_tasks"])
+def test_a_node_that_joins_never_writes_a_node_local_output(executor, source, one_node, tmp_path):
+    out = tmp_path / "out"
+    data = job(source, out, executor)
+    data["output"]["shared_filesystem"] = False
+    del data["stages"][0]["resources"]["num_gpus"]
+    report, work = on_cluster(tmp_path, data, "late_node")
+    assert report.get("index", {}).get("complete"), report
+    assert "added" in report and set(work) == {report["head"]}, (report, work)
+    assert pixels(out) == one_node

@@ -9,7 +9,10 @@ Scenarios:
     no_gpu_node    the stand-in resource is named but no node holds it: the job must be refused
     lose_and_gain  two stand-in nodes; once both hold work (held at a gate), one is killed (its raylet and
                    every worker on it, as a spot instance is taken back) and a fresh one joins; the gate opens
-REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added.
+    late_node      a head alone; once it holds work, a CPU node joins; the gate opens (a node-local output
+                   must never be written from the node that joined)
+REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added. The nodes
+start with FACTORY_MODEL_CACHE=NODE_CACHE, the driver then runs with DRIVER_CACHE.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from factory.engine.runner import GPU_STAND_IN_ENV
 from factory.engine.spec import parse_spec
 
 STAND_IN = "test_gpu"
+NODE_CACHE, DRIVER_CACHE = "/models/of-the-nodes", "/models/of-the-driver"
 STAND_IN_NODE = {"num_cpus": 1, "resources": {STAND_IN: 1}}
 
 
@@ -42,17 +46,21 @@ def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
     gate = Path(tempfile.mkdtemp(), "gate")
     gate.touch()
     os.environ["FACTORY_TEST_GATE"] = str(gate)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    os.environ["FACTORY_MODEL_CACHE"] = NODE_CACHE
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "late_node" else 1})
     found: dict = {"head": cluster.head_node.node_id}
     if scenario == "lose_and_gain":
         workers = [cluster.add_node(**STAND_IN_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
+    os.environ["FACTORY_MODEL_CACHE"] = DRIVER_CACHE  # the driver's own: never imposed on the nodes
     spec = parse_spec(yaml.safe_load(Path(spec_path).read_text()))
     # The job runs in a thread: starting a node installs signal handlers, which only the main thread may.
     job = threading.Thread(target=run, args=(spec, cluster.address, found), daemon=True)
     job.start()
     if scenario == "lose_and_gain":
         lose_and_gain(cluster, workers, Path(nodes_dir), gate, found)
+    elif scenario == "late_node":
+        late_node(cluster, Path(nodes_dir), gate, found)
     else:
         gate.unlink()
     job.join()
@@ -68,19 +76,42 @@ def run(spec, address: str, found: dict) -> None:
         found["error"] = one_line(e)
 
 
+def add_node(cluster: Cluster, **args) -> str:
+    """A node that joins now, started (as any node) with the nodes' environment, not the driver's."""
+    os.environ["FACTORY_MODEL_CACHE"] = NODE_CACHE
+    try:
+        node = cluster.add_node(**args)
+    finally:
+        os.environ["FACTORY_MODEL_CACHE"] = DRIVER_CACHE
+    cluster.wait_for_nodes()
+    return node.node_id
+
+
+def wait_for_work(marks: Path, nodes: set[str], found: dict) -> bool:
+    """Whether every node of `nodes` took work before the job ended."""
+    while not nodes <= {m.name.rsplit(".", 1)[0] for m in marks.iterdir()}:
+        if "index" in found or "error" in found:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def late_node(cluster: Cluster, marks: Path, gate: Path, found: dict) -> None:
+    if wait_for_work(marks, {found["head"]}, found):
+        found["added"] = add_node(cluster, num_cpus=2)
+        time.sleep(2)  # long enough for the scheduler to see the new node's free CPUs
+    gate.unlink()
+
+
 def lose_and_gain(cluster: Cluster, workers: list, marks: Path, gate: Path, found: dict) -> None:
     """Once both stand-in nodes hold a shard, kill the first one, start a new one, open the gate."""
-    ids = {w.node_id for w in workers}
-    while not ids <= {m.name.rsplit(".", 1)[0] for m in marks.iterdir()}:
-        if "index" in found or "error" in found:
-            return  # the job ended before both nodes held work: the test reports it
-        time.sleep(0.1)
+    if not wait_for_work(marks, {w.node_id for w in workers}, found):
+        return  # the job ended before both nodes held work: the test reports it
     lost = workers[0]
     found["lost"] = lost.node_id
     found["lost_shards"] = sorted(int(m.name.rsplit(".", 1)[1]) for m in marks.glob(f"{lost.node_id}.*"))
     cluster.remove_node(lost, allow_graceful=False)
-    found["added"] = cluster.add_node(**STAND_IN_NODE).node_id
-    cluster.wait_for_nodes()
+    found["added"] = add_node(cluster, **STAND_IN_NODE)
     gate.unlink()
 
 

@@ -4,7 +4,8 @@ Two environment variables (never part of a spec, so they change no spec hash and
 fault tests steer `InvertStage` from outside the job:
     FACTORY_TEST_PIDS=DIR    each stage worker creates DIR/stage-PID when it is set up (the process to kill)
     FACTORY_TEST_GATE=FILE   while FILE exists, every shard but shard 0 waits before its first batch
-    FACTORY_TEST_NODES=DIR   each batch creates DIR/<Ray node id>.<shard> (where the work ran)
+    FACTORY_TEST_NODES=DIR   each batch writes DIR/<Ray node id>.<shard> (where the work ran), holding the
+                             worker's FACTORY_MODEL_CACHE
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ def record_pid(role: str) -> None:
 
 
 def record_node(samples) -> None:
-    """Create FACTORY_TEST_NODES/<node id>.<shard>, when the variable is set."""
+    """Write FACTORY_TEST_NODES/<node id>.<shard>, when the variable is set."""
     folder = os.environ.get("FACTORY_TEST_NODES")
     if folder and samples:
         import ray
 
-        Path(folder, f"{ray.get_runtime_context().get_node_id()}.{samples[0].shard}").touch()
+        # Holds the model cache the worker sees: each node's own, from the environment it was started with.
+        mark = Path(folder, f"{ray.get_runtime_context().get_node_id()}.{samples[0].shard}")
+        mark.write_text(os.environ.get("FACTORY_MODEL_CACHE", ""))
 
 
 class InvertParams(StrictModel):

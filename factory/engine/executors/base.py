@@ -147,15 +147,18 @@ class Executor(ABC):
         node that joins later never writes to its own disk. A GPU stand-in (`gpu_stand_in`, tests only)
         asks for that custom resource in place of GPUs.
         """
-        resources: dict[str, float] = {}
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         if self.store.is_local() and not self.spec.output.shared_filesystem:
             import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            resources[f"node:{ray.util.get_node_ip_address()}"] = 0.001
+            # By node id, not address: nodes may share an address (containers, several raylets on a host).
+            node = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
         if self.job.gpu_stand_in and num_gpus > 0:
-            resources[self.job.gpu_stand_in] = num_gpus
-            num_gpus = 0.0
-        return {"num_cpus": num_cpus, "num_gpus": num_gpus, **({"resources": resources} if resources else {})}
+            options["resources"] = {self.job.gpu_stand_in: num_gpus}
+            options["num_gpus"] = 0.0
+        return options
 
     @abstractmethod
     def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
