@@ -119,3 +119,14 @@ def test_a_node_that_joins_never_writes_a_node_local_output(executor, source, on
     assert report.get("index", {}).get("complete"), report
     assert "added" in report and set(work) == {report["head"]}, (report, work)
     assert pixels(out) == one_node
+
+
+def test_a_cluster_that_scales_from_zero_gpu_nodes_runs_the_job_on_the_nodes_it_adds(source, one_node, tmp_path):
+    out = tmp_path / "out"
+    data = job(source, out, "ray_data")
+    data["engine"]["resource_wait_s"] = 240
+    report, work = on_cluster(tmp_path, data, "from_zero")
+    assert report["nodes_at_start"] == 1 and report["nodes_at_end"] > 1, report
+    assert report.get("index", {}).get("complete"), report
+    assert work and report["head"] not in work, (report, work)
+    assert pixels(out) == one_node

@@ -11,6 +11,7 @@ Scenarios:
                    every worker on it, as a spot instance is taken back) and a fresh one joins; the gate opens
     late_node      a head alone; once it holds work, a CPU node joins; the gate opens (a node-local output
                    must never be written from the node that joined)
+    from_zero      a head alone with an autoscaler (autoscaling.py) that may add two stand-in nodes
 REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added. The nodes
 start with FACTORY_MODEL_CACHE=NODE_CACHE, the driver then runs with DRIVER_CACHE.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import ray
 import yaml
+from autoscaling import AutoscalingHead
 from ray.cluster_utils import Cluster
 
 from factory.engine.driver import run_job
@@ -47,26 +49,48 @@ def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
     gate.touch()
     os.environ["FACTORY_TEST_GATE"] = str(gate)
     os.environ["FACTORY_MODEL_CACHE"] = NODE_CACHE
+    spec = parse_spec(yaml.safe_load(Path(spec_path).read_text()))
+    if scenario == "from_zero":
+        from_zero(spec, found := {})
+    else:
+        found = on_cluster(spec, scenario, Path(nodes_dir), gate)
+    Path(report).write_text(json.dumps(found))
+
+
+def on_cluster(spec, scenario: str, marks: Path, gate: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "late_node" else 1})
     found: dict = {"head": cluster.head_node.node_id}
     if scenario == "lose_and_gain":
         workers = [cluster.add_node(**STAND_IN_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["FACTORY_MODEL_CACHE"] = DRIVER_CACHE  # the driver's own: never imposed on the nodes
-    spec = parse_spec(yaml.safe_load(Path(spec_path).read_text()))
     # The job runs in a thread: starting a node installs signal handlers, which only the main thread may.
     job = threading.Thread(target=run, args=(spec, cluster.address, found), daemon=True)
     job.start()
     if scenario == "lose_and_gain":
-        lose_and_gain(cluster, workers, Path(nodes_dir), gate, found)
+        lose_and_gain(cluster, workers, marks, gate, found)
     elif scenario == "late_node":
-        late_node(cluster, Path(nodes_dir), gate, found)
+        late_node(cluster, marks, gate, found)
     else:
         gate.unlink()
     job.join()
-    Path(report).write_text(json.dumps(found))
     ray.shutdown()  # the driver first: the cluster will not remove the head this process is connected to
     cluster.shutdown()
+    return found
+
+
+def from_zero(spec, found: dict) -> None:
+    """A head alone, whose autoscaler may start two stand-in GPU nodes: the job's wait asks for them."""
+    Path(os.environ["FACTORY_TEST_GATE"]).unlink()
+    with AutoscalingHead(os.environ["RAY_TMPDIR"], 1, {"CPU": 1, STAND_IN: 1}, max_nodes=2) as address:
+        os.environ["FACTORY_MODEL_CACHE"] = DRIVER_CACHE
+        ray.init(address=address)
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        found["nodes_at_start"] = len(alive)
+        found["head"] = next(n["NodeID"] for n in alive if "node:__internal_head__" in n["Resources"])
+        run(spec, address, found)
+        found["nodes_at_end"] = sum(n["Alive"] for n in ray.nodes())
+        ray.shutdown()
 
 
 def run(spec, address: str, found: dict) -> None:
