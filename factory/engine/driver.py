@@ -185,12 +185,21 @@ def shard_job(
     )
 
 
-def _failure_message(failed: list[ShardResult], attempted: int) -> str:
-    first, why = failed[0], failed[0].why
-    others = ", ".join(str(f.shard) for f in failed[1:6]) + (" ..." if len(failed) > 6 else "")
+def _failure_message(failed: list[ShardResult], attempted: int, causes: int = 3) -> str:
+    """One line: each distinct failure (stage, cause, advice) with its shards, the first `causes` of them."""
+    by_cause: dict[tuple[str, str, str], list[int]] = {}
+    for result in failed:
+        why = result.why
+        by_cause.setdefault((why.stage, why.cause, why.advice), []).append(result.shard)
+    told = []
+    for (stage, cause, advice), shards in list(by_cause.items())[:causes]:
+        named = ", ".join(map(str, shards[:5])) + (" ..." if len(shards) > 5 else "")
+        told.append(f"shard{'s' if len(shards) > 1 else ''} {named} at stage {stage}: {cause}; {advice}")
+    more = len(by_cause) - causes
     return (
-        f"{len(failed)} of {attempted} shards failed and stay uncommitted: shard {first.shard} at stage "
-        f"{why.stage}: {why.cause}" + (f" (also shards {others})" if others else "") + f"; {why.advice}"
+        f"{len(failed)} of {attempted} shards failed and stay uncommitted: "
+        + " | ".join(told)
+        + (f" | and {more} other causes (the log has each)" if more > 0 else "")
     )
 
 

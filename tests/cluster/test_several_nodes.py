@@ -130,3 +130,17 @@ def test_a_cluster_that_scales_from_zero_gpu_nodes_runs_the_job_on_the_nodes_it_
     assert report.get("index", {}).get("complete"), report
     assert work and report["head"] not in work, (report, work)
     assert pixels(out) == one_node
+
+
+def test_a_poison_and_a_hung_shard_fail_alone_naming_their_ray_node(source, one_node, tmp_path):
+    out = tmp_path / "out"
+    data = job(source, out, "ray_data")
+    data["stages"][0]["params"].update(crash_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
+    data["engine"]["shard_timeout_s"] = 5
+    report, work = on_cluster(tmp_path, data, "two_nodes")
+    told = report.get("error", "")
+    assert told.startswith(f"JobIncomplete: 2 of {SHARDS} shards failed and stay uncommitted"), report
+    assert "shard 1 at stage invert: the worker running step invert on node " in told and "Ray node " in told
+    assert "timeout: step invert ran past 5s" in told
+    assert report["head"] not in work
+    assert pixels(out) == {k: v for k, v in one_node.items() if k not in ("shard-000001.tar", "shard-000002.tar")}

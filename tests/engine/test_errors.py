@@ -7,7 +7,9 @@ import yaml
 from helpers import folder_spec, write_folder_source
 
 from factory.cli import main
+from factory.engine.driver import _failure_message
 from factory.engine.errors import RERUN, StageSetupFailed, advice, one_line, root_cause
+from factory.engine.records import Failure, ShardResult
 
 
 class Wrapper(Exception):
@@ -54,3 +56,15 @@ def test_the_cli_tells_a_factory_error_with_its_advice_once(tmp_path, capsys):
     told = capsys.readouterr().err.strip().splitlines()[-1]
     assert told.startswith("factory: stage invert could not start on node ") and told.count(RERUN) == 1, told
     assert told.endswith(f"RuntimeError: no device; {StageSetupFailed.advice}"), told
+
+
+@pytest.mark.unit
+def test_a_job_that_ends_incomplete_names_each_distinct_cause_with_its_shards():
+    def failed(shard: int, cause: str) -> ShardResult:
+        return ShardResult.failed_at(shard, Failure(stage="invert", cause=cause, advice="do this"))
+
+    told = _failure_message([failed(1, "died"), failed(2, "timeout"), failed(3, "died")], attempted=12, causes=1)
+    assert told == (
+        "3 of 12 shards failed and stay uncommitted: shards 1, 3 at stage invert: died; do this"
+        " | and 1 other causes (the log has each)"
+    )

@@ -11,6 +11,7 @@ Scenarios:
                    every worker on it, as a spot instance is taken back) and a fresh one joins; the gate opens
     late_node      a head alone; once it holds work, a CPU node joins; the gate opens (a node-local output
                    must never be written from the node that joined)
+    two_nodes      two stand-in nodes, nothing happens to them
     from_zero      a head alone with an autoscaler (autoscaling.py) that may add two stand-in nodes
 REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added. The nodes
 start with FACTORY_MODEL_CACHE=NODE_CACHE, the driver then runs with DRIVER_CACHE.
@@ -60,7 +61,7 @@ def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
 def on_cluster(spec, scenario: str, marks: Path, gate: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "late_node" else 1})
     found: dict = {"head": cluster.head_node.node_id}
-    if scenario == "lose_and_gain":
+    if scenario in ("lose_and_gain", "two_nodes"):
         workers = [cluster.add_node(**STAND_IN_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["FACTORY_MODEL_CACHE"] = DRIVER_CACHE  # the driver's own: never imposed on the nodes
@@ -97,7 +98,7 @@ def run(spec, address: str, found: dict) -> None:
     try:
         found["index"] = run_job(spec, address=address)
     except Exception as e:
-        found["error"] = one_line(e)
+        found["error"] = one_line(e, limit=5000)
 
 
 def add_node(cluster: Cluster, **args) -> str:
