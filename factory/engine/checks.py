@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 import ray
 
+from factory.engine.executors.base import ROW_COPIES_IN_A_WORKER, worker_memory
 from factory.engine.runner import gpu_stand_in
 from factory.engine.spec import JobSpec
 from factory.output.layout import OutputStore
@@ -180,8 +181,30 @@ def shard_size_problem(spec: JobSpec, per_source: int, rows_per_source: int, nod
     )
 
 
-def check_shard_size(spec: JobSpec, source: Source, rows_per_source: int) -> None:
-    """Refuse a shard size whose row cannot fit in the object store of a node that works on it."""
-    problem = shard_size_problem(spec, row_bytes_per_source(source, rows_per_source), rows_per_source, _alive_nodes())
+def memory_problem(spec: JobSpec, row_bytes: int, nodes: list[dict]) -> str | None:
+    """Why a stage's worker, declaring `worker_memory`, fits no node's memory; None if one fits."""
+    largest = max((n.get("memory", 0) for n in nodes if _runs_work(n)), default=0)
+    if not largest:
+        return None
+    for i, st in enumerate(spec.stages):
+        need = worker_memory(row_bytes, st.resources.memory_gb)
+        if need > largest:
+            return (
+                f"stages[{i}].resources.memory_gb: a worker of stage {st.label!r} needs {need / 2**30:.1f} GiB "
+                f"({st.resources.memory_gb:g} GiB for itself, {ROW_COPIES_IN_A_WORKER} x "
+                f"{row_bytes / 2**30:.1f} GiB for a shard row), but the largest node offers Ray "
+                f"{largest / 2**30:.1f} GiB: lower memory_gb or output.shard_size, or use larger nodes"
+            )
+    return None
+
+
+def check_shard_size(spec: JobSpec, source: Source, rows_per_source: int) -> int:
+    """Refuse a shard size whose row fits no node's object store, or whose workers fit no node's memory;
+    returns the bytes a shard row is expected to hold (what workers declare their memory from)."""
+    per_source = row_bytes_per_source(source, rows_per_source)
+    nodes = _alive_nodes()
+    row_bytes = per_source * spec.output.shard_size
+    problem = shard_size_problem(spec, per_source, rows_per_source, nodes) or memory_problem(spec, row_bytes, nodes)
     if problem:
         raise SpecError(problem)
+    return row_bytes

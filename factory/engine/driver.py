@@ -110,8 +110,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     if not overwrite:
         _check_resume(store, spec)
     executor = executor_class(spec)
-    if executor.uses_ray:
-        _check_cluster(spec, store, source, address)
+    row_bytes = _check_cluster(spec, store, source, address) if executor.uses_ray else 0
     lease = Lease(store, spec.engine.lease_ttl_s)
     lease.acquire()
     try:
@@ -133,7 +132,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
         failed: list[ShardResult] = []
         if pending:
             store.clear_tmp()
-            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor)
+            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor, row_bytes)
             store.clear_tmp()
         index = write_index(store, plan)
     finally:
@@ -143,16 +142,17 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     return index
 
 
-def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: str | None) -> None:
-    """Connect to Ray and refuse what this cluster cannot run. The output's check comes after the wait for
-    resources: an autoscaling cluster may have grown past one node by then."""
+def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: str | None) -> int:
+    """Connect to Ray and refuse what this cluster cannot run; returns the expected bytes of a shard row.
+    The output's check comes after the wait for resources: an autoscaling cluster may have grown past one
+    node by then."""
     from factory.engine.checks import check_resources, check_shard_size, check_shared_output
     from factory.engine.ray_session import init_ray
 
     init_ray(address)
     check_resources(spec)
     check_shared_output(spec, store)
-    check_shard_size(spec, source, rows_per_source(spec, source.classes))
+    return check_shard_size(spec, source, rows_per_source(spec, source.classes))
 
 
 def shard_job(
@@ -211,14 +211,16 @@ def _run_pipeline(
     pending: list[int],
     lease: Lease,
     executor_cls: type[Executor],
+    row_bytes: int,
 ) -> list[ShardResult]:
-    """Run the pending shards on the job's executor; returns the shards that failed."""
+    """Run the pending shards on the job's executor; returns the shards that failed. `row_bytes`: what a
+    shard row is expected to hold (0: not measured), which its workers declare their memory from."""
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
     job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
     # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
     counter = start_counter() if spec.stages and executor_cls.uses_ray else None
     progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
-    executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store)
+    executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store, row_bytes)
     failed: list[ShardResult] = []
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
     with closing(executor.run(pending)) as results:

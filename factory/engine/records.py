@@ -7,7 +7,6 @@ row (`ShardResult`) back from it; everything else holds these objects, never loo
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -120,12 +119,3 @@ class ShardWork:
     started: float
     stages: dict[str, StepStats] = field(default_factory=dict)
     failure: Failure | None = None
-
-    def to_bytes(self) -> bytes:
-        # One pickle per shard: arrays shared between variants (the source image, a mask kept by every
-        # variant) are stored once, which keeps a row's size near its distinct pixels.
-        return pickle.dumps(self, protocol=5)
-
-    @staticmethod
-    def from_bytes(data: bytes) -> ShardWork:
-        return pickle.loads(data)

@@ -27,6 +27,9 @@ class ResourcesSpec(StrictModel):
     num_gpus: float = Field(0, ge=0)
     batch_size: int = Field(4, gt=0)
     concurrency: int | tuple[int, int] = Field(1, description="actor pool size, or (min, max)")
+    memory_gb: float = Field(
+        0, ge=0, description="host memory a worker needs besides its shard rows (its model's weights), GiB"
+    )
 
     @field_validator("concurrency")
     @classmethod

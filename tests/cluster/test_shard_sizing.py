@@ -14,8 +14,9 @@ import yaml
 from fixtures_data import make_ade20k
 from test_cluster_manifests import manifests, ray_cluster_specs
 
-from factory.engine.checks import ROW_SHARE_OF_OBJECT_STORE, row_bytes_per_source, shard_size_problem
+from factory.engine.checks import ROW_SHARE_OF_OBJECT_STORE, memory_problem, row_bytes_per_source, shard_size_problem
 from factory.engine.driver import rows_per_source
+from factory.engine.executors.base import worker_memory
 from factory.engine.spec import JobSpec, parse_spec
 from factory.sample import BadSample
 from factory.schema import SpecError
@@ -36,11 +37,19 @@ def node_shape(group: dict) -> dict:
     takes num-cpus / num-gpus from the Ray container's limits where the params leave them out."""
     params = group["rayStartParams"]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    store = int(params["object-store-memory"])
     return {
         "CPU": _cpus(params.get("num-cpus", limits["cpu"])),
         "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
-        "object_store_memory": int(params["object-store-memory"]),
+        "object_store_memory": store,
+        # Ray's `memory` resource: the pod's memory, less what its object store takes.
+        "memory": _bytes(limits["memory"]) - store,
     }
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
 
 
 def cluster_nodes(spec: dict) -> list[dict]:
@@ -75,6 +84,8 @@ def test_the_rayjobs_shard_size_fits_the_shipped_cluster_shapes(ade20k_job, wher
     assert job.output.shard_size * per_source > head["object_store_memory"] / ROW_SHARE_OF_OBJECT_STORE  # ... and
     # its store alone would refuse this shard size: only the nodes that work on rows may size it.
     assert shard_size_problem(job, per_source, rows, nodes) is None
+    # Its workers, declaring two copies of a row besides their stages' memory_gb, fit its nodes' memory.
+    assert memory_problem(job, per_source * job.output.shard_size, nodes) is None
 
 
 def test_a_too_small_worker_store_is_refused(ade20k_job):
@@ -87,6 +98,21 @@ def test_a_too_small_worker_store_is_refused(ade20k_job):
     assert problem and problem.startswith("output.shard_size: a shard of 200 sources")
     fits = int(4e9 / ROW_SHARE_OF_OBJECT_STORE // per_source)
     assert f"Use shard_size <= {fits}," in problem and "3.7 GiB on the smallest" in problem
+
+
+def test_a_worker_that_fits_no_nodes_memory_is_refused_naming_its_stage(ade20k_job):
+    job, per_source, _ = ade20k_job
+    row = per_source * job.output.shard_size
+    nodes = [{"CPU": 0, "memory": 10**12}, {"CPU": 8, "GPU": 1, "memory": 40 * 2**30}]  # the head works on nothing
+    assert memory_problem(job, row, nodes) is None
+    heavy = job.model_copy(deep=True)
+    heavy.stages[-1].resources.memory_gb = 40
+    problem = memory_problem(heavy, row, nodes)
+    last = len(job.stages) - 1
+    assert problem and problem.startswith(
+        f"stages[{last}].resources.memory_gb: a worker of stage {job.stages[last].label!r}"
+    )
+    assert f"{worker_memory(row, 40) / 2**30:.1f} GiB" in problem and "offers Ray 40.0 GiB" in problem
 
 
 def test_no_node_that_works_means_nothing_to_size(ade20k_job):

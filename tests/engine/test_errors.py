@@ -1,12 +1,14 @@
 """How failures are told (factory/engine/errors.py): the root cause through Ray's wrappers, by type."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import yaml
-from helpers import folder_spec, write_folder_source
+from helpers import REPO, SUPPORT, folder_spec, write_folder_source
 
-from factory.cli import main
 from factory.engine.driver import _failure_message
 from factory.engine.errors import RERUN, StageSetupFailed, advice, one_line, root_cause
 from factory.engine.records import Failure, ShardResult
@@ -44,18 +46,24 @@ def test_a_stage_setup_failure_survives_the_trip_to_the_driver():
     assert str(back) == str(setup_failed()) and back.stage == "caption"
 
 
-@pytest.mark.integration
-def test_the_cli_tells_a_factory_error_with_its_advice_once(tmp_path, capsys):
+@pytest.mark.e2e
+def test_the_cli_tells_a_factory_error_with_its_advice_once(tmp_path):
     src = tmp_path / "src"
     write_folder_source(src, 2, size=8)
     stage = {"kind": "stages_for_tests:InvertStage", "name": "invert", "params": {"setup_error": "no device"}}
     data = folder_spec(src, tmp_path / "out", [stage], shard_size=2)
     data["engine"] = {"executor": "in_process"}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
-    assert main(["run", str(tmp_path / "job.yaml")]) == 1
-    told = capsys.readouterr().err.strip().splitlines()[-1]
-    assert told.startswith("factory: stage invert could not start on node ") and told.count(RERUN) == 1, told
-    assert told.endswith(f"RuntimeError: no device; {StageSetupFailed.advice}"), told
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(REPO)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "factory.cli", "run", str(tmp_path / "job.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    told = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and told.startswith("factory: stage invert could not start on node "), told
+    assert told.count(RERUN) == 1 and told.endswith(f"RuntimeError: no device; {StageSetupFailed.advice}"), told
 
 
 @pytest.mark.unit

@@ -10,18 +10,21 @@ import io
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import folder_spec, write_folder_source
 
 from factory.engine.driver import run_job
 from factory.engine.errors import JobIncomplete, StageSetupFailed, advice, one_line
-from factory.engine.executors.base import ShardJob
+from factory.engine.executors.base import ROW_COPIES_IN_A_WORKER, ShardJob, worker_memory
+from factory.engine.executors.ray_data import RayDataExecutor
 from factory.engine.executors.ray_tasks import RayTasksExecutor, _in_flight_limit
 from factory.engine.records import ShardResult, ShardWork
 from factory.engine.spec import parse_spec
 from factory.engine.watch import Watch
 from factory.output.layout import OutputStore
+from factory.schema import SpecError
 from factory.sources.classes import ClassSet
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -172,3 +175,26 @@ def test_the_task_queue_is_bounded_and_every_shard_runs_once(ray_local, tmp_path
     rest = list(results)
     assert sorted(r.shard for r in [first, *rest]) == list(range(50))
     assert all(r.committed for r in rest) and len(list((tmp_path / "marks").iterdir())) == 50
+
+
+def test_workers_declare_the_memory_of_their_shard_rows_and_their_stage(source, tmp_path):
+    data = spec(source, tmp_path / "out", "ray_data")
+    data["output"]["shared_filesystem"] = True
+    job_spec = parse_spec(data)
+    executor = RayDataExecutor(job_spec, SimpleNamespace(gpu_stand_in=None), OutputStore.at(job_spec.output), 10**8)
+    assert executor.remote_options(1.0, 0.0, memory_gb=2.0) == {
+        "num_cpus": 1.0,
+        "num_gpus": 0.0,
+        "memory": worker_memory(10**8, 2.0),
+    }
+    assert worker_memory(10**8, 2.0) == ROW_COPIES_IN_A_WORKER * 10**8 + 2 * 2**30
+    unmeasured = RayDataExecutor(job_spec, SimpleNamespace(gpu_stand_in=None), OutputStore.at(job_spec.output))
+    assert "memory" not in unmeasured.remote_options(1.0, 0.0, memory_gb=2.0)
+
+
+def test_a_stage_whose_worker_fits_no_nodes_memory_is_refused_before_it_starts(source, tmp_path, ray_local):
+    data = spec(source, tmp_path / "out", "ray_data")
+    data["stages"][0]["resources"]["memory_gb"] = 10**5
+    with pytest.raises(SpecError, match=r"^stages\[0\].resources.memory_gb: a worker of stage 'invert' needs "):
+        run_job(parse_spec(data))
+    assert not (tmp_path / "out" / "shards").exists()

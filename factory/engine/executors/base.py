@@ -129,25 +129,41 @@ def dead_nodes(key: str = "NodeID") -> set[str]:
     return {n[key] for n in ray.nodes() if not n["Alive"]}
 
 
+# A worker's heap holds a shard's pixels at most twice: the samples it makes and the row it writes them
+# into (the row it was given stays in the object store: factory/engine/executors/rows.py).
+ROW_COPIES_IN_A_WORKER = 2
+
+
+def worker_memory(row_bytes: int, memory_gb: float = 0.0) -> int:
+    """The memory (bytes) a worker declares to Ray: its shard rows' copies and what its stage says it needs."""
+    return int(ROW_COPIES_IN_A_WORKER * row_bytes + memory_gb * 2**30)
+
+
 class Executor(ABC):
     """Runs a job's pending shards; see the module's docstring for the contract all of them keep."""
 
     name: ClassVar[str]
     uses_ray: ClassVar[bool] = True
 
-    def __init__(self, spec: JobSpec, job: ShardJob, store: OutputStore):
+    def __init__(self, spec: JobSpec, job: ShardJob, store: OutputStore, row_bytes: int = 0):
         self.spec = spec
         self.job = job
         self.store = store
+        self.row_bytes = row_bytes  # expected bytes of a shard row; 0: not measured (no memory declared)
 
-    def remote_options(self, num_cpus: float, num_gpus: float) -> dict[str, Any]:
-        """Ray options of a task or actor asking for these CPUs and GPUs.
+    def remote_options(self, num_cpus: float, num_gpus: float, memory_gb: float = 0.0) -> dict[str, Any]:
+        """Ray options of a task or actor asking for these CPUs and GPUs, and the memory of its shard rows
+        plus `memory_gb` (`checks.worker_memory`): Ray then places no more workers on a node than its memory
+        holds, instead of letting the OOM killer choose among them.
 
         A node-local output (`output.shared_filesystem` false) keeps all work on the driver's node, so a
         node that joins later never writes to its own disk. A GPU stand-in (`gpu_stand_in`, tests only)
         asks for that custom resource in place of GPUs.
         """
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        memory = worker_memory(self.row_bytes, memory_gb) if self.row_bytes else 0
+        if memory:
+            options["memory"] = memory
         if self.store.is_local() and not self.spec.output.shared_filesystem:
             import ray
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

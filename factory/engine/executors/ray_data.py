@@ -23,21 +23,11 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from factory.engine.executors.base import Executor, ShardJob, dead_nodes, lost_shard
-from factory.engine.records import ShardResult, ShardWork
+from factory.engine.executors.rows import shard_row, shard_works
+from factory.engine.records import ShardResult
 from factory.engine.runner import StageRunner
 
 log = logging.getLogger("factory")
-
-
-def _row(work: ShardWork) -> pa.Table:
-    # large_binary: a shard row may pass 2 GiB, the limit of Arrow's 32-bit binary offsets.
-    return pa.table(
-        {"shard": pa.array([work.shard], pa.int64()), "work": pa.array([work.to_bytes()], pa.large_binary())}
-    )
-
-
-def _works(table: pa.Table) -> list[ShardWork]:
-    return [ShardWork.from_bytes(raw) for raw in table.column("work").to_pylist()]
 
 
 class ShardDatasource(Datasource):
@@ -59,7 +49,7 @@ class ShardDatasource(Datasource):
 
 
 def _read_shard(job: ShardJob, shard: int):
-    yield _row(job.read(shard))
+    yield shard_row(job.read(shard))
 
 
 class StageActor:
@@ -70,11 +60,11 @@ class StageActor:
         self.runner: StageRunner = job.runner(job.stages[stage])
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return pa.concat_tables([_row(self.job.run_stage(self.runner, work)) for work in _works(table)])
+        return pa.concat_tables([shard_row(self.job.run_stage(self.runner, work)) for work in shard_works(table)])
 
 
 def _write_step(table: pa.Table, job: ShardJob) -> pa.Table:
-    return pa.Table.from_pylist([job.commit(work).to_row() for work in _works(table)])
+    return pa.Table.from_pylist([job.commit(work).to_row() for work in shard_works(table)])
 
 
 def _pool(concurrency: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -140,7 +130,7 @@ class RayDataExecutor(Executor):
                 # the shard's: its task is retried engine.retries times, then dropped.
                 max_restarts=-1,
                 max_task_retries=engine.retries,
-                **self.remote_options(r.num_cpus, r.num_gpus),
+                **self.remote_options(r.num_cpus, r.num_gpus, r.memory_gb),
             )
         rows = ds.map_batches(
             _write_step,

@@ -57,7 +57,7 @@ class RayTasksExecutor(Executor):
         num_cpus = max([engine.read_cpus, engine.write_cpus, *(r.num_cpus for r in stages)])
         num_gpus = max([0.0, *(r.num_gpus for r in stages)])
         task = ray.remote(process_shard).options(
-            **self.remote_options(num_cpus, num_gpus),
+            **self.remote_options(num_cpus, num_gpus, sum(r.memory_gb for r in stages)),
             max_retries=engine.retries,
             retry_exceptions=False,
             name="factory.process_shard",
