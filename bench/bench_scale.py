@@ -2,7 +2,7 @@
 the engine against a plain loop, and resume over many committed shards on a real S3 server.
 
     .venv/bin/python bench/bench_scale.py [--process 100000]
-        [--only plan,listing,loop,process,stall,stall_every_shard,resume]
+        [--only plan,listing,loop,process,stall,stall_every_shard,resume,rows,cluster]
 
 Writes bench/results/scale-<date>.json and prints a table. Each part:
 - plan:    plan a `scenes` source of 10M ids (no files) in a child process: seconds, peak RSS.
@@ -16,6 +16,8 @@ Writes bench/results/scale-<date>.json and prints a table. Each part:
            at 128 px (2,000 scenes) and 512 px (400), shard_size 100; each runs twice, alternating: the
            first job on a fresh Ray also pays the imports of its new workers.
 - resume:  an output on SeaweedFS holding 10,000 committed shards: seconds from start to the first new commit.
+- rows, cluster: a stage worker's peak memory per shard row, and a job on a head and three worker nodes
+           that loses one at 30%: each in its own process (bench/bench_cluster.py says how).
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ def bench_resume(tmp: Path, committed: int = 10_000, new: int = 10) -> dict:
 
 
 def main() -> None:
-    parts = ("plan", "listing", "loop", "process", "stall", "stall_every_shard", "resume")
+    parts = ("plan", "listing", "loop", "process", "stall", "stall_every_shard", "resume", "rows", "cluster")
     p = argparse.ArgumentParser()
     p.add_argument("--only", default=",".join(parts), help=f"comma-separated parts of: {', '.join(parts)}")
     p.add_argument("--process", type=int, default=100_000, help="scenes in the process part")
@@ -400,8 +402,13 @@ def main() -> None:
         for part in parts:
             if part in chosen:
                 print(f"running {part} ...", file=sys.stderr, flush=True)
-                fn = globals()[f"bench_{part}"]
-                results[part] = fn(tmp, args.process) if part == "process" else fn(tmp)
+                if part in ("rows", "cluster"):
+                    from bench_cluster import run_part
+
+                    results[part] = run_part(part)
+                else:
+                    fn = globals()[f"bench_{part}"]
+                    results[part] = fn(tmp, args.process) if part == "process" else fn(tmp)
                 print(json.dumps({part: results[part]}), file=sys.stderr, flush=True)
     out = BENCH / "results" / f"scale-{results['date']}.json"
     out.parent.mkdir(exist_ok=True)
