@@ -77,6 +77,28 @@ def memory_gib(peak: bool = True) -> float | None:
     return round((torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30, 2)
 
 
+def _torch_modules(stage, depth: int = 3) -> list:
+    """The torch modules a stage holds: in its attributes, their attributes and pipelines' components,
+    `depth` levels down (an embedder object holding a model, a pipeline holding a UNet)."""
+    import torch
+
+    found: dict[int, Any] = {}
+    level = [stage]
+    for _ in range(depth):
+        below = []
+        for holder in level:
+            values = list(vars(holder).values()) if hasattr(holder, "__dict__") else []
+            if isinstance(getattr(holder, "components", None), dict):
+                values += list(holder.components.values())
+            for value in values:
+                if isinstance(value, torch.nn.Module):
+                    found[id(value)] = value
+                elif hasattr(value, "__dict__") and not isinstance(value, type):
+                    below.append(value)
+        level = below
+    return list(found.values())
+
+
 def counted(fn) -> tuple[Any, int]:
     """(fn(), FLOPs it ran), counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -189,6 +211,10 @@ def measure_stage(
     sync()
     load_s = time.perf_counter() - started
     weights = memory_gib(peak=False)
+    if weights is None:  # no CUDA: the weights as planned from the modules themselves
+        from factory.models.random_weights import weight_bytes
+
+        weights = significant(sum(weight_bytes(m) for m in _torch_modules(stage)) / 2**30)
     k = stage.variants_per_input()
     warm = sources(w, 0)
     started = time.perf_counter()

@@ -241,4 +241,23 @@ def pipeline_components(name: str, device: str, dtype, skip: tuple[str, ...] = (
 
 
 def count_parameters(module: Any) -> int:
+    """Parameters, each counted once: a tied LM head (BLIP-2's OPT, Gemma) is its input embedding."""
     return sum(p.numel() for p in module.parameters())
+
+
+def weight_bytes(module: Any) -> int:
+    """Bytes a model's weights take on its device, what memory planning counts per model copy: every
+    parameter and every persistent buffer (what its `state_dict` holds: SD3.5-large's 89.7M-value
+    `pos_embed` table is one), each at its own dtype's size, a tensor shared by several modules counted
+    once. Non-persistent buffers (rotary `inv_freq` tables and the like) are computed from the config, not
+    weights, and are left out."""
+    seen: set[int] = set()
+    total = 0
+    for sub in module.modules():
+        skip = sub._non_persistent_buffers_set
+        tensors = [*sub._parameters.values(), *(b for name, b in sub._buffers.items() if name not in skip)]
+        for tensor in tensors:
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total

@@ -164,6 +164,7 @@ def test_tiny_benchmark_writes_every_section(tmp_path, ray_local, capsys):
         assert s["tflop_per_image"] > 0, s["name"]  # counted by FlopCounterMode, never typed in
         if result["gpu"]["device"] == "cpu":
             assert s["mfu"] is None and s["peak_memory_gib"] is None
+            assert s["weights_gib"] > 0, s["name"]  # planned from the modules: parameters and buffers
     controlnet = next(s for s in result["stages"] if s["kind"] == "controlnet")
     assert controlnet["images_per_call"] == controlnet["batch_sources"] * controlnet["rows_per_source"]
     assert {t["kind"] for t in result["training"]} == {"mask2img", "text2mask"}

@@ -68,10 +68,62 @@ def test_parameter_counts_match_the_published_checkpoints():
             millions(meta_stage("select", params={"embedding": "dinov2", "check_miou": False}).embedder.model),
             86,
         ),
-        "BLIP-2 OPT-2.7b (3.8B)": (millions(meta_stage("caption", {"family": "blip2"}).captioner), 3800),
     }
     for what, (counted, figure) in published.items():
         assert abs(counted - figure) / figure < 0.015, f"{what}: counted {counted:.0f}M"
+    # BLIP-2 OPT-2.7b: 3,744.8M unique parameters (3.745B). `count_parameters` counts a shared parameter once,
+    # and OPT's LM head is its input embedding (50,304 x 2,560), so this is the figure; 3.87B (3,873.5M) is
+    # the one with the tied head counted twice, and "3.8B" is neither.
+    blip2 = meta_stage("caption", {"family": "blip2"}).captioner
+    assert blip2.get_output_embeddings().weight is blip2.get_input_embeddings().weight
+    assert round(millions(blip2), 1) == 3744.8
+    head = blip2.get_output_embeddings().weight.numel()
+    assert round((rm.count_parameters(blip2) + head) / M, 1) == 3873.5
+
+
+def test_blip2_has_the_published_vocabulary_and_image_token():
+    """Salesforce/blip2-opt-2.7b's published config: 50,304 embedding rows (OPT's 50,272, padded to a
+    multiple of 64) and the `<image>` token at id 50265; the random profile's tiny tokenizer stays inside."""
+    config = rm.read_config(rm.BLIP["blip2"], "config.json")
+    assert config["text_config"]["vocab_size"] == 50304 and config["image_token_index"] == 50265
+    assert config["num_query_tokens"] == 32
+    stage = meta_stage("caption", {"family": "blip2"})
+    model, tokenizer = stage.captioner, stage.processor.tokenizer
+    assert model.config.text_config.vocab_size == 50304
+    assert tuple(model.get_input_embeddings().weight.shape) == (50304, 2560)
+    assert model.get_output_embeddings().weight.shape[0] == 50304
+    assert max(tokenizer.get_vocab().values()) < 50304  # every id the tiny tokenizer gives is a real row
+    assert model.config.image_token_index == tokenizer.convert_tokens_to_ids("<image>") < 50304
+
+
+def test_gemma3_scales_the_rope_of_its_global_layers():
+    """google/gemma-3-4b-it: `rope_scaling` linear x8 on the global (full-attention) layers, theta 1e6; the
+    sliding-window layers keep plain RoPE at `rope_local_base_freq` 10,000."""
+    text = rm.read_config(rm.VLM, "config.json")["text_config"]
+    assert text["rope_scaling"] == {"factor": 8.0, "rope_type": "linear"}
+    vlm = meta_stage("dense_caption").vlm
+    rope = vlm.config.text_config.rope_parameters
+    assert rope["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
+    assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": 10_000.0}
+    assert vlm.model.language_model.rotary_emb.rope_type == {"full_attention": "linear", "sliding_attention": "default"}
+    assert vlm.config.text_config.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
+
+
+def test_weight_bytes_count_persistent_buffers_once_at_their_dtype():
+    tied = torch.nn.Linear(4, 4, bias=False)
+    model = torch.nn.Sequential(tied, torch.nn.Linear(4, 4, bias=False))
+    model[1].weight = tied.weight  # shared: counted once
+    model.register_buffer("table", torch.zeros(10, dtype=torch.float64))  # persistent: 80 bytes
+    model.register_buffer("cache", torch.zeros(1000), persistent=False)  # not in the state_dict: left out
+    assert rm.weight_bytes(model) == 16 * 4 + 10 * 8
+    sd3 = rm.diffusers_component(rm.T2I["sd3"], "transformer", "meta", torch.bfloat16)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in sd3.parameters())
+    assert parameter_bytes == 2 * 8_056_627_520
+    # SD3.5-large's positional table: a persistent fp32 buffer of 192^2 positions x 2,432 (89.7M values).
+    pos_embed = sd3.pos_embed.pos_embed
+    assert "pos_embed.pos_embed" in sd3.state_dict() and pos_embed.dtype == torch.float32
+    assert pos_embed.numel() == 192 * 192 * 2432 == 89_653_248
+    assert rm.weight_bytes(sd3) == parameter_bytes + 4 * 89_653_248 == 16_471_868_032
 
 
 @pytest.mark.e2e
