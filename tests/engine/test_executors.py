@@ -17,7 +17,7 @@ from helpers import folder_spec, write_folder_source
 
 from factory.engine.driver import run_job
 from factory.engine.errors import JobIncomplete, StageSetupFailed, advice, one_line
-from factory.engine.executors.base import ROW_COPIES_IN_A_WORKER, ShardJob, worker_memory
+from factory.engine.executors.base import ROW_COPIES_IN_A_WORKER, WORKER_BASE_MEMORY, ShardJob, worker_memory
 from factory.engine.executors.ray_data import RayDataExecutor
 from factory.engine.executors.ray_tasks import RayTasksExecutor, _in_flight_limit
 from factory.engine.records import ShardResult, ShardWork
@@ -187,7 +187,7 @@ def test_workers_declare_the_memory_of_their_shard_rows_and_their_stage(source, 
         "num_gpus": 0.0,
         "memory": worker_memory(10**8, 2.0),
     }
-    assert worker_memory(10**8, 2.0) == ROW_COPIES_IN_A_WORKER * 10**8 + 2 * 2**30
+    assert worker_memory(10**8, 2.0) == WORKER_BASE_MEMORY + ROW_COPIES_IN_A_WORKER * 10**8 + 2 * 2**30
     unmeasured = RayDataExecutor(job_spec, SimpleNamespace(gpu_stand_in=None), OutputStore.at(job_spec.output))
     assert "memory" not in unmeasured.remote_options(1.0, 0.0, memory_gb=2.0)
 

@@ -133,11 +133,14 @@ def dead_nodes(key: str = "NodeID") -> set[str]:
 # (the row it was given stays in the object store: factory/engine/executors/rows.py). Measured: 2.3 rows
 # at the peak of a hop (the `rows` part of bench/bench_scale.py); declared with room above that.
 ROW_COPIES_IN_A_WORKER = 2.5
+# A worker process before it holds any shard: the interpreter, pyarrow and Ray (a read task measured 140 MiB).
+WORKER_BASE_MEMORY = 256 * 2**20
 
 
 def worker_memory(row_bytes: int, memory_gb: float = 0.0) -> int:
-    """The memory (bytes) a worker declares to Ray: its shard rows' copies and what its stage says it needs."""
-    return int(ROW_COPIES_IN_A_WORKER * row_bytes + memory_gb * 2**30)
+    """The memory (bytes) a worker declares to Ray: its process, its shard rows' copies and what its stage
+    says it needs besides."""
+    return int(WORKER_BASE_MEMORY + ROW_COPIES_IN_A_WORKER * row_bytes + memory_gb * 2**30)
 
 
 class Executor(ABC):
