@@ -193,7 +193,8 @@ def memory_problem(spec: JobSpec, row_bytes: int, nodes: list[dict]) -> str | No
                 f"stages[{i}].resources.memory_gb: a worker of stage {st.label!r} needs {need / 2**30:.1f} GiB "
                 f"({st.resources.memory_gb:g} GiB for itself, {ROW_COPIES_IN_A_WORKER} x "
                 f"{row_bytes / 2**30:.1f} GiB for a shard row, {WORKER_BASE_MEMORY / 2**30:g} GiB for the "
-                f"process), but the largest node offers Ray {largest / 2**30:.1f} GiB: lower memory_gb or output.shard_size, or use larger nodes"
+                f"process), but the largest node offers Ray {largest / 2**30:.1f} GiB: lower memory_gb or "
+                "output.shard_size, or use larger nodes"
             )
     return None
 
