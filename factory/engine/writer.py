@@ -210,6 +210,9 @@ def _write_stats(work: ShardWork, store: OutputStore, job: JobInfo, name: str, k
         "finished": finished,
         "seconds": round(finished - work.started, 3),
         "stages": {label: step.to_json() for label, step in work.stages.items()},
+        # Stages whose batches were split after CUDA ran out of memory: their batch composition, and so
+        # their pixels, may differ from a run of the same spec that did not split (see `factory status`).
+        "split_for_memory": sorted(label for label, step in work.stages.items() if step.oom_splits),
         **job.to_json(),
     }
     store.write_json(stats, STATS_DIR, f"{name}.json")

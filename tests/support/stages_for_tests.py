@@ -49,6 +49,7 @@ class InvertParams(StrictModel):
     sleep_ids: list[str] = []  # sleep `sleep` seconds on these ids only (else on every sample)
     crash_ids: list[str] = []  # the worker process dies on these, every time (a poison sample: a segfault)
     hang_ids: list[str] = []  # the call hangs on these (a model call that never returns)
+    oom_over: int = 0  # a batch of more samples raises CUDA's out-of-memory error (a GPU too small for it)
     setup_error: str = ""  # set up fails with this RuntimeError (a model that cannot load, no CUDA device)
 
 
@@ -75,6 +76,10 @@ class InvertStage(Stage):
         gate = os.environ.get("FACTORY_TEST_GATE")
         while gate and samples and samples[0].shard > 0 and os.path.exists(gate):
             time.sleep(0.05)
+        if self.params.oom_over and len(samples) > self.params.oom_over:
+            import torch
+
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         out = []
         for s in samples:
             if s.source_id in self.params.crash_ids:
