@@ -16,7 +16,7 @@ def job_status(store: OutputStore) -> dict:
     reasons: Counter = Counter()
     totals = {"samples": 0, "failed": 0, "rejected": 0, "bytes": 0}
     shards, started, finished = 0, None, None
-    split, split_first = 0, []  # shards whose batches were split for memory (the first few named)
+    split, split_first = 0, list[int]()  # shards whose batches were split for memory (the first few named)
     for _, s in store.iter_stats():
         shards += 1
         if s.get("split_for_memory"):
