@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +19,48 @@ from typing import Any, Self
 import fsspec
 from pydantic import Field
 
-from factory.schema import StrictModel
+from factory.schema import SpecError, StrictModel
 
 TMP_DIR = "_tmp"  # local atomic writes go through here, then are renamed into place
 UPLOAD_BLOCK = 8 * 2**20  # above S3's 5 MiB minimum multipart part size; bounds each upload buffer
+
+
+# A spec names a credential as `env:NAME`: read from the environment of the process that uses it (each
+# node's own: `ray start`'s environment, a Kubernetes Secret mounted as env), never written into the spec.
+ENV_PREFIX = "env:"
+
+
+class SecretNotSet(SpecError):
+    """A spec's `env:NAME` credential names a variable this process's environment lacks."""
+
+
+def resolve_secrets(options: Any) -> Any:
+    """A copy of (fsspec) options with each `env:NAME` string replaced by that environment variable's value.
+    Called where a filesystem is opened, on the node that opens it: what travels (specs, task arguments,
+    the job's package) holds only the names."""
+    if isinstance(options, dict):
+        return {k: resolve_secrets(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [resolve_secrets(v) for v in options]
+    if isinstance(options, str) and options.startswith(ENV_PREFIX):
+        name = options[len(ENV_PREFIX) :]
+        if name not in os.environ:
+            raise SecretNotSet(
+                f"{options!r}: the environment variable {name} is not set on {socket.gethostname()}; set it in "
+                "every node's environment (the one `ray start` runs with, or a Kubernetes Secret as env)"
+            )
+        return os.environ[name]
+    return options
+
+
+def url_to_fs(url: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """fsspec's filesystem and path for `url`, its options' `env:` credentials read here."""
+    return fsspec.core.url_to_fs(url, **resolve_secrets(options or {}))
+
+
+def open_url(url: str, mode: str = "rb", options: dict[str, Any] | None = None):
+    """fsspec.open, its options' `env:` credentials read here."""
+    return fsspec.open(url, mode, **resolve_secrets(options or {}))
 
 
 def fsspec_options(storage_options: dict[str, Any] | None, endpoint_url: str | None = None) -> dict[str, Any]:
@@ -49,7 +88,7 @@ class Folder:
     def __init__(self, url: str, options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.options = options or {}
-        self.fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        self.fs, root = url_to_fs(self.url, self.options)
         self.root = root.rstrip("/")
 
     @classmethod

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from factory.downstream.eval_spec import SegmenterConfig
+from factory.storage import open_url
 
 TORCHVISION_KINDS = (
     "fcn_resnet50",
@@ -104,7 +104,7 @@ def load_backbone(backbone: nn.Module, url: str, storage_options: dict[str, Any]
     """Copy a checkpoint into `backbone`. Its keys may carry the classifier's prefix (`features.` for
     MobileNet) or be wrapped (`state_dict`, `model`); keys the backbone lacks (a classifier head) are
     ignored, a backbone weight the checkpoint lacks is an error."""
-    with fsspec.open(url, "rb", **storage_options) as f:
+    with open_url(url, "rb", storage_options) as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state.get(wrapper), dict):

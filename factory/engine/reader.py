@@ -18,6 +18,7 @@ from factory.sample import BadSample, Sample
 from factory.sources import open_source
 from factory.sources.base import Source
 from factory.sources.spec import SourceSpec
+from factory.storage import open_url
 
 log = logging.getLogger("factory")
 
@@ -38,10 +39,9 @@ class ShardReader:
         self.backoff = backoff
 
     def ids(self, shard: int) -> list[str]:
-        import fsspec
 
         def read() -> list[str]:
-            with fsspec.open(f"{self.plan_url}/{plan_part_name(shard)}", "rb", **self.plan_options) as f:
+            with open_url(f"{self.plan_url}/{plan_part_name(shard)}", "rb", self.plan_options) as f:
                 return read_shard_ids(f, shard)
 
         return retry(read, f"reading the plan of shard {shard}", self.retries, self.backoff)

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from factory.schema import SpecError, StrictModel, absolute_path, first_error, read_yaml, validated
 from factory.sources.spec import SourceSpec
-from factory.storage import Location
+from factory.storage import ENV_PREFIX, Location
 
 
 class ResourcesSpec(StrictModel):
@@ -125,7 +125,34 @@ class JobSpec(StrictModel):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_SECRET = re.compile(r"key|secret|token|passw|credential|session", re.IGNORECASE)
+# A field that can carry a credential: a key, secret, token, password or credential by its name (as a word
+# of it: `aws_secret_access_key`, `hf_token`, not `max_new_tokens`), or a URL's user:password@ part.
+_SECRET = re.compile(
+    r"(^|_)(key|secret|token|password|passwd|passphrase|credentials?|session_token|api_key|access_key)($|_)",
+    re.IGNORECASE,
+)
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+
+
+def _inline_secret(key: str, value: Any) -> bool:
+    """A credential written into the spec itself, not named as `env:NAME`."""
+    return bool(_SECRET.search(key)) and isinstance(value, str) and bool(value) and not value.startswith(ENV_PREFIX)
+
+
+def inline_credentials(data: Any, where: str = "") -> list[str]:
+    """The fields of a spec (as plain data) that hold a credential inline: a secret-named field with a value
+    that is not an `env:NAME` reference, or a URL with a password in it."""
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            path = f"{where}.{k}" if where else str(k)
+            found += [path] if _inline_secret(str(k), v) else inline_credentials(v, path)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            found += inline_credentials(v, f"{where}[{i}]")
+    elif isinstance(data, str) and _USERINFO.search(data):
+        found.append(where)
+    return found
 
 
 def _without_storage_options(data: Any) -> Any:
@@ -137,17 +164,14 @@ def _without_storage_options(data: Any) -> Any:
     return data
 
 
-def _redact(data: Any, inside: bool = False) -> Any:
-    """A copy with every credential-like value inside a `storage_options` section replaced."""
+def _redact(data: Any) -> Any:
+    """A copy with every inline credential replaced (`env:NAME` references stay: they name, not hold)."""
     if isinstance(data, dict):
-        return {
-            k: "<redacted>"
-            if inside and _SECRET.search(k) and not isinstance(v, (dict, list))
-            else _redact(v, inside or k == "storage_options")
-            for k, v in data.items()
-        }
+        return {k: "<redacted>" if _inline_secret(str(k), v) else _redact(v) for k, v in data.items()}
     if isinstance(data, list):
-        return [_redact(v, inside) for v in data]
+        return [_redact(v) for v in data]
+    if isinstance(data, str):
+        return _USERINFO.sub("<redacted>@", data)
     return data
 
 

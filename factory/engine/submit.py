@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from factory.engine.errors import FactoryError, one_line
-from factory.engine.spec import JobSpec, dump_spec
+from factory.engine.spec import JobSpec, dump_spec, inline_credentials
 
 # Ray's job supervisor runs the entrypoint with /bin/sh and the PATH that `ray start` had, where `python`
 # may be another interpreter than Ray's (a venv used without being activated: "No module named
@@ -118,8 +118,20 @@ def _next_id(client, spec: JobSpec, again: bool) -> str | None:
 
 
 def submit(spec: JobSpec, address: str, again: bool = False, wait: bool = False) -> int:
-    """Submit `spec` (its local paths already absolute) unless the same job is live or done; exit code."""
+    """Submit `spec` (its local paths already absolute) unless the same job is live or done; exit code.
+    A spec with credentials inline is refused before the cluster is contacted: the job's package (its
+    working directory, kept in the cluster's GCS and unpacked on every node) would hold them."""
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    inline = inline_credentials(dump_spec(spec))
+    if inline:
+        raise SubmitError(
+            f"the spec holds credentials inline ({', '.join(inline)}), which `factory submit` would copy to the "
+            "cluster in the job's package",
+            "write each as env:NAME, read on every node from its own environment (the one `ray start` runs "
+            "with, or a Kubernetes Secret as env), or leave them out and give the nodes AWS_* variables or an "
+            "instance role",
+        )
 
     with _jobs_api(address):
         client = JobSubmissionClient(address)

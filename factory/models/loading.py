@@ -22,10 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import fsspec
 from pydantic import Field
 
 from factory.schema import StrictModel
+from factory.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
             return ref
         raise FileNotFoundError(f"model path {ref!r} does not exist (and is not a hub id like 'org/name')")
 
-    fs, root = fsspec.core.url_to_fs(ref, **(storage_options or {}))
+    fs, root = url_to_fs(ref, storage_options)
     root = root.rstrip("/")
     name = re.sub(r"[^\w.-]", "_", root.rsplit("/", 1)[-1])[:64]
     dest = model_cache_dir() / f"{hashlib.sha256(ref.encode()).hexdigest()[:16]}-{name}"

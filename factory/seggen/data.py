@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-import fsspec
 import numpy as np
 import torch
 import torch.utils.data
@@ -20,6 +19,7 @@ from factory.sample import BadSample
 from factory.sources import open_source
 from factory.sources.palettes import Palette
 from factory.stages.diffusion import prompt_for
+from factory.storage import open_url
 
 if TYPE_CHECKING:
     from factory.seggen.spec import TrainSpec
@@ -101,7 +101,8 @@ class PairStream:
 
 
 def _read_captions(spec: TrainSpec) -> dict[str, str]:
-    with fsspec.open(spec.captions, "rt", **spec.source.storage_options) as f:
+    assert spec.captions is not None, "called only when the spec names captions"
+    with open_url(spec.captions, "rt", spec.source.storage_options) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return {str(r["id"]): str(r["caption"]) for r in rows}
 

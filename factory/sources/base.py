@@ -20,7 +20,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 from PIL import Image
 
@@ -29,6 +28,7 @@ from factory.sources.classes import ClassSet, class_set
 from factory.sources.images import decode, fit_size, to_rgb8
 from factory.sources.listing import sorted_ids
 from factory.sources.spec import SourceSpec
+from factory.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ class FileSource(Source):
 
     def __init__(self, spec: SourceSpec):
         super().__init__(spec)
-        self.fs, root = fsspec.core.url_to_fs(spec.path, **spec.storage_options)
+        assert spec.path is not None, "a file source has a path (SourceSpec checks it)"
+        self.fs, root = url_to_fs(spec.path, spec.storage_options)
         self.root = root.rstrip("/") or root
         if not self.fs.exists(self.root):
             raise FileNotFoundError(f"source {spec.kind}: path {spec.path!r} does not exist")

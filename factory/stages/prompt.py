@@ -20,13 +20,13 @@ import posixpath
 import random
 from typing import Literal
 
-import fsspec
 from pydantic import Field, model_validator
 
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import class_names_in
 from factory.stages import NoParams, Stage, register_stage
+from factory.storage import open_url
 
 
 class PromptParams(StrictModel):
@@ -67,7 +67,7 @@ def _stem(name: str) -> str:
 
 def read_captions(url: str, storage_options: dict | None = None) -> dict[str, list[str]]:
     """id -> captions, from a COCO captions json (keyed by file-name stem and by image id), JSONL or CSV."""
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+    with open_url(url, "rb", storage_options) as f:
         data = f.read().decode("utf-8")
     out: dict[str, list[str]] = {}
     if url.endswith(".jsonl"):

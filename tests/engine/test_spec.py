@@ -5,8 +5,9 @@ import pytest
 import yaml
 from helpers import REPO
 
-from factory.engine.spec import load_spec, parse_spec, redacted_spec
+from factory.engine.spec import dump_spec, inline_credentials, load_spec, parse_spec, redacted_spec
 from factory.schema import SpecError
+from factory.storage import SecretNotSet, resolve_secrets, url_to_fs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,3 +148,41 @@ def test_set_steps_into_lists_and_names_bad_paths(tmp_path):
         load_spec(p, {"stages.3.params.steps": 4})
     with pytest.raises(SpecError, match="seed is not a mapping"):
         load_spec(p, {"seed.x": 1})
+
+
+def test_every_field_that_can_carry_a_credential_is_redacted_and_env_names_are_kept():
+    data = copy.deepcopy(GOOD)
+    data["output"]["storage_options"] = {"key": "env:S3_KEY", "secret": "env:S3_SECRET", "anon": False}
+    data["output"]["endpoint_url"] = "https://user:pa55word@s3.example.com"
+    data["source"]["storage_options"] = {"client_kwargs": {"aws_secret_access_key": "inline-1"}, "hf_token": "hf_x"}
+    spec = parse_spec(data)
+    stored = redacted_spec(spec)
+    text = json.dumps(stored)
+    assert not any(secret in text for secret in ("pa55word", "inline-1", "hf_x"))
+    assert stored["output"]["endpoint_url"] == "https://<redacted>@s3.example.com"
+    assert stored["output"]["storage_options"] == {"key": "env:S3_KEY", "secret": "env:S3_SECRET", "anon": False}
+    assert inline_credentials(dump_spec(spec)) == [
+        "source.storage_options.client_kwargs.aws_secret_access_key",
+        "source.storage_options.hf_token",
+        "output.endpoint_url",
+    ]
+
+
+def test_names_that_only_look_like_credentials_are_not_taken_for_them():
+    assert inline_credentials({"max_new_tokens": "64", "tokenizer": "t5", "keys": "a", "sort_key": "env:X"}) == []
+    assert inline_credentials({"url": "s3://bucket/prefix", "token": ""}) == []
+
+
+def test_env_credentials_are_read_where_the_filesystem_is_opened(monkeypatch):
+    monkeypatch.setenv("FACTORY_TEST_TOKEN", "from-the-node")
+    assert resolve_secrets({"a": {"token": "env:FACTORY_TEST_TOKEN"}, "b": ["env:FACTORY_TEST_TOKEN", 1]}) == {
+        "a": {"token": "from-the-node"},
+        "b": ["from-the-node", 1],
+    }
+    fs, _ = url_to_fs("memory://env-secrets", {"token": "env:FACTORY_TEST_TOKEN"})
+    assert fs.storage_options["token"] == "from-the-node"
+    monkeypatch.delenv("FACTORY_TEST_TOKEN")
+    with pytest.raises(
+        SecretNotSet, match=r"'env:FACTORY_TEST_TOKEN': the environment variable FACTORY_TEST_TOKEN is not"
+    ):
+        resolve_secrets({"token": "env:FACTORY_TEST_TOKEN"})

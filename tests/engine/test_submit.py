@@ -29,6 +29,8 @@ from factory.engine.submit import submission_id
 pytestmark = pytest.mark.timeout(600)
 
 INVERT = "stages_for_tests:InvertStage"
+# The test server checks no signatures: any secret is accepted, and this one is easy to search for.
+NODE_SECRET = f"node-secret-{secrets.token_hex(8)}"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -49,7 +51,7 @@ def _ports(n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ray_cluster(model_cache):
-    """(dashboard address, env for CLI calls) of a one-node cluster with 2 CPUs and token auth."""
+    """(dashboard address, env for CLI calls, its temp dir) of a one-node cluster with 2 CPUs and token auth."""
     # Ray's unix socket paths live under the temp dir and must stay under ~107 bytes: keep it short.
     temp_dir = tempfile.mkdtemp(prefix="fray-", dir="/tmp")
     gcs, dashboard, client_server, agent = _ports(4)
@@ -62,6 +64,10 @@ def ray_cluster(model_cache):
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     env.pop("RAY_ADDRESS", None)
+    # The nodes' own credentials for the object store, as a Kubernetes Secret or `ray start`'s environment
+    # gives them: a spec names them as env:FACTORY_TEST_S3_KEY / env:FACTORY_TEST_S3_SECRET.
+    env["FACTORY_TEST_S3_KEY"] = "factory"
+    env["FACTORY_TEST_S3_SECRET"] = NODE_SECRET
     log = open(Path(temp_dir) / "ray-start.log", "wb")
     proc = subprocess.Popen(
         [
@@ -96,7 +102,7 @@ def ray_cluster(model_cache):
                     f"the Ray head did not come up: {(Path(temp_dir) / 'ray-start.log').read_text()[-3000:]}"
                 )
             time.sleep(2)
-        yield address, env
+        yield address, env, Path(temp_dir)
     finally:
         # `ray start --block` shuts down every process of its node on SIGTERM: within 2 s when idle, but
         # past 15 s once jobs have run here. After 2 s whatever is left in the process group it leads
@@ -146,7 +152,7 @@ def jobs_named(address: str, env: dict, prefix: str) -> dict[str, str]:
 
 @pytest.mark.e2e
 def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
-    address, env = ray_cluster
+    address, env, _ = ray_cluster
     write_folder_source(tmp_path / "src", 6)
     # Relative paths, as a user writes them: submit resolves them against its working directory.
     spec_data = folder_spec(Path("src"), Path("out"), [{"kind": INVERT, "params": {"variants": 2}}], shard_size=4)
@@ -197,7 +203,7 @@ def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
 
 @pytest.mark.e2e
 def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
-    address, env = ray_cluster
+    address, env, _ = ray_cluster
     # The source folder does not exist yet: the driver fails before any worker starts.
     spec_data = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}])
     spec_data["name"] = "cluster-retry"
@@ -219,7 +225,7 @@ def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
 
 @pytest.mark.e2e
 def test_unknown_job_logs_fail_clearly(ray_cluster, tmp_path):
-    address, env = ray_cluster
+    address, env, _ = ray_cluster
     out = factory(env, "logs", "no-such-job", "--address", address, cwd=tmp_path)
     assert out.returncode == 1 and "no-such-job" in out.stderr
 
@@ -238,8 +244,61 @@ def test_an_unreachable_cluster_gets_ray_advice(tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_a_wrong_token_gets_token_advice(ray_cluster, tmp_path):
-    address, env = ray_cluster
+    address, env, _ = ray_cluster
     out = factory(env | {"RAY_AUTH_TOKEN": "0" * 64}, "logs", "some-job", "--address", address, cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr.startswith(f"factory: the Ray cluster at {address} refused the request: "), out.stderr
     assert "RAY_AUTH_TOKEN" in out.stderr and "object storage" not in out.stderr
+
+
+@pytest.mark.e2e
+def test_a_spec_with_inline_credentials_is_refused_before_the_cluster_is_contacted(tmp_path):
+    spec_data = folder_spec(tmp_path / "src", "s3://test/out", [], shard_size=4)
+    spec_data["output"]["storage_options"] = {"key": "AKIA-INLINE", "secret": "inline-secret"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
+    write_folder_source(tmp_path / "src", 2)
+    done = factory(dict(os.environ), "submit", "job.yaml", "--address", "http://127.0.0.1:9", cwd=tmp_path)
+    assert done.returncode == 1
+    told = done.stderr.strip().splitlines()[-1]
+    assert told.startswith("factory: the spec holds credentials inline (output.storage_options.key, ")
+    assert "env:NAME" in told and "127.0.0.1:9" not in told  # refused before any address was tried
+
+
+@pytest.mark.e2e
+def test_credentials_named_as_env_run_on_the_cluster_and_no_file_of_it_holds_them(ray_cluster, s3_server, tmp_path):
+    import s3fs
+
+    address, env, temp_dir = ray_cluster
+    endpoint, options = s3_server
+    write_folder_source(tmp_path / "src", 4)
+    spec_data = folder_spec(Path("src"), "s3://test/env-secrets", [{"kind": INVERT}], shard_size=2)
+    spec_data["name"] = "env-secrets"
+    spec_data["output"]["endpoint_url"] = endpoint
+    spec_data["output"]["storage_options"] = {"key": "env:FACTORY_TEST_S3_KEY", "secret": "env:FACTORY_TEST_S3_SECRET"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
+    done = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    fs = s3fs.S3FileSystem(**options)
+    assert len(fs.find("test/env-secrets/shards")) == 2
+    # Nothing the cluster wrote (logs, the job's unpacked package, spilled objects) nor its job record holds it.
+    for path in temp_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert NODE_SECRET.encode() not in path.read_bytes(), path
+    # The job's record in the cluster's GCS (entrypoint, runtime_env, metadata), read as the CLI reads it.
+    records = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "print(json.dumps([j.dict() for j in JobSubmissionClient(sys.argv[1]).list_jobs()], default=str))",
+            address,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert '"env-secrets-' in records and NODE_SECRET not in records
+    for path in fs.find("test/env-secrets"):
+        assert NODE_SECRET.encode() not in fs.cat(path), path
