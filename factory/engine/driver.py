@@ -22,7 +22,7 @@ from factory.engine.errors import FactoryError, JobIncomplete
 from factory.engine.executors.base import Executor, ShardJob
 from factory.engine.executors.choice import executor_class
 from factory.engine.lease import Lease
-from factory.engine.progress import Progress, start_counter
+from factory.engine.progress import Progress, counter_snapshot, start_counter
 from factory.engine.reader import ShardReader
 from factory.engine.records import JobInfo, ShardResult
 from factory.engine.runner import gpu_stand_in
@@ -219,25 +219,35 @@ def _run_pipeline(
     job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
     # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
     counter = start_counter() if spec.stages and executor_cls.uses_ray else None
-    progress = Progress(plan.num_shards, plan.num_shards - len(pending), [s.label for s in spec.stages], counter)
+    progress = Progress(
+        plan.num_shards,
+        plan.num_shards - len(pending),
+        [s.label for s in spec.stages],
+        sources_to_do=sum(plan.shard_count(shard) for shard in pending),
+        snapshot=counter_snapshot(counter) if counter is not None else None,
+        every=spec.engine.progress_s,
+    )
     executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store, row_bytes)
     failed: list[ShardResult] = []
+    progress.start()
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.
-    with closing(executor.run(pending)) as results:
-        for result in results:
-            progress.shard_done(result)
-            lease.check()
-            if not result.committed:
-                failed.append(result)
-                log.error("shard %d failed at stage %s: %s", result.shard, result.why.stage, result.why.cause)
-                if len(failed) >= spec.engine.max_failed_shards:
-                    log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
-                    break
-    progress.show(final=True)
-    if counter is not None:
-        import ray
+    try:
+        with closing(executor.run(pending)) as results:
+            for result in results:
+                progress.shard_done(result)
+                lease.check()
+                if not result.committed:
+                    failed.append(result)
+                    log.error("shard %d failed at stage %s: %s", result.shard, result.why.stage, result.why.cause)
+                    if len(failed) >= spec.engine.max_failed_shards:
+                        log.error("stopping: %d shards failed (engine.max_failed_shards)", len(failed))
+                        break
+    finally:
+        progress.stop()
+        if counter is not None:
+            import ray
 
-        ray.kill(counter)
+            ray.kill(counter)
     return failed
 
 

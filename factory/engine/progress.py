@@ -1,44 +1,56 @@
-"""Progress of a running job: shards committed, samples, rates per stage, ETA.
+"""Progress of a running job, from the work itself: rows in and out per stage as batches finish, samples
+written, failed and rejected as shards commit, samples/s and an ETA.
 
-Stage runners count the rows they process in a small actor (integers per batch, never samples); the
-driver adds the shard results it receives and prints every `every` seconds: a live bar on a terminal,
-a log line otherwise (a file, a Ray job's log).
+Stage runners count the rows of each batch they finish in a small actor (integers per batch, never
+samples), placed on the driver's node so it lives as long as the job whatever other node leaves. The
+driver adds the shard results it receives, and a timer shows the state every `engine.progress_s`
+seconds while shards are in flight, even when none commits for minutes: a live bar on a terminal, a log
+line otherwise (a file, a Ray job's log).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-
-import ray
+from collections.abc import Callable
 
 from factory.engine.records import ShardResult
 
 log = logging.getLogger("factory")
 
 
-@ray.remote(num_cpus=0)
-class StageCounter:
-    """Rows processed per stage, reported by the stage runners after every batch."""
+class StageRows:
+    """Rows in and out per stage, reported by the stage runners after every batch (a Ray actor's body)."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, int] = {}
+        self.rows: dict[str, list[int]] = {}
 
-    def stage_rows(self, label: str, n: int) -> None:
-        self.rows[label] = self.rows.get(label, 0) + n
+    def stage_rows(self, label: str, rows_in: int, rows_out: int) -> None:
+        counts = self.rows.setdefault(label, [0, 0])
+        counts[0] += rows_in
+        counts[1] += rows_out
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.rows)
+    def snapshot(self) -> dict[str, list[int]]:
+        return {label: list(counts) for label, counts in self.rows.items()}
 
 
 def start_counter():
-    """The row counter, placed on the driver's node: it lives as long as the job's driver, whichever other
-    nodes leave (on a worker node it died with the node, and the progress line froze)."""
+    """The row counter as an actor on the driver's node: on a worker node it would die with the node, and
+    the progress line would freeze."""
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return StageCounter.options(scheduling_strategy=here).remote()
+    return ray.remote(num_cpus=0)(StageRows).options(scheduling_strategy=here).remote()
+
+
+def counter_snapshot(counter) -> Callable[[], dict[str, list[int]]]:
+    """A callable that reads the counter actor (at most 2 s: progress never holds the job up)."""
+    import ray
+
+    return lambda: ray.get(counter.snapshot.remote(), timeout=2)
 
 
 def _duration(seconds: float) -> str:
@@ -49,20 +61,46 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
+    """The job's progress, shown every `every` seconds by its own timer between `start()` and `stop()`."""
+
     def __init__(
-        self, total_shards: int, done_before: int, stages: list[str], counter=None, every: float = 5.0, stream=None
+        self,
+        total_shards: int,
+        done_before: int,
+        stages: list[str],
+        sources_to_do: int,
+        snapshot: Callable[[], dict[str, list[int]]] | None = None,
+        every: float = 5.0,
+        stream=None,
     ):
         self.total_shards = total_shards
         self.done_before = done_before
         self.stages = stages
-        self.counter = counter
+        self.sources_to_do = sources_to_do
+        self.snapshot = snapshot
         self.every = every
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty()
         self.committed = self.failed_shards = 0
         self.rows = {"samples": 0, "failed": 0, "rejected": 0}
-        self.stage_rows: dict[str, int] = {}
-        self.start = self.last = time.time()
+        self.stage_rows: dict[str, list[int]] = {}
+        self.start_time = time.time()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._run, name="factory-progress", daemon=True)
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def stop(self) -> None:
+        """End the timer and show the final state."""
+        self._stop.set()
+        if self._timer.is_alive():
+            self._timer.join()
+        self.show(final=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.show()
 
     def shard_done(self, result: ShardResult) -> None:
         if result.committed:
@@ -71,20 +109,13 @@ class Progress:
                 self.rows[k] += getattr(result, k)
         else:
             self.failed_shards += 1
-        self.tick()
-
-    def tick(self) -> None:
-        now = time.time()
-        if now - self.last >= self.every:
-            self.last = now
-            self.show()
 
     def show(self, final: bool = False) -> None:
-        if self.counter is not None:
+        if self.snapshot is not None:
             try:
-                self.stage_rows = ray.get(self.counter.snapshot.remote(), timeout=2)
+                self.stage_rows = self.snapshot()
             except Exception:  # progress is best-effort: never let it stop the job
-                pass
+                log.debug("progress: the stage counter did not answer", exc_info=True)
         line = self.line()
         if self.live and not final:
             self.stream.write("\r\033[K" + line)
@@ -95,18 +126,27 @@ class Progress:
             log.info(line)
 
     def line(self) -> str:
-        elapsed = max(time.time() - self.start, 1e-9)
+        elapsed = max(time.time() - self.start_time, 1e-9)
         done = self.done_before + self.committed
-        remaining = self.total_shards - done - self.failed_shards
-        eta = _duration(elapsed / self.committed * remaining) if self.committed else "?"
         width = 20
         filled = int(width * done / max(self.total_shards, 1))
-        stages = "  ".join(
-            f"{s} {self.stage_rows.get(s, 0)} in ({self.stage_rows.get(s, 0) / elapsed:.1f}/s)" for s in self.stages
-        )
+        stages = "  ".join(self._stage(s, elapsed) for s in self.stages)
         failed = f", {self.failed_shards} failed" if self.failed_shards else ""
         return (
             f"[{'#' * filled}{'.' * (width - filled)}] shards {done}/{self.total_shards}{failed}  "
             f"samples {self.rows['samples']} (failed {self.rows['failed']}, rejected {self.rows['rejected']})  "
-            f"{self.rows['samples'] / elapsed:.2f} samples/s  ETA {eta}" + (f"  | {stages}" if stages else "")
+            f"{self.rows['samples'] / elapsed:.2f} samples/s  ETA {self._eta(elapsed)}"
+            + (f"  | {stages}" if stages else "")
         )
+
+    def _stage(self, label: str, elapsed: float) -> str:
+        rows_in, rows_out = self.stage_rows.get(label, (0, 0))
+        return f"{label} {rows_in} in / {rows_out} out ({rows_out / elapsed:.1f}/s)"
+
+    def _eta(self, elapsed: float) -> str:
+        """From the first stage's sources taken in, which moves with every batch; else from shards."""
+        first = self.stage_rows.get(self.stages[0], (0, 0))[0] if self.stages else 0
+        if first and self.sources_to_do:
+            return _duration(elapsed / first * max(self.sources_to_do - first, 0))
+        remaining = self.total_shards - self.done_before - self.committed - self.failed_shards
+        return _duration(elapsed / self.committed * remaining) if self.committed else "?"

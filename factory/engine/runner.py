@@ -83,7 +83,7 @@ class StageRunner:
         self.batch_size = spec.resources.batch_size
         self.retries = retries
         self.backoff = backoff
-        self.progress = progress  # a Progress actor, or None
+        self.progress = progress  # the job's StageRows actor, or None
         started = time.time()
         try:
             cls = resolve_stage(spec.kind)
@@ -120,8 +120,8 @@ class StageRunner:
                 for n, i in enumerate(positions):
                     produced[i] = rows[n * self.k : (n + 1) * self.k]
                 batches += 1
-                if self.progress is not None:
-                    self.progress.stage_rows.remote(self.label, len(positions))
+                if self.progress is not None:  # rows out: those the stage kept (not failed, not rejected)
+                    self.progress.stage_rows.remote(self.label, len(positions), sum(r.ok for r in rows))
         except ShardFailed as e:
             log.error("shard %d failed at stage %s: %s", work.shard, self.label, one_line(e.cause))
             work.failure = Failure.of(self.label, e.cause)

@@ -91,6 +91,7 @@ class EngineSpec(StrictModel):
         description="a step of one shard (its read, a stage, its write) that runs longer fails as a timeout and "
         "its worker is replaced; default 600 s plus 30 s per row the step handles",
     )
+    progress_s: float = Field(5.0, gt=0, description="seconds between progress updates (a line in a log)")
     executor: Literal["auto", "ray_data", "ray_tasks", "in_process"] = Field(
         "auto",
         description="how shards run: ray_data (actor pools per stage), ray_tasks (one task per shard, read to "

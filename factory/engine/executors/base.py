@@ -46,7 +46,7 @@ class ShardJob:
     backoff: float
     shard_size: int
     watch: Watch
-    progress: Any = field(default=None, compare=False)  # a StageCounter actor, or None
+    progress: Any = field(default=None, compare=False)  # the job's StageRows actor (progress.py), or None
     # A custom resource that stands in for GPUs (tests of several nodes on a machine without one): GPU
     # stages ask for it instead, and run on the CPU. Never set from a spec: see runner.stage_device.
     gpu_stand_in: str | None = None
