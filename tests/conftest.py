@@ -24,7 +24,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import tiers  # noqa: E402  (needs the support folder on the path)
 
 # Every local Ray the tests start (some thirty: the shared one, each `factory run` subprocess, the
-# benchmark's) skips its metrics agent, a second of start-up each; no test reads Ray's metrics.
+# benchmark's) skips its metrics agent, a second of start-up each; only tests/engine/test_metrics.py reads
+# them, from a Ray that turns collection back on.
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 

@@ -18,6 +18,7 @@ import time
 from contextlib import closing
 
 from factory import __version__
+from factory.engine import metrics
 from factory.engine.errors import FactoryError, JobIncomplete
 from factory.engine.executors.base import Executor, ShardJob
 from factory.engine.executors.choice import executor_class
@@ -182,6 +183,7 @@ def shard_job(
         watch=Watch(store.url, options, engine.shard_timeout_s, end_process=executor_cls.uses_ray),
         progress=progress,
         gpu_stand_in=gpu_stand_in(),
+        name=spec.name,
     )
 
 
@@ -219,13 +221,15 @@ def _run_pipeline(
     job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
     # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
     counter = start_counter() if spec.stages and executor_cls.uses_ray else None
+    labels, to_do = [s.label for s in spec.stages], sum(plan.shard_count(shard) for shard in pending)
     progress = Progress(
         plan.num_shards,
         plan.num_shards - len(pending),
-        [s.label for s in spec.stages],
-        sources_to_do=sum(plan.shard_count(shard) for shard in pending),
+        labels,
+        sources_to_do=to_do,
         snapshot=counter_snapshot(counter) if counter is not None else None,
         every=spec.engine.progress_s,
+        on_rows=lambda rows: metrics.rows_waiting(spec.name, labels, rows, to_do),
     )
     executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store, row_bytes)
     failed: list[ShardResult] = []

@@ -72,12 +72,14 @@ class Progress:
         snapshot: Callable[[], dict[str, list[int]]] | None = None,
         every: float = 5.0,
         stream=None,
+        on_rows: Callable[[dict[str, list[int]]], None] | None = None,
     ):
         self.total_shards = total_shards
         self.done_before = done_before
         self.stages = stages
         self.sources_to_do = sources_to_do
         self.snapshot = snapshot
+        self.on_rows = on_rows  # told each snapshot of the stages' rows (the metrics of rows waiting)
         self.every = every
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty()
@@ -114,6 +116,8 @@ class Progress:
         if self.snapshot is not None:
             try:
                 self.stage_rows = self.snapshot()
+                if self.on_rows is not None:
+                    self.on_rows(self.stage_rows)
             except Exception:  # progress is best-effort: never let it stop the job
                 log.debug("progress: the stage counter did not answer", exc_info=True)
         line = self.line()

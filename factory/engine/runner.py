@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from factory.engine import metrics
 from factory.engine.errors import ShardFailed, StageSetupFailed, is_cuda_oom, one_line
 from factory.engine.records import Failure, ShardWork, StepStats
 from factory.engine.spec import StageSpec
@@ -77,8 +78,10 @@ class StageRunner:
         backoff: float = 2.0,
         progress=None,
         gpu_stand_in: str | None = None,
+        job_name: str = "",
     ):
         spec = StageSpec.model_validate(stage_spec)
+        self.job_name = job_name  # tags its metrics
         self.label = spec.label
         self.batch_size = spec.resources.batch_size
         self.retries = retries
@@ -116,7 +119,9 @@ class StageRunner:
         try:
             for start in range(0, len(live), self.batch_size):
                 positions = live[start : start + self.batch_size]
+                batch_started = time.time()
                 rows = self.process_batch([work.samples[i] for i in positions], tally)
+                metrics.stage_batch(self.job_name, self.label, time.time() - batch_started, rows)
                 for n, i in enumerate(positions):
                     produced[i] = rows[n * self.k : (n + 1) * self.k]
                 batches += 1

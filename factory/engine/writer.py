@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from factory.engine import metrics
 from factory.engine.errors import retry
 from factory.engine.records import Failure, JobInfo, ShardResult, ShardWork
 from factory.output.layout import FAILURES_DIR, REJECTED_DIR, SHARD_DIR, STATS_DIR, OutputStore
@@ -130,7 +131,10 @@ class ShardWriter:
         self.job = job
 
     def commit(self, work: ShardWork) -> ShardResult:
-        return write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job)
+        result = write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job)
+        if result.committed:
+            metrics.shard_committed(self.job.job, work.samples, time.time() - work.started)
+        return result
 
 
 def _write_tar(store: OutputStore, members, *parts: str) -> None:

@@ -50,10 +50,18 @@ class ShardJob:
     # A custom resource that stands in for GPUs (tests of several nodes on a machine without one): GPU
     # stages ask for it instead, and run on the CPU. Never set from a spec: see runner.stage_device.
     gpu_stand_in: str | None = None
+    name: str = ""  # the job's name: tags its metrics
 
     def runner(self, stage: dict) -> StageRunner:
         return StageRunner(
-            stage, self.job_seed, self.classes, self.retries, self.backoff, self.progress, self.gpu_stand_in
+            stage,
+            self.job_seed,
+            self.classes,
+            self.retries,
+            self.backoff,
+            self.progress,
+            self.gpu_stand_in,
+            job_name=self.name,
         )
 
     def read(self, shard: int) -> ShardWork:
