@@ -59,7 +59,12 @@ def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
 
 
 def on_cluster(spec, scenario: str, marks: Path, gate: Path) -> dict:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2 if scenario == "late_node" else 1})
+    # A lost node is declared dead after 3 missed health checks a second apart (Ray's default: 5 of 3 s).
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2 if scenario == "late_node" else 1, "_system_config": health},
+    )
     found: dict = {"head": cluster.head_node.node_id}
     if scenario in ("lose_and_gain", "two_nodes"):
         workers = [cluster.add_node(**STAND_IN_NODE) for _ in range(2)]
