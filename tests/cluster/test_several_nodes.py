@@ -56,7 +56,14 @@ def on_cluster(tmp_path: Path, data: dict, scenario: str) -> tuple[dict, dict[st
         timeout=540,
         # Its own Ray temp folder (short: socket paths have a length limit): the cluster's address file
         # must not outlive it where a later `ray.init()` would find it and connect to the dead cluster.
-        env={**os.environ, "PYTHONPATH": f"{SUPPORT}:{REPO}", "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray")},
+        # Token auth off, as the autoscaling head runs: the session's own `ray.init()` put RAY_AUTH_MODE=token
+        # in this process's environment, and Ray reads the mode once, when a process first uses it.
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{SUPPORT}:{REPO}",
+            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray"),
+            "RAY_AUTH_MODE": "disabled",
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report").read_text())

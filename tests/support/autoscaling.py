@@ -67,9 +67,9 @@ class AutoscalingHead:
     def __enter__(self) -> str:
         config = Path(self.temp_dir, "autoscaling.json")
         config.write_text(json.dumps(self.config))
-        # The autoscaler looks every second; token auth off, as for a local `ray.init()`.
+        # The autoscaler looks every second. Token auth is off: the driver connecting to this head must run
+        # with RAY_AUTH_MODE=disabled from its start (Ray reads the mode once per process).
         env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
-        os.environ["RAY_AUTH_MODE"] = "disabled"
         command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={self.port}"]
         command += [f"--temp-dir={self.temp_dir}", f"--num-cpus={self.head_cpus}", f"--autoscaling-config={config}"]
         subprocess.run([*command, "--include-dashboard=false"], env=env, check=True, capture_output=True)
