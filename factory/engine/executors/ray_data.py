@@ -2,7 +2,8 @@
 
     pending shards -> read (a task per shard) -> stage 1 .. n (actor pools) -> write (a task per shard)
 
-A row is a whole shard (`ShardWork`, serialized once): the read task loads its samples, every stage
+A row is a whole shard (`ShardWork`, carried as `rows.py` describes: its pixels copied once into the
+block, read back without a copy): the read task loads its samples, every stage
 actor runs them in batches of its `batch_size`, and the write task encodes them and commits the shard's
 tar and stats from wherever it runs. There is no central writer, no reassembly and no per-sample
 accounting: a shard is complete when its row reaches the write step, and what shares a batch depends
