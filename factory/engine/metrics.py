@@ -48,10 +48,9 @@ def stage_batch(job: str, stage: str, seconds: float, rows: list) -> None:
     if latency is None:
         return
     latency.observe(seconds, tags={"job": job, "stage": stage})
-    outcomes = Counter("failed" if r.error else "rejected" if r.rejected else "kept" for r in rows)
-    samples = _samples()
-    for outcome, n in outcomes.items():
-        samples.inc(n, tags={"job": job, "stage": stage, "outcome": outcome})
+    kept = sum(r.ok for r in rows)
+    failed = sum(r.error is not None for r in rows)
+    _count_samples(job, stage, {"kept": kept, "failed": failed, "rejected": len(rows) - kept - failed})
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         gpu = _metric("gauge", "factory_gpu_memory_bytes", "CUDA memory a stage worker holds", ("job", "stage", "kind"))
@@ -59,17 +58,15 @@ def stage_batch(job: str, stage: str, seconds: float, rows: list) -> None:
             gpu.set(value, tags={"job": job, "stage": stage, "kind": kind})
 
 
-def shard_committed(job: str, samples: list, seconds: float) -> None:
-    """A committed shard: its rows by outcome, its failures by stage:reason, its seconds."""
+def shard_committed(job: str, result, samples: list, seconds: float) -> None:
+    """A committed shard (its ShardResult and rows): rows by outcome, failures by stage:reason, seconds."""
     shard_s = _metric(
         "histogram", "factory_shard_seconds", "seconds of a shard from read to commit", ("job",), _SHARD_BOUNDS
     )
     if shard_s is None:
         return
     shard_s.observe(seconds, tags={"job": job})
-    outcomes = Counter("failed" if s.error else "rejected" if s.rejected else "written" for s in samples)
-    for outcome, n in outcomes.items():
-        _samples().inc(n, tags={"job": job, "stage": "write", "outcome": outcome})
+    _count_samples(job, "write", {"written": result.samples, "failed": result.failed, "rejected": result.rejected})
     reasons = Counter(f"{why['stage']}:{why['reason']}" for s in samples if (why := s.error or s.rejected) is not None)
     failures = _metric(
         "counter", "factory_failures_total", "failed and rejected rows by stage:reason", ("job", "reason")
@@ -90,5 +87,8 @@ def rows_waiting(job: str, stages: list[str], stage_rows: dict[str, list[int]], 
         made = kept
 
 
-def _samples():
-    return _metric("counter", "factory_samples_total", "rows by stage and outcome", ("job", "stage", "outcome"))
+def _count_samples(job: str, stage: str, outcomes: dict[str, int]) -> None:
+    samples = _metric("counter", "factory_samples_total", "rows by stage and outcome", ("job", "stage", "outcome"))
+    for outcome, n in outcomes.items():
+        if n:
+            samples.inc(n, tags={"job": job, "stage": stage, "outcome": outcome})

@@ -64,10 +64,14 @@ def ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id()
 
 
+def place(node: str, node_id: str | None, pid: int | str) -> str:
+    """A process as a user finds it in the Ray logs: its node's address and id, and its pid."""
+    return f"node {node} (" + (f"Ray node {node_id[:12]}, " if node_id else "") + f"pid {pid})"
+
+
 def whereabouts() -> str:
-    """This process, as a user finds it in the Ray logs: its node's address and id, and its pid."""
-    node_id = ray_node_id()
-    return f"node {node_address()} (" + (f"Ray node {node_id[:12]}, " if node_id else "") + f"pid {os.getpid()})"
+    """This process's `place`."""
+    return place(node_address(), ray_node_id(), os.getpid())
 
 
 class _Deadline:

@@ -133,7 +133,7 @@ class ShardWriter:
     def commit(self, work: ShardWork) -> ShardResult:
         result = write_shard(work, OutputStore(self.store_url, self.options), self.settings, self.job)
         if result.committed:
-            metrics.shard_committed(self.job.job, work.samples, time.time() - work.started)
+            metrics.shard_committed(self.job.job, result, work.samples, time.time() - work.started)
         return result
 
 

@@ -22,7 +22,7 @@ from factory.engine.reader import ShardReader
 from factory.engine.records import Failure, ShardResult, ShardWork
 from factory.engine.runner import StageRunner
 from factory.engine.spec import JobSpec
-from factory.engine.watch import ShardTimeout, Watch, read_attempt
+from factory.engine.watch import ShardTimeout, Watch, place, read_attempt
 from factory.engine.writer import ShardWriter
 from factory.output.layout import OutputStore
 from factory.sources.classes import ClassSet
@@ -113,7 +113,7 @@ def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException 
         cause = f"{seen['timeout']} on node {node}, on each of {tries} tries; the worker was replaced each time"
         return ShardResult.failed_at(shard, Failure(stage=step, cause=cause, advice=TIMEOUT_ADVICE))
     node_id = seen.get("node_id")
-    where = f"node {node}" + (f" (Ray node {node_id[:12]}" if node_id else " (") + f", pid {seen.get('pid', '?')})"
+    where = place(node, node_id, seen.get("pid", "?"))
     gone = node_id in dead_nodes() if node_id else node in dead_nodes("NodeManagerAddress")
     cause = (
         f"the worker running step {step} on {where} died on each of {tries} tries"
