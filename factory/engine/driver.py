@@ -19,10 +19,11 @@ from contextlib import closing
 
 from factory import __version__
 from factory.engine import metrics
-from factory.engine.errors import FactoryError, JobIncomplete
+from factory.engine.errors import JobIncomplete, ResumeError
 from factory.engine.executors.base import Executor, ShardJob
 from factory.engine.executors.choice import executor_class
 from factory.engine.lease import Lease
+from factory.engine.pinning import JobPins, pin_job, pins_record, pins_to_json
 from factory.engine.progress import Progress, counter_snapshot, start_counter
 from factory.engine.reader import ShardReader
 from factory.engine.records import JobInfo, ShardResult
@@ -41,10 +42,6 @@ from factory.stages import StageContext, resolve_stage
 log = logging.getLogger("factory")
 
 MANIFEST = "manifest.json"
-
-
-class ResumeError(FactoryError, RuntimeError):
-    """The output already holds a different job."""
 
 
 def _driver_stages(spec: JobSpec, classes: ClassSet):
@@ -82,7 +79,7 @@ def _check_resume(store: OutputStore, spec: JobSpec) -> dict | None:
     return manifest
 
 
-def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
+def _plan(spec: JobSpec, store: OutputStore, source: Source, pins: JobPins) -> dict:
     """Stream the listing into plan parts, then write the manifest last: a job without one is planned again."""
     store.fs.makedirs(store.path(PLAN_DIR), exist_ok=True)
     plan = plan_shards(
@@ -93,6 +90,7 @@ def _plan(spec: JobSpec, store: OutputStore, source: Source) -> dict:
         "spec": redacted_spec(spec),
         "spec_hash": spec.content_hash(),
         "plan": plan.summary(),
+        "weights": pins_to_json(pins),
         "classes": list(source.classes.names),
         "ignore_index": source.classes.ignore_index,
         "factory_version": __version__,
@@ -108,8 +106,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     store = OutputStore.at(spec.output)
     source = open_source(spec.source)
     check_stages(spec, source.classes)
-    if not overwrite:
-        _check_resume(store, spec)
+    pins = _pin_weights(spec, store, source.classes, None if overwrite else _check_resume(store, spec))
     executor = executor_class(spec)
     row_bytes = _check_cluster(spec, store, source, address) if executor.uses_ray else 0
     lease = Lease(store, spec.engine.lease_ttl_s)
@@ -117,7 +114,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     try:
         if overwrite:
             store.remove_all(keep={LEASE_FILE})
-        manifest = _check_resume(store, spec) or _plan(spec, store, source)
+        manifest = _check_resume(store, spec) or _plan(spec, store, source, pins)
         plan = Plan(num_samples=manifest["plan"]["num_samples"], shard_size=manifest["plan"]["shard_size"])
         done = set(store.committed_shards())
         pending = [s for s in range(plan.num_shards) if s not in done]
@@ -133,7 +130,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
         failed: list[ShardResult] = []
         if pending:
             store.clear_tmp()
-            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor, row_bytes)
+            failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor, row_bytes, pins)
             store.clear_tmp()
         index = write_index(store, plan)
     finally:
@@ -141,6 +138,14 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     if failed:
         raise JobIncomplete(_failure_message(failed, len(pending)))
     return index
+
+
+def _pin_weights(spec: JobSpec, store: OutputStore, classes: ClassSet, manifest: dict | None) -> JobPins:
+    """The weights every stage loads, pinned now or, on a resume, checked against the manifest's."""
+    recorded = manifest.get("weights") if manifest is not None else None
+    if manifest is not None and recorded is None:
+        log.warning("%s was planned before weights were pinned: this run's weights are not compared", store.url)
+    return pin_job(((st.label, stage) for st, stage in _driver_stages(spec, classes)), recorded, store.url)
 
 
 def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: str | None) -> int:
@@ -157,7 +162,13 @@ def _check_cluster(spec: JobSpec, store: OutputStore, source: Source, address: s
 
 
 def shard_job(
-    spec: JobSpec, store: OutputStore, classes: ClassSet, job: JobInfo, executor_cls: type[Executor], progress=None
+    spec: JobSpec,
+    store: OutputStore,
+    classes: ClassSet,
+    job: JobInfo,
+    executor_cls: type[Executor],
+    progress=None,
+    pins: JobPins | None = None,
 ) -> ShardJob:
     """What every worker of this job needs, from the spec: the reader, the writer, the stages, the watch."""
     engine, options = spec.engine, spec.output.options()
@@ -184,6 +195,7 @@ def shard_job(
         progress=progress,
         gpu_stand_in=gpu_stand_in(),
         name=spec.name,
+        pins={label: tuple(models.values()) for label, models in (pins or {}).items()},
     )
 
 
@@ -214,11 +226,12 @@ def _run_pipeline(
     lease: Lease,
     executor_cls: type[Executor],
     row_bytes: int,
+    pins: JobPins,
 ) -> list[ShardResult]:
     """Run the pending shards on the job's executor; returns the shards that failed. `row_bytes`: what a
     shard row is expected to hold (0: not measured), which its workers declare their memory from."""
     models = {st.label: stage.model_ids() for st, stage in _driver_stages(spec, classes)}
-    job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models)
+    job = JobInfo(job=spec.name, spec_hash=spec.content_hash(), models=models, weights=pins_record(pins))
     # Only stage runners report rows to the counter; a zero-stage job spares its worker process.
     counter = start_counter() if spec.stages and executor_cls.uses_ray else None
     labels, to_do = [s.label for s in spec.stages], sum(plan.shard_count(shard) for shard in pending)
@@ -231,7 +244,8 @@ def _run_pipeline(
         every=spec.engine.progress_s,
         on_rows=lambda rows: metrics.rows_waiting(spec.name, labels, rows, to_do),
     )
-    executor = executor_cls(spec, shard_job(spec, store, classes, job, executor_cls, counter), store, row_bytes)
+    work = shard_job(spec, store, classes, job, executor_cls, counter, pins)
+    executor = executor_cls(spec, work, store, row_bytes)
     failed: list[ShardResult] = []
     progress.start()
     # Closed on any exit: what is still queued or running is cancelled, not left to the garbage collector.

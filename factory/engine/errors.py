@@ -44,6 +44,10 @@ class FactoryError(Exception):
     advice = RERUN
 
 
+class ResumeError(FactoryError, RuntimeError):
+    """The output already holds a different job: another spec, or other weights under the same spec."""
+
+
 class JobIncomplete(FactoryError, RuntimeError):
     """The job ended with shards that failed (after their retries) and stay uncommitted."""
 

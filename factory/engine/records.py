@@ -51,6 +51,8 @@ class JobInfo:
     job: str
     spec_hash: str
     models: dict[str, dict[str, str]] = field(default_factory=dict)  # stage label -> model ids
+    # stage label -> model name -> the pinned weights' record (factory/models/weights.py WeightsPin.record)
+    weights: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)

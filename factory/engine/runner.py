@@ -24,6 +24,7 @@ from factory.engine.errors import ShardFailed, StageSetupFailed, is_cuda_oom, on
 from factory.engine.records import Failure, ShardWork, StepStats
 from factory.engine.spec import StageSpec
 from factory.engine.watch import whereabouts
+from factory.models.weights import WeightsPin, loading_pinned
 from factory.sample import BadSample, Sample
 from factory.sources.classes import ClassSet
 from factory.stages import StageContext, resolve_stage
@@ -79,6 +80,7 @@ class StageRunner:
         progress=None,
         gpu_stand_in: str | None = None,
         job_name: str = "",
+        pins: dict[str, tuple[WeightsPin, ...]] | None = None,
     ):
         spec = StageSpec.model_validate(stage_spec)
         self.job_name = job_name  # tags its metrics
@@ -97,7 +99,9 @@ class StageRunner:
                     label=spec.label, job_seed=job_seed, classes=classes, device=stage_device(spec, gpu_stand_in)
                 ),
             )
-            self.stage.setup()
+            # Models load under the job's pins: other weights than the job planned with fail the set-up.
+            with loading_pinned((pins or {}).get(spec.label, ())):
+                self.stage.setup()
         except Exception as e:
             # Named here, where the node and the stage are known: under Ray the driver would otherwise see
             # only that an actor died.

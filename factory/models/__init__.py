@@ -1,6 +1,8 @@
 """Model loading, and the two profiles that need no download.
 
-loading.py         hub ids, local paths, object-store URLs cached once per node; dtypes
+loading.py         hub ids, local paths, object-store URLs; the `model` section every model stage has; dtypes
+weights.py         pinned and verified weights: a hub commit, a file's sha256, an object's ETag
+cache.py           the node-local model cache: entries filled once per node, file hashes once per file state
 tokenizers.py      tokenizers built from small vocabularies
 tiny_diffusion.py  the `tiny` profile of the ControlNet and SegGen (SDXL) pipelines
 tiny_t2i.py        the `tiny` profile of the text-to-image pipelines (Flux, SD3, Sana, SDXL)

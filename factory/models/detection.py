@@ -9,14 +9,13 @@ from typing import Literal, NamedTuple
 import numpy as np
 from pydantic import Field
 
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.loading import (
     PROFILE_HELP,
     Dtype,
     ModelConfig,
     Profile,
-    fill_once,
     from_pretrained,
-    model_cache_dir,
     resolve_model_path,
     torch_dtype,
 )
@@ -169,7 +168,7 @@ class MaskGenerator:
             return {"detector": f"tiny:{TINY_DETECTOR}", "sam": f"tiny:{TINY_SAM}"}
         if cfg.profile == "random":
             return {"detector": random_id(GROUNDING_DINO), "sam": f"random:sam_{cfg.sam_type}"}
-        return {"detector": cfg.detector, "sam": f"{cfg.sam_type}:{cfg.sam}"}
+        return {"detector": cfg.detector, "sam": cfg.sam}
 
     def generate(self, images: list[np.ndarray], class_names: list[str] | list[list[str]]) -> list[PseudoLabel]:
         """One pseudo-label per image; `class_names` is one list for every image, or one list per image."""

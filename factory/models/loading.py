@@ -1,31 +1,31 @@
 """Model loading shared by the model stages: where weights come from, and the tiny test profile.
 
-Weights are named three ways: a Hugging Face hub id (left to `from_pretrained`), a local directory, or
-an fsspec URL (`s3://`, `gs://`, ...) that is copied once per node into a local cache, because
-`from_pretrained` only reads local files. Every model also has a tiny profile: the same classes built
-from small configs with random weights, saved once and then loaded through the same `from_pretrained`
-calls as real weights, so tests and GPU-less machines exercise the real loading code.
+Weights are named three ways: a Hugging Face hub id (left to `from_pretrained`, at the commit the job
+pinned), a local directory, or an fsspec URL (`s3://`, `gs://`, ...) that is copied once per node into a
+local cache, because `from_pretrained` only reads local files (pinning and verifying: weights.py). Every
+model also has a tiny profile: the same classes built from small configs with random weights, saved once
+and then loaded through the same `from_pretrained` calls as real weights, so tests and GPU-less machines
+exercise the real loading code.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
-import os
-import re
-import shutil
-import socket
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
+from factory.models.weights import (
+    WeightsSource,
+    check_local,
+    expected_pin,
+    fetch_object,
+    hub_revision,
+    is_hub_id,
+    plain_ref,
+)
 from factory.schema import StrictModel
-from factory.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -38,99 +38,65 @@ Dtype = Literal["auto", "fp16", "bf16", "fp32"]
 
 
 class ModelConfig(StrictModel):
-    """What the `model` section of every model stage has: the profile, and how to reach object storage."""
+    """What the `model` section of every model stage has: the profile, how to reach object storage, and
+    which hub revision to load."""
 
     profile: Profile = Field("pretrained", description=PROFILE_HELP)
     storage_options: dict = Field(default_factory=dict, description="fsspec options for object-store URLs")
+    revision: str | dict[str, str] | None = Field(
+        None,
+        description="hub models: a commit hash, or a branch or tag resolved to its commit when the job is planned "
+        "(by default main); one value for the stage's one hub model, or {model name: revision} for several",
+    )
 
-
-_COMPLETE = ".factory-complete"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def model_cache_dir() -> Path:
-    """The node-local model cache; read at call time so tests and jobs can point it elsewhere."""
-    return Path(os.environ.get("FACTORY_MODEL_CACHE") or "~/.cache/factory/models").expanduser()
-
-
-@contextmanager
-def _file_lock(path: Path):
-    """An exclusive fcntl lock: every actor on a node takes it, so only the first one fills the cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def fill_once(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """Run `fill(dest)` once per node; the completion marker is written last, so a crash mid-way is redone.
-
-    Every fill that completes appends a line to `<dest>.log` beside the entry (when, which process, how
-    long), so "was this model fetched once on this node?" has an answer after the fact.
-    """
-    if (dest / _COMPLETE).is_file():
-        return dest
-    with _file_lock(dest.with_name(dest.name + ".lock")):
-        if (dest / _COMPLETE).is_file():  # another process finished while we waited for the lock
-            return dest
-        shutil.rmtree(dest, ignore_errors=True)  # leftovers of an interrupted fill
-        dest.mkdir(parents=True)
-        started = time.time()
-        fill(dest)
-        (dest / _COMPLETE).write_text("ok\n")
-        with open(dest.with_name(dest.name + ".log"), "a") as record:
-            record.write(
-                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} filled by {socket.gethostname()} "
-                f"pid {os.getpid()} in {time.time() - started:.1f}s\n"
-            )
-    return dest
-
-
-def is_hub_id(ref: str) -> bool:
-    return "://" not in ref and not Path(ref).expanduser().exists() and bool(_HUB_ID.match(ref))
+    def weight_sources(self, ids: dict[str, str]) -> dict[str, WeightsSource]:
+        """The models among `ids` (a stage's `model_ids()`) that load real weights, with this section's
+        storage options and revisions. Raises ValueError naming `revision` if it names no hub model."""
+        refs = {name: ref for name, ref in ids.items() if not ref.startswith(("tiny:", "random:"))}
+        hub = [name for name, ref in refs.items() if is_hub_id(plain_ref(ref))]
+        if isinstance(self.revision, str):
+            if len(hub) != 1:
+                raise ValueError(
+                    f"revision: one revision needs exactly one hub model in the stage, and it loads {len(hub)} "
+                    f"({', '.join(hub) or 'none'}); give {{model name: revision}} instead"
+                )
+            revisions = {hub[0]: self.revision}
+        else:
+            revisions = dict(self.revision or {})
+        for name in revisions:
+            if name not in hub:
+                raise ValueError(
+                    f"revision.{name}: the stage loads no hub model named {name!r}; its hub models: "
+                    f"{', '.join(hub) or 'none'} (local paths and URLs are pinned by their files)"
+                )
+        return {name: WeightsSource(ref, self.storage_options, revisions.get(name)) for name, ref in refs.items()}
 
 
 def resolve_model_path(ref: str, storage_options: dict | None = None) -> str:
-    """A name `from_pretrained` can load: hub ids unchanged, local paths checked, URLs copied to the cache."""
-    if ref.startswith("file://"):
-        ref = ref[len("file://") :]
-    if "://" not in ref:
-        path = Path(ref).expanduser()
-        if path.exists():
-            return str(path)
-        if _HUB_ID.match(ref):
-            return ref
-        raise FileNotFoundError(f"model path {ref!r} does not exist (and is not a hub id like 'org/name')")
+    """A name `from_pretrained` can load: hub ids unchanged, local paths checked, URLs copied to the cache.
 
-    fs, root = url_to_fs(ref, storage_options)
-    root = root.rstrip("/")
-    name = re.sub(r"[^\w.-]", "_", root.rsplit("/", 1)[-1])[:64]
-    dest = model_cache_dir() / f"{hashlib.sha256(ref.encode()).hexdigest()[:16]}-{name}"
-
-    def copy(target: Path) -> None:
-        if not fs.exists(root):
-            raise FileNotFoundError(f"model URL {ref!r} does not exist")
-        log.info("copying model %s to %s", ref, target)
-        if fs.isfile(root):
-            fs.get_file(root, str(target / name))
-            return
-        for src in fs.find(root, withdirs=False):
-            rel = src[len(root) :].lstrip("/")
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(src, str(target / rel))
-
-    fill_once(dest, copy)
-    # A single weights file is returned as that file; a prefix as the directory holding its files.
-    single = dest / name
-    return str(single) if single.is_file() else str(dest)
+    Under a job's pins (weights.py), a local path must still hold the pinned files and a URL is copied from
+    the pinned objects; a hub id is loaded at its pinned commit by `from_pretrained`.
+    """
+    ref = plain_ref(ref)
+    if "://" in ref:
+        return fetch_object(ref, storage_options)
+    path = Path(ref).expanduser()
+    if path.exists():
+        pinned = expected_pin(ref)
+        if pinned is not None:
+            check_local(pinned, path)
+        return str(path)
+    if is_hub_id(ref):
+        return ref
+    raise FileNotFoundError(f"model path {ref!r} does not exist (and is not a hub id like 'org/name')")
 
 
 def from_pretrained(cls: Any, ref: str, resolved: str, **kwargs: Any) -> Any:
     """`cls.from_pretrained(resolved)`, with a clear error when a hub id cannot be fetched."""
     _quiet_loading()
+    if is_hub_id(resolved) and "revision" not in kwargs and (revision := hub_revision(ref)) is not None:
+        kwargs["revision"] = revision
     try:
         return cls.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from OSError / ValueError

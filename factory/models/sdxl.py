@@ -19,9 +19,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from factory.models.loading import Dtype, from_pretrained, is_hub_id, resolve_model_path, torch_dtype
+from factory.models.loading import Dtype, from_pretrained, resolve_model_path, torch_dtype
 from factory.models.pipelines import DiffusionModelConfig
 from factory.models.tiny_diffusion import TINY_MASK2IMG, TINY_SDXL, TINY_TEXT2MASK, tiny_sdxl_dir, tiny_seggen_dir
+from factory.models.weights import hub_revision, is_hub_id
 from factory.sources.classes import class_set
 from factory.sources.palettes import Palette
 
@@ -68,7 +69,7 @@ def weights_dir(ref: str, storage_options: dict | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(resolved)
+        return snapshot_download(resolved, revision=hub_revision(ref))
     except Exception as e:  # offline, unknown repo: the same advice as from_pretrained's
         raise OSError(
             f"cannot fetch SegGen model {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}). Give the "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factory.models.loading import fill_once, model_cache_dir
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.seggen_folder import SUBFOLDER, controlnet_from_unet, write_model_info
 from factory.models.tokenizers import write_tiny_clip_tokenizer
 from factory.sources.classes import class_set

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from factory.models.loading import fill_once, model_cache_dir
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.tokenizers import tiny_gemma_tokenizer, tiny_t5_tokenizer, write_tiny_clip_tokenizer
 
 TINY_VERSION = "v1"

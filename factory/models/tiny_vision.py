@@ -7,7 +7,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from factory.models.loading import fill_once, model_cache_dir
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.tokenizers import char_tokenizer, tiny_bert_tokenizer, write_tiny_clip_tokenizer
 
 TINY_BLIP = "blip-caption-v1"

@@ -2,7 +2,8 @@
 writes them on any fsspec filesystem.
 
 Under the output root:
-    manifest.json                 spec (credentials redacted), spec hash and plan summary, written at planning
+    manifest.json                 spec (credentials redacted), spec hash, plan summary and pinned weights,
+                                  written at planning
     plan/part-00000.parquet       the planned sample ids, one row group per shard, SHARDS_PER_PART shards a part
     shards/shard-000000.tar       committed shards (a tar appears under this name only when complete)
     rejected/shard-000000.tar     samples a selection stage rejected (only with output.keep_rejected)

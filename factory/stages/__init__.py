@@ -18,6 +18,8 @@ from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from factory.models.loading import ModelConfig
+from factory.models.weights import WeightsSource
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.sources.classes import ClassSet
@@ -74,6 +76,12 @@ class Stage(ABC, Generic[ParamsT, ModelT]):
     def model_ids(self) -> dict[str, str]:
         """Model identities recorded in every sample's json and in the shard stats."""
         return {}
+
+    def weight_sources(self) -> dict[str, WeightsSource]:
+        """The models among `model_ids` that `setup` loads from real weights (not the tiny or random
+        profiles), which the engine pins when the job is planned; override where a stage loads models of
+        another section (score's auto-labeller)."""
+        return self.model.weight_sources(self.model_ids()) if isinstance(self.model, ModelConfig) else {}
 
     @abstractmethod
     def process(self, samples: list[Sample]) -> list[Sample]:

@@ -12,12 +12,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.loading import (
     Dtype,
     ModelConfig,
-    fill_once,
     from_pretrained,
-    model_cache_dir,
     resolve_model_path,
     torch_dtype,
 )

@@ -21,8 +21,9 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.detection import DetectionParams, MaskGenerator, MaskGenModelConfig
-from factory.models.loading import fill_once, from_pretrained, model_cache_dir, resolve_model_path, torch_dtype
+from factory.models.loading import from_pretrained, resolve_model_path, torch_dtype
 from factory.models.random_vision import random_embedder
 from factory.models.random_weights import CLIP_L, DINOV2, random_id
 from factory.models.tiny_vision import TINY_EMBEDDERS, build_tiny_clip_vision, build_tiny_dinov2

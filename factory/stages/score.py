@@ -31,6 +31,7 @@ from factory.models.loading import Dtype, ModelConfig, from_pretrained, resolve_
 from factory.models.random_vision import random_clip
 from factory.models.random_weights import CLIP_L, random_id
 from factory.models.tiny_vision import TINY_CLIP, tiny_clip_dir
+from factory.models.weights import WeightsSource
 from factory.output.scores import density, fidelity
 from factory.sample import BadSample, Sample
 from factory.schema import StrictModel
@@ -120,6 +121,15 @@ class ScoreStage(Stage[ScoreParams, ScoreModelConfig]):
         if self.params.auto_label is not None:
             ids.update({f"auto_label.{k}": v for k, v in self._labeler(self.params.auto_label).model_ids().items()})
         return ids
+
+    def weight_sources(self) -> dict[str, WeightsSource]:
+        """This section's CLIP, and the auto-labeller's models with its own section's options and revisions."""
+        own = {k: v for k, v in self.model_ids().items() if not k.startswith("auto_label.")}
+        sources = self.model.weight_sources(own)
+        if self.params.auto_label is not None:
+            labeler = self._labeler(self.params.auto_label).weight_sources()
+            sources.update({f"auto_label.{k}": v for k, v in labeler.items()})
+        return sources
 
     def process(self, samples: list[Sample]) -> list[Sample]:
         ignore = self.context.classes.ignore_index

@@ -7,25 +7,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import fsspec
 import huggingface_hub.constants
 import pytest
 import torch
 
 from factory.models import loading as models
 from factory.models import tiny_diffusion
+from factory.models.cache import fill_once, model_cache_dir
 from factory.models.controlnet import load_controlnet_pipeline
 from factory.models.tiny_diffusion import TINY_CONTROLNET, tiny_controlnet_pipeline_dir
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def memfs():
-    fs = fsspec.filesystem("memory")
-    yield fs
-    if fs.exists("/models"):
-        fs.rm("/models", recursive=True)
 
 
 def _cfg(**kw):
@@ -76,7 +68,7 @@ def test_pretrained_profile_loads_local_and_object_store_paths(model_cache, memf
     assert torch.equal(remote.unet.conv_in.weight.to(torch.bfloat16), local.unet.conv_in.weight)
 
 
-def test_object_store_url_is_copied_once(model_cache, memfs):
+def test_object_store_url_is_copied_once_per_content(model_cache, memfs):
     memfs.pipe_file("/models/m1/config.json", b'{"a": 1}')
     memfs.pipe_file("/models/m1/sub/weights.bin", b"\x00\x01")
     path = Path(models.resolve_model_path("memory://models/m1", {}))
@@ -84,19 +76,21 @@ def test_object_store_url_is_copied_once(model_cache, memfs):
     assert (path / "config.json").read_bytes() == b'{"a": 1}'
     assert (path / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
     stamp = (path / ".factory-complete").stat().st_mtime_ns
-
-    memfs.pipe_file("/models/m1/config.json", b'{"a": 2}')
-    again = Path(models.resolve_model_path("memory://models/m1"))
-    assert again == path
-    assert (path / "config.json").read_bytes() == b'{"a": 1}'  # cached copy reused, source not read again
+    assert Path(models.resolve_model_path("memory://models/m1")) == path  # the same content: not copied again
     assert (path / ".factory-complete").stat().st_mtime_ns == stamp
 
+    # Other content under the same URL is another entry: the first stays for the jobs pinned to it.
+    memfs.pipe_file("/models/m1/config.json", b'{"a": 2}')
+    other = Path(models.resolve_model_path("memory://models/m1"))
+    assert other != path and (other / "config.json").read_bytes() == b'{"a": 2}'
+    assert (path / "config.json").read_bytes() == b'{"a": 1}'
+
     # A copy without its completion marker was interrupted: it is redone from scratch.
-    (path / ".factory-complete").unlink()
-    (path / "stale.tmp").write_bytes(b"partial")
-    assert Path(models.resolve_model_path("memory://models/m1")) == path
-    assert (path / "config.json").read_bytes() == b'{"a": 2}'
-    assert not (path / "stale.tmp").exists()
+    (other / ".factory-complete").unlink()
+    (other / "stale.tmp").write_bytes(b"partial")
+    assert Path(models.resolve_model_path("memory://models/m1")) == other
+    assert (other / "config.json").read_bytes() == b'{"a": 2}'
+    assert not (other / "stale.tmp").exists()
 
 
 def test_single_file_url_resolves_to_the_file(model_cache, memfs):
@@ -113,7 +107,7 @@ def test_concurrent_fills_run_once(tmp_path):
         time.sleep(0.2)
         (target / "data").write_text("x")
 
-    threads = [threading.Thread(target=models.fill_once, args=(tmp_path / "m", slow_fill)) for _ in range(4)]
+    threads = [threading.Thread(target=fill_once, args=(tmp_path / "m", slow_fill)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -155,6 +149,6 @@ def test_dtype_choice(caplog):
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("FACTORY_MODEL_CACHE", str(tmp_path / "c"))
-    assert models.model_cache_dir() == tmp_path / "c"
+    assert model_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FACTORY_MODEL_CACHE")
-    assert models.model_cache_dir() == Path(os.path.expanduser("~/.cache/factory/models"))
+    assert model_cache_dir() == Path(os.path.expanduser("~/.cache/factory/models"))

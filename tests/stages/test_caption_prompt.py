@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from factory.models.loading import model_cache_dir
+from factory.models.cache import model_cache_dir
 from factory.models.tiny_vision import TINY_BLIP
 from factory.sample import Sample
 from factory.sources.classes import IGNORE, class_set

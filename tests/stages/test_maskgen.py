@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from factory.models.cache import model_cache_dir
 from factory.models.detection import DetectionParams, MaskGenerator, MaskGenModelConfig, build_sam, merge_masks
-from factory.models.loading import model_cache_dir
 from factory.models.tiny_vision import TINY_DETECTOR, TINY_SAM
 from factory.sample import Sample
 from factory.sources import open_source
@@ -240,7 +240,7 @@ def test_pretrained_profile_loads_saved_models(generator, tmp_path, monkeypatch)
     finally:
         fs.rm("/models", recursive=True)
     assert len(seen) == 1 and seen[0].endswith("sam_tiny.pth") and not seen[0].startswith("memory")
-    assert MaskGenerator.model_ids(cfg) == {"detector": str(det_dir), "sam": "vit_b:memory://models/sam/sam_tiny.pth"}
+    assert MaskGenerator.model_ids(cfg) == {"detector": str(det_dir), "sam": "memory://models/sam/sam_tiny.pth"}
     ims = images(2)
     for a, b in zip(real.generate(ims, ["sofa", "bird"]), generator.generate(ims, ["sofa", "bird"])):
         assert np.array_equal(a.mask, b.mask) and np.array_equal(a.instances, b.instances)

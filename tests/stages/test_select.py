@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from factory.models.cache import model_cache_dir
 from factory.models.detection import PseudoLabel
-from factory.models.loading import model_cache_dir
 from factory.models.tiny_vision import TINY_EMBEDDERS
 from factory.sample import Sample
 from factory.sources.classes import IGNORE, class_set

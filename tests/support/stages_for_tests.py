@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from factory.models.loading import ModelConfig, from_pretrained, resolve_model_path
 from factory.sample import BadSample
 from factory.schema import StrictModel
 from factory.sources.classes import ade150_palette
@@ -176,4 +177,31 @@ class PaletteLabeler(Stage):
             d = ((s.image.astype(np.int32)[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
             s.mask = d.argmin(-1).astype(np.uint8)
             s.meta["pseudo_label"] = True
+        return samples
+
+
+class BrightenModel(ModelConfig):
+    config: str  # a model folder, file URL or hub id holding a config.json with an `offset`
+
+
+class BrightenStage(Stage):
+    """Adds the `offset` of a model's config.json to every pixel: a stage that loads real weights through
+    the loading code every model stage uses (local path, object-store URL, hub id), for the pinning tests."""
+
+    name = "test-brighten"
+    Model = BrightenModel
+
+    def setup(self) -> None:
+        from transformers import PretrainedConfig
+
+        path = resolve_model_path(self.model.config, self.model.storage_options)
+        self.offset = int(from_pretrained(PretrainedConfig, self.model.config, path).offset)
+
+    def model_ids(self) -> dict[str, str]:
+        return {"config": self.model.config}
+
+    def process(self, samples):
+        for s in samples:
+            s.image = np.clip(s.image.astype(np.int16) + self.offset, 0, 255).astype(np.uint8)
+            s.meta["offset"] = self.offset
         return samples

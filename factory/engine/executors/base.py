@@ -24,6 +24,7 @@ from factory.engine.runner import StageRunner
 from factory.engine.spec import JobSpec
 from factory.engine.watch import ShardTimeout, Watch, place, read_attempt
 from factory.engine.writer import ShardWriter
+from factory.models.weights import WeightsPin
 from factory.output.layout import OutputStore
 from factory.sources.classes import ClassSet
 
@@ -51,6 +52,7 @@ class ShardJob:
     # stages ask for it instead, and run on the CPU. Never set from a spec: see runner.stage_device.
     gpu_stand_in: str | None = None
     name: str = ""  # the job's name: tags its metrics
+    pins: dict[str, tuple[WeightsPin, ...]] = field(default_factory=dict)  # stage label -> its models' pins
 
     def runner(self, stage: dict) -> StageRunner:
         return StageRunner(
@@ -62,6 +64,7 @@ class ShardJob:
             self.progress,
             self.gpu_stand_in,
             job_name=self.name,
+            pins=self.pins,
         )
 
     def read(self, shard: int) -> ShardWork:
