@@ -30,8 +30,16 @@ run: $(BIN)/.installed
 /usr/bin/chromium:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# The GPU machine's own transformers and huggingface-hub, ahead of the project's in the CPU rehearsal of
+# bench/device/run.sh (tests/bench/test_device_rehearsal.py).
+REHEARSAL := .device-rehearsal
+$(REHEARSAL)/.installed: bench/device/machine-packages.txt $(BIN)/.installed
+	rm -rf $(REHEARSAL)
+	$(BIN)/pip install --quiet --no-deps --target $(REHEARSAL) -r bench/device/machine-packages.txt
+	touch $@
+
 # Every tier (unit, integration, e2e), after the lint and type checks: what CI runs.
-test: lint $(BIN)/.installed /usr/bin/chromium
+test: lint $(BIN)/.installed $(REHEARSAL)/.installed /usr/bin/chromium
 	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: $(BIN)/.installed

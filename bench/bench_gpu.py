@@ -3,16 +3,20 @@
     python bench/bench_gpu.py                      # on a GPU: real sizes, random weights (profile: random)
     python bench/bench_gpu.py --tiny               # the same code with tiny models (default without a GPU)
 
-Sections, in order (`--sections` picks some): `stages` (each stage alone: images/s, FLOPs counted on the
-warm-up call, TFLOP/s, MFU, memory), `training` (one `factory train mask2img` / `text2mask` step at 768 px,
-bf16, largest batch that fits), `recipes` (Diffusion Synthesis, SegGen ImgSyn and SENSE through
-`factory.engine.driver.run_job`, pools from `factory.tools.pool_sizes` on the stage rates just measured, GPU busy
-fraction from NVML) and `fast_paths` (the ControlNet workload with each `model.speed` option on).
-`--minutes` is the time budget: a section that would start after it is recorded as skipped, never
-estimated. A workload that fails is recorded in `errors` (section, name, the error's line) and the run
-goes on; the JSON is rewritten after every workload, so a run cut short keeps what it measured.
-`--require-gpu` stops at once where torch sees no CUDA device. Only the recipes need Ray: where it is not
-installed they are listed as skipped, and the other sections import neither Ray nor webdataset. Writes
+Sections (`--sections` picks some), run in the order of their value: `stages` (each stage alone: images/s,
+FLOPs counted on the warm-up call, TFLOP/s, MFU, memory; the stages that make each recipe's images first),
+`fast_paths` (the ControlNet workload with each `model.speed` option on, compile first), `training` (one
+`factory train mask2img` / `text2mask` step at 768 px, bf16, largest batch that fits) and `recipes`
+(Diffusion Synthesis, SegGen ImgSyn and SENSE through `factory.engine.driver.run_job`, pools from
+`factory.tools.pool_sizes` on the stage rates just measured, GPU busy fraction from NVML).
+
+`--minutes` is a hard deadline: a workload starts only if its estimate (counted FLOPs at an assumed MFU,
+plus building and compiling) fits the time left, else it is listed under `skipped`; at the deadline the
+JSON is saved with the workload in flight named under `stopped` and the process ends. A workload that
+fails is recorded in `errors` (section, name, the error's line) and the run goes on; the JSON is rewritten
+after every workload. `--require-gpu` stops at once where torch sees no CUDA device; without it such a
+machine runs the tiny sizes and says so (`fallback`). Only the recipes need Ray: where it is not installed
+they are listed as skipped, and the other sections import neither Ray nor webdataset. Writes
 `bench/results/<gpu>-<date>.json` (or `--out DIR`) and prints a table. docs/gpu.md explains every figure.
 """
 
@@ -25,8 +29,12 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,172 +42,22 @@ sys.path.insert(0, str(REPO))
 # Ray's workers (the recipes) import factory too: from this checkout, installed or not.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
+from gpu_workloads import (  # noqa: E402
+    ASSUMED_MFU,
+    CPU_FAST_PATHS,
+    FAST_PATHS,
+    RECIPE_ESTIMATE_S,
+    TRAINING_ESTIMATE_S,
+    VALUE,
+    estimate_s,
+    workloads,
+)
 from measure import Workload, device_info, measure_recipe, measure_stage, measure_training  # noqa: E402
 
 from factory.tools.pool_sizes import plan  # noqa: E402
 
-ADE_SUBSET = [
-    "wall",
-    "building",
-    "sky",
-    "floor",
-    "tree",
-    "ceiling",
-    "road",
-    "bed",
-    "grass",
-    "cabinet",
-    "sidewalk",
-    "person",
-    "earth",
-    "door",
-    "table",
-    "mountain",
-    "plant",
-    "curtain",
-    "chair",
-    "car",
-]
-PROMPT = {"prompt": "a photo of a living room with a grey sofa, a wooden table, a lamp and a window"}
-
-
-def workloads(tiny: bool) -> list[Workload]:
-    """Real sizes (the issue's workloads) on a GPU; the same stages at test sizes with `tiny`."""
-    if tiny:
-        t = {"profile": "tiny"}
-        return [
-            Workload("controlnet-sd15-512", "controlnet", t, {"variants": 2, "steps": 2, "resolution": 64}, 2, 1, 64),
-            Workload("mask2img-sdxl-1024", "mask2img", t, {"images": 1, "steps": 2, "resolution": 32}, 2, 1, 64),
-            Workload("text2mask-sdxl-768", "text2mask", t, {"maps": 2, "steps": 2, "resolution": 32}, 1, 1, 64),
-            Workload("caption-blip-large", "caption", t, {"max_new_tokens": 8}, 4, 1, 64),
-            Workload("dense-caption-gemma3-4b", "dense_caption", t, {"max_new_tokens": 8}, 2, 1, 64),
-            Workload("embed-clip-vit-l14", "select", t, {"check_miou": False, "eps": -1}, 4, 1, 64, synthetic=True),
-            Workload("label-gdino-b-sam-h", "maskgen", t, {"mode": "replace", "classes": ADE_SUBSET[:4]}, 2, 1, 64),
-            Workload(
-                "t2i-flux-dev-1024",
-                "t2i",
-                t,
-                {"generators": [{"name": "flux", "family": "flux", "steps": 2, "resolution": 32}]},
-                2,
-                1,
-                64,
-                PROMPT,
-            ),
-            Workload("score-clip-vit-l14", "score", t, {}, 4, 1, 64, PROMPT, synthetic=True),
-        ]
-    r = {"profile": "random"}
-    return [
-        Workload(
-            "controlnet-sd15-512",
-            "controlnet",
-            {**r, "dtype": "fp16"},
-            {"variants": 5, "steps": 50, "guidance": 7.5, "resolution": 512},
-            2,
-            2,
-            512,
-            note="Diffusion Synthesis defaults: K=5, 50 steps, guidance 7.5; 10 images per call",
-        ),
-        Workload(
-            "mask2img-sdxl-1024",
-            "mask2img",
-            {**r, "dtype": "bf16"},
-            {"images": 1, "steps": 40, "resolution": 1024},
-            4,
-            2,
-            1024,
-            note="SDXL ControlNet, 40 steps",
-        ),
-        Workload(
-            "text2mask-sdxl-768",
-            "text2mask",
-            {**r, "dtype": "bf16"},
-            {"maps": 2, "steps": 200, "resolution": 768},
-            1,
-            1,
-            512,
-            note="SDXL, 200 steps",
-        ),
-        Workload(
-            "caption-blip-large",
-            "caption",
-            {**r, "family": "blip", "dtype": "fp16"},
-            {"max_new_tokens": 30},
-            32,
-            2,
-            512,
-            note="BLIP-large, greedy, up to 30 tokens",
-        ),
-        Workload(
-            "dense-caption-gemma3-4b",
-            "dense_caption",
-            r,
-            {"max_new_tokens": 200},
-            16,
-            1,
-            512,
-            note="Gemma-3-4B-it, bf16, up to 200 new tokens",
-        ),
-        Workload(
-            "embed-clip-vit-l14",
-            "select",
-            {**r, "dtype": "fp16"},
-            {"check_miou": False, "eps": -1},
-            64,
-            2,
-            512,
-            synthetic=True,
-            note="select's cosine check: real + synthetic image embedded",
-        ),
-        Workload(
-            "label-gdino-b-sam-h",
-            "maskgen",
-            {**r, "dtype": "bf16"},
-            {"mode": "replace", "classes": ADE_SUBSET},
-            8,
-            2,
-            512,
-            note="GroundingDINO-B (900 queries, 256 text tokens) + SAM ViT-H, 20 class names",
-        ),
-        Workload(
-            "t2i-flux-dev-1024",
-            "t2i",
-            r,
-            {"generators": [{"name": "flux", "family": "flux"}]},
-            2,
-            1,
-            512,
-            PROMPT,
-            note="FLUX.1-dev, 28 steps, guidance 3.5, 1024 px, T5 512 tokens",
-        ),
-        Workload(
-            "score-clip-vit-l14",
-            "score",
-            {**r, "dtype": "fp16"},
-            {},
-            64,
-            2,
-            512,
-            PROMPT,
-            synthetic=True,
-            note="CLIP score + density",
-        ),
-    ]
-
-
-# The fast paths, each on alone over the ControlNet workload's fp16 baseline (model.speed, model.dtype).
-FAST_PATHS = {
-    "bf16": {"dtype": "bf16"},
-    "sdpa_flash": {"speed": {"sdpa": "flash"}},
-    "channels_last": {"speed": {"channels_last": True}},
-    "vae_batch_2": {"speed": {"vae_batch": 2}},
-    "compile": {"speed": {"compile": ["unet", "controlnet", "vae"]}},
-    "compile_cuda_graphs": {"speed": {"compile": ["unet", "controlnet", "vae"], "cuda_graphs": True}},
-}
-# On a CPU: CUDA graphs need a GPU, and torch.compile is left to the GPU run to keep the tiny run short.
-CPU_FAST_PATHS = ("channels_last", "vae_batch_2")
-
-
 RECIPES = ("diffusion_synthesis", "seggen_imgsyn", "sense")
+BASELINE = "controlnet-sd15-512"  # the workload each fast path is measured against
 
 
 def recipes(by_name: dict[str, Workload]) -> dict[str, list[tuple[Workload | None, dict]]]:
@@ -277,7 +135,7 @@ def table(result: dict) -> str:
     for r in result["recipes"]:
         rows.append(
             f"recipe {r['name']:<19}{fmt(r.get('samples_per_s_steady'), '.3f'):>9}  "
-            f"ratio to slowest alone {fmt(r.get('ratio_to_slowest_stage'), '.2f')}  "
+            f"ratio to the shared-GPU bound {fmt(r.get('ratio_to_shared_gpu_bound'), '.2f')}  "
             f"GPU busy {fmt(r.get('gpu_busy_fraction'), '.0%')}  wall {r['seconds']}s"
         )
     rows += [f"skipped: {s}" for s in result["skipped"]]
@@ -294,15 +152,80 @@ def ray_installed() -> bool:
     return True
 
 
+@dataclass
+class Item:
+    """One workload of the run, in the order of value: started only if its estimate fits the time left."""
+
+    section: str
+    name: str
+    measure: Callable[[], dict]
+    estimate_s: float | None = None  # None: no estimate (tiny sizes, a GPU without a known peak)
+
+
+def plan_items(args, tiny: bool, gpu: bool, device: str, peak: float | None, measured: dict) -> list[Item]:
+    """Every workload of the chosen sections, by value: the stages that make each recipe's images (the
+    goals) and the other stages, the fast paths (compile first), training, then the recipes (Ray)."""
+    by_name = {w.name: w for w in workloads(tiny)}
+    sections = args.sections.split(",")
+    chosen = [w for w in workloads(tiny) if not args.only or w.name in args.only]
+    peak_for_estimates = None if tiny else peak  # the estimates are for real sizes on a GPU whose peak is known
+    items = []
+    if "stages" in sections:
+        for w in sorted(chosen, key=lambda w: VALUE.index(w.name)):
+            items.append(
+                Item("stages", w.name, partial(measure_stage, w, device, peak), estimate_s(w, peak_for_estimates))
+            )
+    if "fast_paths" in sections and BASELINE in {w.name for w in chosen}:
+        base = by_name[BASELINE]
+        for option in CPU_FAST_PATHS if not gpu else FAST_PATHS:
+            over = FAST_PATHS[option]
+            model = {**base.model, **over, "speed": {**base.model.get("speed", {}), **over.get("speed", {})}}
+            variant = replace(base, name=f"controlnet+{option}", model=model, note=f"controlnet-sd15-512 with {option}")
+
+            def fast_path(variant=variant):
+                flops = measured[BASELINE]["tflop_per_image"]
+                return measure_stage(variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12)
+
+            items.append(Item("fast_paths", variant.name, fast_path, estimate_s(variant, peak_for_estimates)))
+    if "training" in sections:
+        for kind in ("mask2img", "text2mask"):
+            size, batches, steps = (32, [2], 1) if tiny else (768, [16, 8, 4, 2, 1], 3)
+            run = partial(measure_training, kind, "tiny" if tiny else "random", size, batches, steps, device, peak)
+            items.append(Item("training", kind, run, None if peak_for_estimates is None else TRAINING_ESTIMATE_S))
+    return items
+
+
+H100_PEAK = 989.0  # what --plan-only assumes where no GPU is visible: the H100 SXM's dense bf16 peak
+
+
+def print_plan(items: list[Item], peak: float) -> dict:
+    """The plan of a real-size run and the seconds estimated for each workload, measuring nothing."""
+    total = 0.0
+    for i in items:
+        total += i.estimate_s or 0
+        estimate = f"{i.estimate_s:7.0f} s" if i.estimate_s is not None else "      - "
+        print(f"{i.section:<11}{i.name:<34}{estimate}{total:8.0f} s")
+    print(f"{len(items)} workloads at {ASSUMED_MFU:.0%} of {peak:.0f} TFLOP/s: {total:.0f} s ({total / 60:.1f} min)")
+    return {"plan": [{"section": i.section, "name": i.name, "estimate_s": i.estimate_s} for i in items]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny models at test sizes (the default without a GPU)")
-    p.add_argument("--sections", default="stages,training,recipes,fast_paths")
+    p.add_argument("--sections", default="stages,fast_paths,training,recipes")
     p.add_argument("--only", action="append", help="stage workloads to run (names); default all")
     p.add_argument("--recipes", help=f"recipes to run, comma-separated (default all: {','.join(RECIPES)})")
-    p.add_argument("--minutes", type=float, default=7.5, help="time budget; later sections are skipped")
+    p.add_argument(
+        "--minutes", type=float, default=8.0, help="hard deadline: the run saves what it measured and ends by then"
+    )
     p.add_argument("--require-gpu", action="store_true", help="stop at once if no CUDA device is visible")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help=f"print the real-size plan and its estimates (for this GPU, or an H100 SXM at {H100_PEAK:.0f} TFLOP/s "
+        "where none is visible) and measure nothing",
+    )
     args = p.parse_args(argv)
     chosen_recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
     unknown = set(chosen_recipes) - set(RECIPES)
@@ -321,82 +244,105 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if gpu else "cpu"
     info = device_info()
     peak = info["peak_bf16_tflops"]
-    sections = args.sections.split(",")
+    if args.plan_only:
+        return print_plan(plan_items(args, False, True, "cuda", peak or H100_PEAK, {}), peak or H100_PEAK)
     started = time.perf_counter()
-    result = {
+    deadline = started + args.minutes * 60
+    result: dict = {
         "date": date.today().isoformat(),
         "gpu": info,
         "sizes": "tiny" if tiny else "real",
+        "assumed_mfu_for_estimates": ASSUMED_MFU,
+        "deadline_minutes": args.minutes,
+        "plan": [],
         "stages": [],
         "training": [],
         "recipes": [],
         "fast_paths": [],
         "skipped": [],
         "errors": [],
+        "stopped": None,
         "section_seconds": {},
     }
-    mark = [started]
+    if not gpu and not args.tiny:
+        note = (
+            f"no CUDA device visible (torch {torch.__version__}, CUDA build {torch.version.cuda}): tiny models on "
+            "the CPU instead; --require-gpu makes this an error"
+        )
+        print(f"bench_gpu: {note}", file=sys.stderr, flush=True)
+        result["fallback"] = note
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug(info['name'])}-{result['date']}.json"
+    lock = threading.Lock()
+    running: list[str] = []
 
     def save() -> None:
         """Rewritten after every workload: a run cut short leaves every figure measured so far."""
         result["seconds"] = round(time.perf_counter() - started, 1)
         path.write_text(json.dumps(result, indent=1) + "\n")
 
-    def guarded(section: str, name: str, measure) -> dict | None:
-        """One workload: its figures appended to `result[section]`, or its error to `errors` and the run goes
-        on; saved either way."""
+    def at_deadline() -> None:
+        """The hard deadline: what was measured is saved, the workload in flight is named, the process ends."""
+        with lock:
+            result["stopped"] = f"deadline of {args.minutes} min reached during {' '.join(running) or 'the run'}"
+            save()
+            print(table(result), flush=True)
+            print(f"bench_gpu: {result['stopped']}; results in {path}", flush=True)
+        os._exit(0)
+
+    timer = threading.Timer(max(deadline - time.perf_counter(), 0), at_deadline)
+    timer.daemon = True
+    timer.start()
+
+    def attempt(item: Item) -> dict | None:
+        """One workload if its estimate fits the time left: its figures appended to its section, or its error
+        to `errors` and the run goes on; saved either way."""
+        left = deadline - time.perf_counter()
+        if item.estimate_s is not None and item.estimate_s > left:
+            with lock:
+                result["skipped"].append(
+                    f"{item.section} {item.name} (estimated {item.estimate_s:.0f} s, {left:.0f} s left)"
+                )
+                save()
+            return None
+        running[:] = [item.section, item.name]
         try:
-            figures = measure()
-            result[section].append(figures)
+            figures, error = item.measure(), None
         except Exception as e:  # any failure of one workload (OOM, a missing kernel) must not lose the others
-            logging.getLogger("bench").exception("%s %s failed", section, name)
-            result["errors"].append({"section": section, "name": name, "error": f"{type(e).__name__}: {e}"[:500]})
-            figures = None
-        save()
+            logging.getLogger("bench").exception("%s %s failed", item.section, item.name)
+            figures, error = None, {"section": item.section, "name": item.name, "error": f"{type(e).__name__}: {e}"}
+        with lock:
+            if error is None:
+                result[item.section].append(figures)
+            else:
+                error["error"] = error["error"][:500]
+                result["errors"].append(error)
+            save()
         return figures
 
-    def section_done(section: str) -> None:
-        result["section_seconds"][section] = round(time.perf_counter() - mark[0], 1)
-        mark[0] = time.perf_counter()
-        save()
-
-    def budget_left(section: str) -> bool:
-        if time.perf_counter() - started < args.minutes * 60:
-            return True
-        result["skipped"].append(f"{section} (time budget of {args.minutes} min spent)")
-        return False
-
-    chosen = [w for w in workloads(tiny) if not args.only or w.name in args.only]
-    by_name = {w.name: w for w in workloads(tiny)}
-    if "stages" in sections:
-        for w in chosen:
-            if budget_left(w.name) and (figures := guarded("stages", w.name, lambda: measure_stage(w, device, peak))):
-                print(f"{w.name}: {figures['images_per_s']} images/s", flush=True)
-        section_done("stages")
-    if "training" in sections:
-        for kind in ("mask2img", "text2mask"):
-            if budget_left(f"training {kind}"):
-                guarded(
-                    "training",
-                    kind,
-                    lambda: measure_training(
-                        kind,
-                        "tiny" if tiny else "random",
-                        32 if tiny else 768,
-                        [2] if tiny else [16, 8, 4, 2, 1],
-                        1 if tiny else 3,
-                        device,
-                        peak,
-                    ),
-                )
-        section_done("training")
-    measured = {s["name"]: s for s in result["stages"]}
+    measured: dict[str, dict] = {}
+    items = plan_items(args, tiny, gpu, device, peak, measured)
+    result["plan"] = [{"section": i.section, "name": i.name, "estimate_s": i.estimate_s} for i in items]
+    estimated = sum(i.estimate_s or 0 for i in items)
+    print(f"bench_gpu: {len(items)} workloads, {estimated:.0f} s estimated, deadline {args.minutes} min", flush=True)
+    for item in items:
+        if item.section == "fast_paths" and BASELINE not in measured:
+            result["skipped"].append(f"fast_paths {item.name} (its baseline, {BASELINE}, was not measured)")
+            continue
+        mark = time.perf_counter()
+        figures = attempt(item)
+        if figures is not None and item.section == "stages":
+            measured[item.name] = figures
+            print(f"{item.name}: {figures['images_per_s']} images/s", flush=True)
+        seconds = result["section_seconds"]
+        seconds[item.section] = round(seconds.get(item.section, 0) + time.perf_counter() - mark, 1)
+    sections = args.sections.split(",")
     if "recipes" in sections and not ray_installed():
         result["skipped"].append("recipes (Ray is not installed here: they run through the engine, on Ray)")
     elif "recipes" in sections:
+        mark = time.perf_counter()
+        by_name = {w.name: w for w in workloads(tiny)}
         with tempfile.TemporaryDirectory() as work:
             for name, parts in recipes(by_name).items():
                 if name not in chosen_recipes:
@@ -404,42 +350,19 @@ def main(argv: list[str] | None = None) -> dict:
                 if any(w is not None and w.name not in measured for w, _ in parts):
                     result["skipped"].append(f"recipe {name} (needs its stages measured alone)")
                     continue
-                if budget_left(f"recipe {name}"):
-                    stages, alone = recipe_stages(parts, measured, tiny, gpu)
-                    count, size, shard = (4, 64, 1) if tiny else (8, 512, 2)
-                    guarded("recipes", name, lambda: measure_recipe(name, stages, count, size, shard, work, alone))
-        section_done("recipes")
-    if "fast_paths" in sections and "controlnet-sd15-512" in measured:
-        base = by_name["controlnet-sd15-512"]
-        for option in CPU_FAST_PATHS if not gpu else FAST_PATHS:
-            if budget_left(f"fast path {option}"):
-                over = FAST_PATHS[option]
-                model = {**base.model, **over, "speed": {**base.model.get("speed", {}), **over.get("speed", {})}}
-                variant = Workload(
-                    f"controlnet+{option}",
-                    base.kind,
-                    model,
-                    base.params,
-                    base.batch,
-                    base.calls,
-                    base.size,
-                    note=f"controlnet-sd15-512 with {option}",
-                )
-                flops = measured["controlnet-sd15-512"]["tflop_per_image"]
-                guarded(
-                    "fast_paths",
-                    variant.name,
-                    lambda: measure_stage(
-                        variant, device, peak, count_flops=False, flops_per_image=flops and flops * 1e12
-                    ),
-                )
-        section_done("fast_paths")
-    save()
-    print(table(result))
-    print(
-        f"{info['name']} ({f'peak {peak} TFLOP/s bf16' if peak else 'no MFU peak known'}), "
-        f"{result['seconds']}s -> {path}"
-    )
+                stages, alone = recipe_stages(parts, measured, tiny, gpu)
+                count, size, shard = (4, 64, 1) if tiny else (8, 512, 2)
+                run = partial(measure_recipe, name, stages, count, size, shard, work, alone)
+                attempt(Item("recipes", name, run, None if tiny else RECIPE_ESTIMATE_S))
+        result["section_seconds"]["recipes"] = round(time.perf_counter() - mark, 1)
+    timer.cancel()
+    with lock:
+        save()
+        print(table(result))
+        print(
+            f"{info['name']} ({f'peak {peak} TFLOP/s bf16' if peak else 'no MFU peak known'}), "
+            f"{result['seconds']}s -> {path}"
+        )
     return result
 
 

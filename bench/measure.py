@@ -1,10 +1,11 @@
 """Measuring helpers for `bench/bench_gpu.py`: a stage alone, a training step, a whole recipe through the engine.
 
 Every figure is measured by the code here, on the machine it runs on: rates are timed calls after a
-warm-up call, FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the warm-up call, MFU is
-achieved FLOP/s over the GPU's dense bf16 peak, memory is `torch.cuda.max_memory_allocated`, and the GPU
-busy fraction is NVML's utilisation sampled while a recipe runs. On a CPU the same code runs (tiny models)
-and the GPU-only figures are null.
+warm-up call, FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the warm-up call (null,
+with the reason, where the counter cannot trace a call), MFU is achieved FLOP/s over the GPU's dense bf16
+peak, memory is the peak of the tensors, of the allocator's reserved pool, and what an actor needs (that
+pool plus the CUDA context), and the GPU busy fraction is NVML's utilisation sampled while a recipe's
+shards commit. On a CPU the same code runs (tiny models) and the GPU-only figures are null.
 """
 
 from __future__ import annotations
@@ -77,6 +78,37 @@ def memory_gib(peak: bool = True) -> float | None:
     return round((torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30, 2)
 
 
+def peak_memory() -> dict:
+    """Since the last `reset_memory`: the tensors' peak, the allocator's reserved pool at its peak, and what
+    an actor of this workload needs on its GPU: that pool plus the CUDA context and its libraries (the
+    device's use beyond this process's pool, as the driver reports it; other processes count too)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"peak_memory_gib": None, "peak_reserved_gib": None, "actor_memory_gib": None}
+    free, total = torch.cuda.mem_get_info()
+    context = total - free - torch.cuda.memory_reserved()
+    reserved = torch.cuda.max_memory_reserved()
+    return {
+        "peak_memory_gib": memory_gib(),
+        "peak_reserved_gib": round(reserved / 2**30, 2),
+        "actor_memory_gib": round((reserved + context) / 2**30, 2),
+    }
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """CUDA ran out of memory: torch's own error, or a cuBLAS/cuDNN workspace allocation that failed, which
+    torch raises as a plain RuntimeError named only by its message."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        code in text for code in ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+    )
+
+
 def _torch_modules(stage, depth: int = 3) -> list:
     """The torch modules a stage holds: in its attributes, their attributes and pipelines' components,
     `depth` levels down (an embedder object holding a model, a pipeline holding a UNet)."""
@@ -99,20 +131,28 @@ def _torch_modules(stage, depth: int = 3) -> list:
     return list(found.values())
 
 
-def counted(fn) -> tuple[Any, int]:
-    """(fn(), FLOPs it ran), counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+def counted(fn) -> tuple[Any, int | None, str | None]:
+    """(fn(), FLOPs it ran, None), counted by torch's FlopCounterMode (matmuls, convolutions, attention); or
+    (fn(), None, why) where the counter cannot trace the call (an operator it does not know on this torch,
+    e.g. SDPA with `enable_gqa`): the call runs again uncounted, and its figures stay without FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        result = fn()
-    return result, counter.get_total_flops()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            result = fn()
+        return result, counter.get_total_flops(), None
+    except Exception as e:
+        if out_of_memory(e):
+            raise
+        return fn(), None, f"FLOPs not counted: {type(e).__name__}: {e}"[:300]
 
 
 class BusySampler:
-    """Mean NVML GPU utilisation over a `with` block, sampled every `every` s; None without NVML or a GPU."""
+    """NVML GPU utilisation sampled every `every` s over a `with` block, as (time.time(), percent) pairs;
+    `fraction(start, end)` is their mean inside a window. Empty without NVML or a GPU."""
 
     def __init__(self, every: float = 0.2):
-        self.every, self.samples, self.fraction = every, [], None
+        self.every, self.samples = every, []
         self._stop = threading.Event()
         self._handle = None
         if importlib.util.find_spec("pynvml") is None:
@@ -130,7 +170,7 @@ class BusySampler:
         import pynvml
 
         while not self._stop.wait(self.every):
-            self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            self.samples.append((time.time(), pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
 
     def __enter__(self):
         if self._handle is not None:
@@ -142,8 +182,10 @@ class BusySampler:
         if self._handle is not None:
             self._stop.set()
             self._thread.join()
-            if self.samples:
-                self.fraction = round(float(np.mean(self.samples)) / 100, 3)
+
+    def fraction(self, start: float, end: float) -> float | None:
+        inside = [busy for t, busy in self.samples if start <= t <= end]
+        return round(float(np.mean(inside)) / 100, 3) if inside else None
 
 
 def significant(x: float | None, digits: int = 4) -> float | None:
@@ -175,6 +217,10 @@ class Workload:
     meta: dict = field(default_factory=dict)  # put in every source sample (a prompt, a caption)
     synthetic: bool = False  # samples carry a synthetic image beside the real one (select, score)
     note: str = ""
+    # What the run's plan estimates from (bench_gpu.estimate_s), at real sizes; never reported as measured.
+    est_tflop_per_call: float | None = None  # FLOPs of one process() call, from counted per-model FLOPs
+    est_weights_gib: float = 0.0  # the weights built and moved to the GPU before the first call
+    est_min_call_s: float = 0.0  # a floor per call where decoding token by token bounds it, not FLOPs
 
 
 def sources(w: Workload, call: int) -> list[Sample]:
@@ -218,9 +264,10 @@ def measure_stage(
     k = stage.variants_per_input()
     warm = sources(w, 0)
     started = time.perf_counter()
+    uncounted = None
     if count_flops:
-        out, flops = counted(lambda: stage.process(warm))
-        flops_per_image = flops / len(out) if out else None
+        out, flops, uncounted = counted(lambda: stage.process(warm))
+        flops_per_image = flops / len(out) if out and flops is not None else None
     else:
         out = stage.process(warm)
     sync()
@@ -249,7 +296,7 @@ def measure_stage(
         "tflop_per_image": significant(flops_per_image and flops_per_image / 1e12),
         **throughput(flops_per_image * rows if flops_per_image else None, seconds, peak),
         "weights_gib": weights,
-        "peak_memory_gib": memory_gib(),
+        **peak_memory(),
         "load_s": round(load_s, 2),
         "first_call_s": round(first_s, 2),
         # With torch.compile the first call compiles: its excess over a steady call is the compile time.
@@ -259,6 +306,7 @@ def measure_stage(
         "model": w.model,
         "params": w.params,
         "note": w.note,
+        "flops_note": uncounted,
     }
     del stage
     reset_memory()
@@ -294,36 +342,43 @@ def measure_training(
     mixed_precision: str = "bf16",
 ) -> dict:
     """samples/s, FLOPs and memory of `factory train KIND` steps (AdamW, autocast), at the largest batch of
-    `batch_sizes` that fits (tried largest first; a CUDA out-of-memory moves on to the next)."""
+    `batch_sizes` that fits: the models are built once, then batches are tried largest first, and one that
+    runs out of memory (torch's error, or a cuBLAS/cuDNN allocation) frees its gradients and optimizer
+    state and moves on to the next."""
     import torch
 
     from factory.seggen.models import TrainingModels
     from factory.seggen.spec import TrainModel
 
+    reset_memory()
+    models = TrainingModels(kind, TrainModel(profile=profile), mixed_precision, torch.device(device), None)
+    trainable = sum(p.numel() for p in models.trainable.parameters())
     tried = []
     for size in sorted(batch_sizes, reverse=True):
-        reset_memory()
+        optimizer = torch.optim.AdamW(models.trainable.parameters(), lr=1e-5)
+        batch = training_batch(kind, size, resolution)
+
+        def step(n: int):
+            loss = models.loss(models.trainable, batch, torch.Generator().manual_seed(n))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
         try:
-            models = TrainingModels(kind, TrainModel(profile=profile), mixed_precision, torch.device(device), None)
-            optimizer = torch.optim.AdamW(models.trainable.parameters(), lr=1e-5)
-            batch = training_batch(kind, size, resolution)
-
-            def step(n: int):
-                loss = models.loss(models.trainable, batch, torch.Generator().manual_seed(n))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            _, flops = counted(lambda: step(0))
+            _, flops, uncounted = counted(lambda: step(0))
             sync()
             started = time.perf_counter()
             for n in range(steps):
                 step(n + 1)
             sync()
             seconds = time.perf_counter() - started
-        except torch.cuda.OutOfMemoryError:
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
             tried.append(size)
-            models = optimizer = batch = None
+            optimizer.zero_grad(set_to_none=True)
+            optimizer = batch = None
+            reset_memory()
             continue
         result = {
             "kind": kind,
@@ -334,14 +389,17 @@ def measure_training(
             "timed_steps": steps,
             "samples_per_s": round(size * steps / seconds, 4),
             "seconds_per_step": round(seconds / steps, 3),
-            "tflop_per_step": significant(flops / 1e12),
-            **throughput(flops * steps, seconds, peak),
-            "trainable_params_m": round(sum(p.numel() for p in models.trainable.parameters()) / 1e6, 1),
-            "peak_memory_gib": memory_gib(),
+            "tflop_per_step": significant(flops / 1e12) if flops is not None else None,
+            **throughput(flops * steps if flops is not None else None, seconds, peak),
+            "trainable_params_m": round(trainable / 1e6, 1),
+            **peak_memory(),
+            "flops_note": uncounted,
         }
         del models, optimizer, batch
         reset_memory()
         return result
+    del models
+    reset_memory()
     return {"kind": kind, "resolution": resolution, "batch": None, "out_of_memory_at": tried}
 
 
@@ -352,7 +410,8 @@ def measure_recipe(
     name: str, stages: list[dict], count: int, size: int, shard_size: int, work_dir, stage_rates: dict[str, float]
 ) -> dict:
     """A recipe run by `factory.engine.driver.run_job` on procedural scenes: wall and steady samples/s, the ratio of
-    its sources/s to the slowest stage alone (`stage_rates`: sources/s per stage label), GPU busy fraction.
+    its sources/s to what its stages allow on one shared GPU (`stage_rates`: each GPU stage's sources/s alone
+    on the whole GPU), GPU busy fraction while shards commit.
 
     Steady rate: the rows of every shard but the first over the time from the first commit to the last,
     which leaves actor start-up, model loading and the pipeline's fill out, as the stage-alone rates do.
@@ -393,7 +452,9 @@ def measure_recipe(
     later = stats[1:]
     steady = sum(s["samples"] + s["rejected"] for s in later) / span if span > 0.05 else None
     steady_sources = sum(s["sources"] for s in later) / span if span > 0.05 else None
-    slowest = min(stage_rates.items(), key=lambda kv: kv[1]) if stage_rates else None
+    # The stages share one GPU: a source costs each of them 1/rate seconds of the whole GPU, so the most the
+    # recipe can reach is one over their sum (and less than the slowest stage alone).
+    bound = 1 / sum(1 / rate for rate in stage_rates.values()) if stage_rates else None
     return {
         "name": name,
         "stages": [s.get("name") or s["kind"] for s in stages],
@@ -408,8 +469,9 @@ def measure_recipe(
         "samples_per_s_wall": round(rows / seconds, 4),
         "samples_per_s_steady": significant(steady),
         "sources_per_s_steady": significant(steady_sources),
-        "slowest_stage": slowest and slowest[0],
-        "ratio_to_slowest_stage": round(steady_sources / slowest[1], 3) if slowest and steady_sources else None,
-        "gpu_busy_fraction": busy.fraction,
+        "shared_gpu_bound_sources_per_s": significant(bound),
+        "ratio_to_shared_gpu_bound": round(steady_sources / bound, 3) if bound and steady_sources else None,
+        # Between the first and the last commit: actor start-up and model loading left out, as above.
+        "gpu_busy_fraction": busy.fraction(stats[0]["finished"], stats[-1]["finished"]),
         "resources": {s.get("name") or s["kind"]: s.get("resources", {}) for s in stages},
     }

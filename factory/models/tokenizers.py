@@ -73,3 +73,18 @@ def char_tokenizer(specials: list[str], **named):
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+
+
+def within_vocabulary(size: int):
+    """Logits processors for `generate` that never pick an id at or above `size`: a model whose vocabulary
+    is larger than its tokenizer's (a random model with a small tokenizer) otherwise generates ids the
+    tokenizer decodes to nothing. With a real model and its own tokenizer the mask covers no id."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class KnownIds(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, size:] = -torch.inf
+            return scores
+
+    return LogitsProcessorList([KnownIds()])

@@ -26,6 +26,7 @@ from factory.models.loading import (
 from factory.models.random_vision import random_vlm
 from factory.models.random_weights import VLM, random_id
 from factory.models.tiny_vision import TINY_VLM, tiny_vlm_dir
+from factory.models.tokenizers import within_vocabulary
 from factory.sample import Sample
 from factory.schema import StrictModel
 from factory.stages import Stage, register_stage
@@ -79,6 +80,9 @@ class DenseCaptionStage(Stage[DenseCaptionParams, DenseCaptionModelConfig]):
         self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         tokenizer = self.processor.tokenizer
         self.stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        # Only ids the tokenizer can decode: the random profile's Gemma-3 has 262k ids and a character
+        # tokenizer, and would otherwise write captions that decode to nothing.
+        self.known_ids = within_vocabulary(len(tokenizer))
 
     def model_ids(self) -> dict[str, str]:
         return {"vlm": {"tiny": f"tiny:{TINY_VLM}", "random": random_id(VLM)}.get(self.model.profile, self.model.vlm)}
@@ -93,7 +97,12 @@ class DenseCaptionStage(Stage[DenseCaptionParams, DenseCaptionModelConfig]):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.vlm.dtype)
         with torch.no_grad():
-            out = self.vlm.generate(**inputs, max_new_tokens=self.params.max_new_tokens, do_sample=False)
+            out = self.vlm.generate(
+                **inputs,
+                max_new_tokens=self.params.max_new_tokens,
+                do_sample=False,
+                logits_processor=self.known_ids,
+            )
         new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
         for sample, tokens in zip(samples, new_tokens):
             generated = self._until_stop(tokens)

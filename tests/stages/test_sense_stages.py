@@ -69,6 +69,28 @@ def test_dense_caption_writes_caption_and_prompt(captioner):
     assert again[0].meta["dense_caption"] == out[0].meta["dense_caption"]  # greedy: the same every time
 
 
+def test_generation_keeps_to_the_ids_the_tokenizer_can_decode(captioner, monkeypatch):
+    """A random VLM with a small tokenizer (the random profile's Gemma-3: 262k ids, a character tokenizer)
+    must only generate ids the tokenizer decodes: here the limit is set below the tiny model's vocabulary."""
+    from factory.models.tokenizers import within_vocabulary
+
+    generated = []
+    generate = captioner.vlm.generate
+
+    def recording(**kw):
+        out = generate(**kw)
+        generated.append(out[:, kw["input_ids"].shape[1] :])
+        return out
+
+    limit = 40
+    assert captioner.vlm.config.get_text_config().vocab_size > limit
+    monkeypatch.setattr(captioner, "known_ids", within_vocabulary(limit))
+    monkeypatch.setattr(captioner.vlm, "generate", recording)
+    out = captioner.process([painted(i) for i in range(2)])
+    assert generated and int(generated[0].max()) < limit
+    assert all(s.ok and s.meta["dense_caption"] for s in out)
+
+
 def test_dense_caption_params(captioner, model_cache):
     stage = DenseCaptionStage(
         DenseCaptionStage.Params(max_new_tokens=5, set_prompt=False, prompt="List objects."),
