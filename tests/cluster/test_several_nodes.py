@@ -143,12 +143,14 @@ def test_a_cluster_that_scales_from_zero_gpu_nodes_runs_the_job_on_the_nodes_it_
 def test_a_poison_and_a_hung_shard_fail_alone_naming_their_ray_node(source, one_node, tmp_path):
     out = tmp_path / "out"
     data = job(source, out, "ray_data")
-    data["stages"][0]["params"].update(crash_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
+    data["stages"][0]["params"].update(segfault_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
     data["engine"]["shard_timeout_s"] = 5
     report, work = on_cluster(tmp_path, data, "two_nodes")
     told = report.get("error", "")
     assert told.startswith(f"JobIncomplete: 2 of {SHARDS} shards failed and stay uncommitted"), report
     assert "shard 1 at stage invert: the worker running step invert on node " in told and "Ray node " in told
+    # The worker ran on another node than the driver's: its log is read through Ray's state API.
+    assert "tries: Segmentation fault in ctypes/__init__.py:" in told and "stages_for_tests.py:" in told
     assert "timeout: step invert ran past 5s" in told
     assert report["head"] not in work
     assert pixels(out) == {k: v for k, v in one_node.items() if k not in ("shard-000001.tar", "shard-000002.tar")}

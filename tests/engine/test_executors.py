@@ -7,6 +7,7 @@ it is left out of that case (its deadline raises in the main thread instead of e
 """
 
 import io
+import re
 import tarfile
 import time
 from pathlib import Path
@@ -30,7 +31,6 @@ from factory.sources.classes import ClassSet
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 EXECUTORS = ["ray_data", "ray_tasks", "in_process"]
-WITH_WORKERS = ["ray_data", "ray_tasks"]
 SHARDS = 4
 
 
@@ -84,14 +84,33 @@ def test_every_executor_writes_the_same_bytes(executor, source, reference, tmp_p
     assert tars(out) == reference
 
 
-@pytest.mark.parametrize("executor", WITH_WORKERS)
-def test_a_poison_shard_fails_alone_with_its_stage_and_node(executor, source, reference, tmp_path, ray_local):
+# What the worker's faulthandler wrote before it died: the signal, the innermost frame and its caller.
+SEGFAULT = (
+    r": Segmentation fault in ctypes/__init__\.py:\d+ string_at, called from support/stages_for_tests\.py:\d+ process"
+)
+
+
+@pytest.mark.parametrize(
+    "executor, poison, told",
+    [
+        ("ray_data", "segfault_ids", SEGFAULT),
+        ("ray_tasks", "segfault_ids", SEGFAULT),
+        ("ray_data", "crash_ids", r": its log shows no fatal error: a SIGKILL \(as the OOM killer sends\)"),
+    ],
+)
+def test_a_poison_shard_fails_alone_with_its_stage_node_and_signal(
+    executor, poison, told, source, reference, tmp_path, ray_local
+):
+    """A sample that kills its worker every time: the shard fails alone, named with the step, node and pid,
+    and with what the worker's faulthandler wrote to its Ray log (the signal, the frame), or that it wrote
+    nothing."""
     out = tmp_path / "out"
     with pytest.raises(JobIncomplete) as raised:
-        run_job(parse_spec(spec(source, out, executor, crash_ids=["s-002"])))  # shard 1
+        run_job(parse_spec(spec(source, out, executor, **{poison: ["s-002"]})))  # shard 1
     message = str(raised.value)
     assert message.startswith("1 of 4 shards failed and stay uncommitted: shard 1 at stage invert"), message
     assert "died on each of 2 tries" in message and "node " in message and "pid " in message
+    assert re.search(told, message), message
     assert "Ray logs" in message
     assert pixels(tars(out)) == pixels({k: v for k, v in reference.items() if k != "shard-000001.tar"})
 

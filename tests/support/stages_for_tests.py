@@ -10,6 +10,7 @@ fault tests steer `InvertStage` from outside the job:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ class InvertParams(StrictModel):
     reject_variants: list[str] = []  # reject only the variants with these paths
     sleep: float = 0.0
     sleep_ids: list[str] = []  # sleep `sleep` seconds on these ids only (else on every sample)
-    crash_ids: list[str] = []  # the worker process dies on these, every time (a poison sample: a segfault)
+    crash_ids: list[str] = []  # the worker process exits on these, every time, and says nothing (os._exit)
+    segfault_ids: list[str] = []  # the worker process dies of a segmentation fault on these (a poison sample)
     hang_ids: list[str] = []  # the call hangs on these (a model call that never returns)
     oom_over: int = 0  # a batch of more samples raises CUDA's out-of-memory error (a GPU too small for it)
     setup_error: str = ""  # set up fails with this RuntimeError (a model that cannot load, no CUDA device)
@@ -85,6 +87,8 @@ class InvertStage(Stage):
         for s in samples:
             if s.source_id in self.params.crash_ids:
                 os._exit(139)
+            if s.source_id in self.params.segfault_ids:
+                ctypes.string_at(0)  # reads address 0: SIGSEGV, as a crash in a decoder or a CUDA library
             while s.source_id in self.params.hang_ids:
                 time.sleep(1)
             if not self.params.sleep_ids or s.source_id in self.params.sleep_ids:

@@ -18,6 +18,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from factory.engine.executors.worker_logs import last_words
 from factory.engine.reader import ShardReader
 from factory.engine.records import Failure, ShardResult, ShardWork
 from factory.engine.runner import StageRunner
@@ -118,10 +119,17 @@ def lost_shard(store: OutputStore, shard: int, tries: int, error: BaseException 
     node_id = seen.get("node_id")
     where = place(node, node_id, seen.get("pid", "?"))
     gone = node_id in dead_nodes() if node_id else node in dead_nodes("NodeManagerAddress")
-    cause = (
-        f"the worker running step {step} on {where} died on each of {tries} tries"
-        + (": its node left the cluster" if gone else ": a crash in native code, the OOM killer or a lost node")
-        + (f" ({one_line(error)})" if error is not None else "")
+    said = None if gone else last_words(node_id, seen.get("pid"))
+    if gone:
+        why = "its node left the cluster"
+    elif said:
+        why = said  # the fatal error its faulthandler wrote: the signal and the frame
+    elif said == "":
+        why = "its log shows no fatal error: a SIGKILL (as the OOM killer sends) or an exit from native code"
+    else:
+        why = "a crash in native code, the OOM killer or a lost node"
+    cause = f"the worker running step {step} on {where} died on each of {tries} tries: {why}" + (
+        f" ({one_line(error)})" if error is not None else ""
     )
     advice = (
         "a rerun retries it; if it dies again, the shard holds a sample that crashes the step: "
