@@ -6,6 +6,8 @@ worker, and a job on several Ray nodes that loses one.
            engine before factory/engine/executors/rows.py) and the out-of-band buffers it uses now. Peak
            private memory above the process's before the hop (the input row is mapped from a file, as a
            block from the object store, so its pages are shared), per shard and in rows' sizes.
+           Then each stage actor's peak private memory per shard inside a running job (bench_actors): the
+           whole process, from the `peak_private_mib` each shard's stats record per stage, against the row.
 - cluster: a head and three worker nodes (`ray.cluster_utils.Cluster`) on this machine, 20,000 scenes at
            32 px through two cheap stages (K=2, 25% rejected), shard_size 100; one worker node killed
            (raylet and workers, SIGKILL) once 30% of the shards are committed: samples/s before and after,
@@ -126,6 +128,52 @@ def bench_rows() -> dict:
         "row_mib": round(found["buffers"]["row_mib"], 1),
         **{f"peak_mib_per_shard_{codec}": r["peak_growth_mib"] for codec, r in found.items()},
         **{f"rows_held_{codec}": round(r["peak_growth_mib"] / r["row_mib"], 2) for codec, r in found.items()},
+        "in_a_job": bench_actors(),
+    }
+
+
+def bench_actors(shards: int = 4, shard_size: int = 100, size: int = 512) -> dict:
+    """Each stage actor's peak private memory per shard inside a running job (the `peak_private_mib` every
+    shard's stats record per stage: the whole process, its interpreter, Ray and the stage included), against
+    the shard row it was handed: a local Ray of two CPUs, scenes at `size` px through a stage that makes a
+    new image per sample and one that passes rows on."""
+    import ray
+
+    from factory.engine.driver import run_job
+    from factory.engine.spec import parse_spec
+    from factory.output.layout import OutputStore
+    from factory.sources.scenes import render_scene
+
+    image, mask = render_scene(size, seed=0, index=0)
+    row_mib = shard_size * (image.nbytes + mask.nbytes) / 2**20
+    stages = [
+        {"kind": "bench_stages:ExpandStage", "name": "expand", "params": {"variants": 1}},
+        {"kind": "bench_stages:RejectStage", "name": "pass", "params": {"fraction": 0.0}},
+    ]
+    for st in stages:
+        st["resources"] = {"num_cpus": 0.5, "batch_size": 25}
+    out = Path(tempfile.mkdtemp()) / "out"
+    source = {"kind": "scenes", "count": shards * shard_size, "size": size, "seed": 0}
+    spec = {"name": "actors", "seed": 0, "source": source, "stages": stages}
+    spec["output"] = {"url": str(out), "shard_size": shard_size, "image_format": "png"}
+    job = parse_spec(spec)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        run_job(job)
+    finally:
+        ray.shutdown()
+    peaks: dict[str, list[float]] = {}
+    for _, stats in OutputStore.at(job.output).iter_stats():
+        for label, step in stats["stages"].items():
+            if step.get("peak_private_mib"):
+                peaks.setdefault(label, []).append(step["peak_private_mib"])
+    return {
+        "row_mib": round(row_mib, 1),
+        **{
+            f"peak_private_mib_{label}": {"median": float(np.median(v)), "max": max(v), "shards": len(v)}
+            for label, v in peaks.items()
+        },
+        **{f"peak_private_rows_{label}": round(max(v) / row_mib, 2) for label, v in peaks.items()},
     }
 
 

@@ -39,6 +39,8 @@ class StepStats:
     retries: int | None = None
     oom_splits: int | None = None
     worker_setup_s: float | None = None  # in the stats of the first shard a stage worker processed
+    # The stage worker's peak private memory while it ran the shard (the whole process: its models too)
+    peak_private_mib: float | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -61,6 +61,28 @@ def stage_device(spec: StageSpec, gpu_stand_in: str | None = None) -> str:
     return "cuda"
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak resident set over (Linux: clear_refs 5 resets VmHWM); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_private_mib() -> float | None:
+    """This process's peak resident set since `reset_peak_rss` (VmHWM) less the shared pages resident now
+    (libraries, and the object-store blocks it maps: its input row), in MiB: about the peak of its own
+    memory, what its declared `memory` is for. None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = (line.partition(":") for line in f)
+            kib = {k: int(v.split()[0]) for k, _, v in fields if k in ("VmHWM", "RssFile", "RssShmem")}
+        return round((kib["VmHWM"] - kib["RssFile"] - kib["RssShmem"]) / 1024, 1)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class RetryTally:
     """What the failure policy cost on one shard: counted while its batches run, then put in its StepStats."""
@@ -116,6 +138,7 @@ class StageRunner:
         if work.failure is not None:
             return work
         started = time.time()
+        reset_peak_rss()
         tally = RetryTally()
         batches = 0
         live = [i for i, s in enumerate(work.samples) if s.ok]
@@ -144,6 +167,7 @@ class StageRunner:
             retries=tally.retries,
             oom_splits=tally.oom_splits,
             worker_setup_s=self.setup_s,
+            peak_private_mib=peak_private_mib(),
         )
         self.setup_s = None
         return work

@@ -45,6 +45,7 @@ def test_pipeline_writes_every_sample_once(ray_local, tmp_path):
         assert stats["models"] == {INVERT: {"invert": "none"}}
         assert stats["stages"][INVERT]["rows_in"] == stats["sources"] and stats["stages"][INVERT]["retries"] == 0
         assert stats["stages"]["read"]["rows_out"] == stats["sources"]
+        assert stats["stages"][INVERT]["peak_private_mib"] > 10  # the worker process's, while it ran this shard
         assert "failures" not in stats and stats["failures_url"] is None
         for key, files in samples.items():
             assert "." not in key and set(files) == {"png", "seg.png", "json"}
