@@ -195,9 +195,9 @@ def _check_copy(fs, src: str, local: Path, ident: str, what: str) -> None:
     kind, _, value = ident.partition(":")
     if kind == "sha256":
         now = f"sha256:{file_sha256(local)}"
-    elif _MD5.match(value):
-        now = f"etag:{_md5(local)}"
-    else:  # a multi-part ETag is no hash of the bytes: the object must at least be the one pinned
+    elif _MD5.match(value) and _md5(local) == value:
+        return
+    else:  # a multi-part or KMS-encrypted object's ETag is no MD5 of its bytes: it must still be the pinned one
         now = _object_identity(fs, fs.info(src))
     if now != ident:
         raise WeightsChanged(

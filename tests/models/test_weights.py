@@ -160,3 +160,20 @@ def test_pins_round_trip_and_say_how_they_differ():
     b = WeightsPin.of("s3://b/m", {"x.safetensors": "etag:3", "config.json": "etag:2"})
     assert a.digest != b.digest and a.difference(b) == "x.safetensors: pinned etag:1, now etag:3"
     assert WeightsPin.of("org/m", {}, "1" * 40).difference(WeightsPin.of("org/m", {}, "2" * 40)).startswith("revision")
+
+
+def test_a_copy_is_checked_by_md5_where_the_etag_is_one_else_by_the_etag_unchanged(tmp_path):
+    from factory.models.weights import _check_copy
+
+    local = tmp_path / "w.bin"
+    local.write_bytes(b"weights")
+    md5 = hashlib.md5(b"weights").hexdigest()
+    store = SimpleNamespace(info=lambda src: {"name": src, "ETag": f'"{md5}"'})
+    _check_copy(store, "b/w.bin", local, f"etag:{md5}", "w.bin")  # a single-part upload: its MD5
+    # An encrypted (SSE-KMS) or multi-part object's ETag is no MD5 of its bytes: the object must be unchanged.
+    opaque = "0" * 32
+    store = SimpleNamespace(info=lambda src: {"name": src, "ETag": f'"{opaque}"'})
+    _check_copy(store, "b/w.bin", local, f"etag:{opaque}", "w.bin")
+    store = SimpleNamespace(info=lambda src: {"name": src, "ETag": '"1234-2"'})
+    with pytest.raises(WeightsChanged, match="w.bin changed since the job was planned"):
+        _check_copy(store, "b/w.bin", local, f"etag:{opaque}", "w.bin")
