@@ -70,17 +70,21 @@ def drop_entry(dest: Path) -> None:
         shutil.rmtree(dest, ignore_errors=True)
 
 
+def _remembered(memo: Path) -> dict | None:
+    """A file's hash memo on this node, or None: never hashed here (the memo is written whole, by rename)."""
+    if not memo.is_file():
+        return None
+    return json.loads(memo.read_text())
+
+
 def file_sha256(path: Path) -> str:
     """The file's sha256 (hex), read once per node for each state of the file (path, size, mtime, inode)."""
     st = path.stat()
     state = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
     memo = model_cache_dir() / "sha256" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]}.json"
-    try:
-        known = json.loads(memo.read_text())
-        if known["state"] == state:
-            return known["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass  # not hashed on this node yet, or a memo from an interrupted write
+    known = _remembered(memo)
+    if known is not None and known.get("state") == state and "sha256" in known:
+        return known["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
