@@ -10,6 +10,7 @@ then stops those agents; each is named by pid and start time, so a reused pid is
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -53,20 +54,28 @@ def _same_process(pid: int, started: float) -> psutil.Process | None:
         return None
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def main(argv: list[str]) -> None:
     driver = int(argv[0])
     targets = [(int(pid), float(started)) for pid, _, started in (t.partition(":") for t in argv[1:])]
-    while psutil.pid_exists(driver) and psutil.Process(driver).status() != psutil.STATUS_ZOMBIE:
+    while _running(driver):
         time.sleep(1.0)
     time.sleep(2.0)  # a clean shutdown stops the agents itself; give it the time to
-    for pid, started in targets:
-        proc = _same_process(pid, started)
-        if proc is not None:
+    left = [proc for pid, started in targets if (proc := _same_process(pid, started)) is not None]
+    for proc in left:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it went by itself meanwhile
             proc.terminate()
-            try:
-                proc.wait(5)
-            except psutil.TimeoutExpired:
-                proc.kill()
+    # Together, not one after another: an agent whose raylet is gone may never act on SIGTERM.
+    _, alive = psutil.wait_procs(left, timeout=3)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 if __name__ == "__main__":

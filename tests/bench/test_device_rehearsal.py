@@ -58,5 +58,18 @@ def test_the_device_run_script_leaves_every_workload_s_result_in_at_most_eight_f
     planned = {(p["section"], p["name"]) for p in result["plan"]}
     assert planned == done and len(planned) == 9 + 2 + 2
     assert result["skipped"] == ["recipes (Ray is not installed here: they run through the engine, on Ray)"]
-    assert all(s["images_per_s"] > 0 and s["failed_rows"] == 0 for s in result["stages"])
     assert result["seconds"] > 0 and name.startswith("cpu-")
+    kinds = ("controlnet", "mask2img", "text2mask", "caption", "dense_caption", "select", "maskgen", "t2i", "score")
+    assert sorted(s["kind"] for s in result["stages"]) == sorted(kinds)
+    for s in result["stages"]:
+        assert s["images_per_s"] > 0 and s["failed_rows"] == 0, s["name"]
+        assert s["tflop_per_image"] > 0, s["name"]  # counted by FlopCounterMode, never typed in
+        assert s["mfu"] is None and s["peak_memory_gib"] is None  # no GPU: no peak to divide by, no CUDA memory
+        assert s["weights_gib"] > 0, s["name"]  # planned from the modules: parameters and buffers
+    controlnet = next(s for s in result["stages"] if s["kind"] == "controlnet")
+    assert controlnet["images_per_call"] == controlnet["batch_sources"] * controlnet["rows_per_source"]
+    assert [f["name"] for f in result["fast_paths"]] == ["controlnet+channels_last", "controlnet+vae_batch_2"]
+    assert all(f["tflop_per_image"] == controlnet["tflop_per_image"] for f in result["fast_paths"])
+    assert {t["kind"] for t in result["training"]} == {"mask2img", "text2mask"}
+    assert all(t["samples_per_s"] > 0 and t["tflop_per_step"] > 0 for t in result["training"])
+    assert "controlnet-sd15-512" in (out / "bench.log").read_text()

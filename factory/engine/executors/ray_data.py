@@ -14,8 +14,10 @@ plain Ray task from read to commit (`factory/engine/executors/ray_tasks.py`).
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
+from contextlib import closing
 from functools import partial
 
 import pyarrow as pa
@@ -87,18 +89,29 @@ class RayDataExecutor(Executor):
         whose lineage cannot be rebuilt within its retries. That is the cluster's fault, not the shard's."""
         left = set(pending)
         gone_before = dead_nodes()
-        for result in self._rows(pending):
-            left.discard(result.shard)
-            yield result
-        if left and dead_nodes() - gone_before:
-            log.warning("a node left the cluster: running the %d shards it dropped once more", len(left))
-            for result in self._rows(sorted(left)):
-                left.discard(result.shard)
-                yield result
+        # Ray Data ends an actor pool by dropping its handles, not by killing its actors, and a task that
+        # failed keeps its actor's handle in a reference cycle: that actor (one Ray restarted after a
+        # poison shard or a deadline) holds its CPUs and GPUs until Python's collector happens to run, and
+        # a job run after it in the same driver may wait for them for ever. Collected before this job
+        # asks for resources and after it.
+        gc.collect()
+        try:
+            with closing(self._rows(pending)) as results:
+                for result in results:
+                    left.discard(result.shard)
+                    yield result
+            if left and dead_nodes() - gone_before:
+                log.warning("a node left the cluster: running the %d shards it dropped once more", len(left))
+                with closing(self._rows(sorted(left))) as results:
+                    for result in results:
+                        left.discard(result.shard)
+                        yield result
+        finally:
+            gc.collect()
         for shard in sorted(left):
             yield lost_shard(self.store, shard, self.spec.engine.retries + 1)
 
-    def _rows(self, pending: list[int]) -> Iterator[ShardResult]:
+    def _rows(self, pending: list[int]) -> Generator[ShardResult, None, None]:
         engine = self.spec.engine
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -142,4 +155,6 @@ class RayDataExecutor(Executor):
             **self.remote_options(engine.write_cpus, 0.0),
             **retries,
         ).iter_rows()
-        return (ShardResult.from_row(row) for row in rows)
+        # Closing this generator drops Ray Data's iterator, which shuts its execution down.
+        for row in rows:
+            yield ShardResult.from_row(row)
