@@ -147,6 +147,9 @@ def advice(exc: BaseException) -> str:
         return f"no space left on the device: free space, then {RERUN}"
     if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EROFS, errno.EPERM):
         return "the location is not writable: fix its permissions or pass --output elsewhere"
+    # A rerun meets the same path: what helps is another one (a bucket that does not exist is one too).
+    if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
+        return "a path the job uses is missing or of the wrong kind: fix it, or pass --output elsewhere"
     if _storage_credentials(exc):
         return "object storage refused the credentials: check key/secret (or AWS_* variables), then " + RERUN
     if isinstance(exc, _unreachable()):

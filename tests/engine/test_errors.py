@@ -41,6 +41,18 @@ def test_the_root_cause_is_found_through_wrappers_carried_errors_and_causes():
 
 
 @pytest.mark.unit
+def test_a_path_that_cannot_be_used_is_not_told_to_rerun():
+    """A rerun meets the same path: the advice names the path's fix, by the error's type."""
+    for error in (
+        NotADirectoryError(20, "Not a directory", "/data/a-file/out"),
+        FileNotFoundError(2, "No such file or directory", "/proc/nothing"),
+        Wrapper(FileNotFoundError("The specified bucket does not exist")),
+    ):
+        told = advice(error)
+        assert "fix it, or pass --output elsewhere" in told and RERUN not in told, told
+
+
+@pytest.mark.unit
 def test_a_stage_setup_failure_survives_the_trip_to_the_driver():
     back = pickle.loads(pickle.dumps(setup_failed()))
     assert str(back) == str(setup_failed()) and back.stage == "caption"
