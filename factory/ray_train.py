@@ -6,9 +6,9 @@ from __future__ import annotations
 import tempfile
 
 
-def fit_on_ray(loop, config: dict, spec, name: str, address: str | None) -> None:
-    """Run `loop(config)` on a TorchTrainer sized by the spec's num_workers, use_gpu and cpus_per_worker;
-    raise the workers' error if one failed."""
+def fit_on_ray(loop, config: dict, spec, name: str, address: str | None, workers: int | None = None) -> None:
+    """Run `loop(config)` on a TorchTrainer of `workers` (default: the spec's num_workers), sized by the spec's
+    use_gpu and cpus_per_worker; raise the workers' error if one failed."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -21,7 +21,9 @@ def fit_on_ray(loop, config: dict, spec, name: str, address: str | None) -> None
             loop,
             train_loop_config=config,
             scaling_config=ScalingConfig(
-                num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker={"CPU": spec.cpus_per_worker}
+                num_workers=workers or spec.num_workers,
+                use_gpu=spec.use_gpu,
+                resources_per_worker={"CPU": spec.cpus_per_worker},
             ),
             run_config=RunConfig(name=name, storage_path=ray_storage),
         ).fit()

@@ -5,7 +5,8 @@ Each (arm, seed) run starts from the same weights for a given seed (torch seeded
 same real data order, so an arm's difference to real-only is paired by seed: the report gives each
 arm's mean +- std mIoU over seeds and the paired difference with a 95% t-interval. Runs execute on Ray
 Train (a TorchTrainer; data-parallel over `num_workers`, GPUs with `use_gpu`), one after another inside
-one fit; rank 0 writes each run's result to the output as it finishes, and a rerun skips finished runs.
+one fit, or `runs_at_once` side by side, a worker each; each run's result goes to the output as it
+finishes, and a rerun skips finished runs.
 
 Output (local path or fsspec URL):
     eval-spec.json                the spec and its hash: a rerun with another spec is refused
@@ -137,6 +138,7 @@ def run_eval(spec: EvalSpec, address: str | None = None) -> dict:
             spec,
             f"eval-{spec.name}",
             address,
+            spec.workers(),
         )
     summary = summarize(spec, done())
     out.write_bytes(json.dumps(summary, indent=1).encode(), "eval.json")

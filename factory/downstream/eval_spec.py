@@ -66,6 +66,9 @@ class EvalSpec(StrictModel):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    runs_at_once: int = Field(
+        1, gt=0, description="independent runs trained side by side, one worker each (with num_workers 1)"
+    )
     output: Location = Field(description="where results go: path or fsspec URL")
 
     @model_validator(mode="after")
@@ -75,6 +78,11 @@ class EvalSpec(StrictModel):
             raise ValueError(f"arms: names must be unique and not {BASELINE!r} (the baseline every spec has)")
         if same_data(self.real, self.heldout):
             raise ValueError("heldout: is the training data itself (same kind, path and split)")
+        if self.runs_at_once > 1 and self.num_workers > 1:
+            raise ValueError(
+                "runs_at_once: runs side by side take one worker each; with num_workers > 1 each run is "
+                "data-parallel instead: choose one of the two"
+            )
         if self.segmenter.kind.startswith("deeplabv3") and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: DeepLabV3's image-pooling batch norm needs at least 2 images per worker"
@@ -83,13 +91,19 @@ class EvalSpec(StrictModel):
 
     def content_hash(self) -> str:
         """What decides the results; where they go and how they are computed (workers, GPUs) may change."""
-        data = self.model_dump(mode="json", exclude={"output", "num_workers", "use_gpu", "cpus_per_worker"})
+        data = self.model_dump(
+            mode="json", exclude={"output", "num_workers", "use_gpu", "cpus_per_worker", "runs_at_once"}
+        )
         data["train"].pop("loader_workers")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def runs(self) -> list[tuple[str, int]]:
         """(arm, seed) in order: per seed the baseline first (a SENSE arm's teacher)."""
         return [(arm, seed) for seed in range(self.seeds) for arm in [BASELINE, *(a.name for a in self.arms)]]
+
+    def workers(self) -> int:
+        """Ray Train workers: one per run side by side, or num_workers for each data-parallel run."""
+        return self.runs_at_once if self.runs_at_once > 1 else self.num_workers
 
     def mix(self, arm: str, seed: int) -> MixSpec:
         t = self.train

@@ -1,4 +1,5 @@
-"""One Ray Train worker of `factory eval`: train and score each pending (arm, seed) run in turn.
+"""One Ray Train worker of `factory eval`: train and score each pending (arm, seed) run in turn, together
+with the other workers (data-parallel), or its share of the runs alone (`runs_at_once`).
 
 A run: seed torch, build the segmenter (so every arm of a seed starts from the same weights), train
 `steps` batches of the arm's mix (SENSE arms label their synthetic images with the seed's real-only
@@ -46,38 +47,61 @@ def eval_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     out = Folder.at(spec.output)
     classes = open_source(spec.real).classes
-    for arm, seed in config["pending"]:
-        started = time.time()
-        torch.manual_seed(seed)
-        model = build_segmenter(spec.segmenter, len(classes))
-        teacher = _teacher(spec, arm, seed, len(classes), out, device)
-        trained = ray.train.torch.prepare_model(model)
-        loss = train_run(spec, arm, seed, trained, teacher, rank, world, device, classes.ignore_index)
-        conf = score_heldout(spec, model, rank, world, device, len(classes), classes.ignore_index)
-        if world > 1:
-            conf = conf.to(device)
-            torch.distributed.all_reduce(conf)
-        ious = class_iou(conf.cpu())
-        result = {
-            "arm": arm,
-            "seed": seed,
-            "miou": float(np.mean(list(ious.values()))) if ious else 0.0,
-            "class_iou": {classes.names[c]: v for c, v in sorted(ious.items())},
-            "steps": spec.train.steps,
-            "final_loss": loss,
-            "seconds": round(time.time() - started, 1),
-            "spec_hash": spec.content_hash(),
-        }
-        if rank == 0:
-            if arm == BASELINE:
-                buf = io.BytesIO()
-                torch.save(model.state_dict(), buf)
-                out.write_bytes(buf.getvalue(), *baseline_path(seed))
-            out.write_bytes(json.dumps(result, indent=1).encode(), *run_path(arm, seed))
-            log.info("eval %s: %s seed %d: mIoU %.4f (%.0f s)", spec.name, arm, seed, result["miou"], result["seconds"])
-        if world > 1:
-            torch.distributed.barrier()
-        ray.train.report({"arm": arm, "seed": seed, "miou": result["miou"]})
+    pending = [(arm, seed) for arm, seed in config["pending"]]
+    if spec.runs_at_once == 1:
+        for arm, seed in pending:
+            miou = one_run(spec, arm, seed, out, classes, device, rank, world)
+            if world > 1:
+                torch.distributed.barrier()
+            ray.train.report({"arm": arm, "seed": seed, "miou": miou})
+        return
+    for phase in side_by_side(pending):
+        for arm, seed in phase[rank::world]:
+            one_run(spec, arm, seed, out, classes, device, 0, 1)
+        torch.distributed.barrier()  # the baselines are written before any SENSE arm loads one as its teacher
+
+
+def side_by_side(pending: list[tuple[str, int]]) -> list[list[tuple[str, int]]]:
+    """The runs in two phases, the baselines first: within a phase any worker may take any run, and a
+    SENSE arm's teacher (its seed's baseline) is done before the arms start."""
+    return [[r for r in pending if r[0] == BASELINE], [r for r in pending if r[0] != BASELINE]]
+
+
+def one_run(spec: EvalSpec, arm: str, seed: int, out: Folder, classes, device, rank: int, world: int) -> float:
+    """Train and score one (arm, seed), data-parallel over `world` workers; rank 0 writes its result (and a
+    baseline's weights). Returns its mIoU."""
+    import ray.train.torch
+
+    started = time.time()
+    torch.manual_seed(seed)
+    model = build_segmenter(spec.segmenter, len(classes))
+    teacher = _teacher(spec, arm, seed, len(classes), out, device)
+    trained = ray.train.torch.prepare_model(model) if world > 1 else model.to(device)
+    loss = train_run(spec, arm, seed, trained, teacher, rank, world, device, classes.ignore_index)
+    conf = score_heldout(spec, model, rank, world, device, len(classes), classes.ignore_index)
+    if world > 1:
+        conf = conf.to(device)
+        torch.distributed.all_reduce(conf)
+    ious = class_iou(conf.cpu())
+    miou = float(np.mean(list(ious.values()))) if ious else 0.0
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "miou": miou,
+        "class_iou": {classes.names[c]: v for c, v in sorted(ious.items())},
+        "steps": spec.train.steps,
+        "final_loss": loss,
+        "seconds": round(time.time() - started, 1),
+        "spec_hash": spec.content_hash(),
+    }
+    if rank == 0:
+        if arm == BASELINE:
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            out.write_bytes(buf.getvalue(), *baseline_path(seed))
+        out.write_bytes(json.dumps(result, indent=1).encode(), *run_path(arm, seed))
+        log.info("eval %s: %s seed %d: mIoU %.4f (%.0f s)", spec.name, arm, seed, result["miou"], result["seconds"])
+    return miou
 
 
 def _teacher(spec: EvalSpec, arm: str, seed: int, num_classes: int, out: Folder, device) -> Segmenter | None:

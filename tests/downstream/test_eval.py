@@ -25,7 +25,7 @@ from scipy import stats
 from factory.cli import main
 from factory.downstream.eval import BASELINE, load_eval_spec, paired_difference, run_eval
 from factory.downstream.eval_spec import SegmenterConfig, parse_eval_spec
-from factory.downstream.eval_worker import _teacher, baseline_path, class_iou, confusion, train_run
+from factory.downstream.eval_worker import _teacher, baseline_path, class_iou, confusion, side_by_side, train_run
 from factory.downstream.segmenter import build_segmenter
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
@@ -80,6 +80,7 @@ def test_spec_errors_name_the_field(tmp_path):
         ({"heldout": good["real"]}, "heldout"),
         ({"segmenter": {"kind": "segformer"}}, "segmenter.kind"),
         ({"train": {"steps": 0}}, "train.steps"),
+        ({"runs_at_once": 2, "num_workers": 2}, "runs_at_once"),
     ):
         with pytest.raises(SpecError, match=field.replace(".", r"\.")):
             parse_eval_spec({**good, **change})
@@ -102,6 +103,16 @@ def test_an_arm_made_from_the_heldout_split_is_refused(tmp_path):
     data["arms"] = [{"name": "leaky", "synthetic": [{"url": leak.url}], "strategy": {"kind": "seggen"}}]
     with pytest.raises(SpecError, match=r"arms\[0\]\.synthetic\[0\]\.url: .* made from the held-out split"):
         run_eval(parse_eval_spec(data))
+
+
+def test_runs_side_by_side_train_every_baseline_before_any_arm(tmp_path):
+    spec = parse_eval_spec(toy_spec(tmp_path))
+    assert (spec.runs_at_once, spec.workers()) == (2, 2) and spec.model_copy(update={"runs_at_once": 1}).workers() == 1
+    baselines, arms = side_by_side(spec.runs())
+    assert baselines == [(BASELINE, s) for s in range(3)]
+    assert sorted(arms) == sorted((a, s) for a in ("true-scenes", "controlnet-noise") for s in range(3))
+    # How the runs are computed is not what they compute: the spec's hash ignores it.
+    assert spec.model_copy(update={"runs_at_once": 1}).content_hash() == spec.content_hash()
 
 
 def test_metrics_by_hand():
