@@ -82,6 +82,13 @@ class RayDataExecutor(Executor):
     """Read tasks, an actor pool per stage, write tasks (Ray Data); the default for a job with stages."""
 
     name = "ray_data"
+    # Ray Data ends an actor pool by dropping its handles, not by killing its actors, and a task that failed
+    # keeps its actor's handle in a reference cycle: that actor (one Ray restarted after a poison shard or a
+    # deadline) holds its CPUs and GPUs until Python's collector happens to run, and the next job in the
+    # same driver may wait for them for ever. After a run that did not end clean the collector runs, and
+    # again before the next run. (A full collection costs up to seconds in a large process: not after
+    # every run.)
+    collect_before_next_run = False
 
     def run(self, pending: list[int]) -> Generator[ShardResult, None, None]:
         """The pipeline over the pending shards; then once more over the shards it dropped, if a node left
@@ -89,12 +96,9 @@ class RayDataExecutor(Executor):
         whose lineage cannot be rebuilt within its retries. That is the cluster's fault, not the shard's."""
         left = set(pending)
         gone_before = dead_nodes()
-        # Ray Data ends an actor pool by dropping its handles, not by killing its actors, and a task that
-        # failed keeps its actor's handle in a reference cycle: that actor (one Ray restarted after a
-        # poison shard or a deadline) holds its CPUs and GPUs until Python's collector happens to run, and
-        # a job run after it in the same driver may wait for them for ever. Collected before this job
-        # asks for resources and after it.
-        gc.collect()
+        if RayDataExecutor.collect_before_next_run:
+            gc.collect()
+            RayDataExecutor.collect_before_next_run = False
         try:
             with closing(self._rows(pending)) as results:
                 for result in results:
@@ -107,7 +111,9 @@ class RayDataExecutor(Executor):
                         left.discard(result.shard)
                         yield result
         finally:
-            gc.collect()
+            if left:  # a shard whose tasks failed, or a run that stopped early
+                gc.collect()
+                RayDataExecutor.collect_before_next_run = True  # in case something held a handle meanwhile
         for shard in sorted(left):
             yield lost_shard(self.store, shard, self.spec.engine.retries + 1)
 
