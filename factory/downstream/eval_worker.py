@@ -47,7 +47,7 @@ def eval_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     out = Folder.at(spec.output)
     classes = open_source(spec.real).classes
-    pending = [(arm, seed) for arm, seed in config["pending"]]
+    pending: list[tuple[str, int]] = config["pending"]
     if spec.runs_at_once == 1:
         for arm, seed in pending:
             miou = one_run(spec, arm, seed, out, classes, device, rank, world)

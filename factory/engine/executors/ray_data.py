@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Generator
-from contextlib import closing
 from functools import partial
 
 import pyarrow as pa
@@ -100,22 +99,22 @@ class RayDataExecutor(Executor):
             gc.collect()
             RayDataExecutor.collect_before_next_run = False
         try:
-            with closing(self._rows(pending)) as results:
-                for result in results:
-                    left.discard(result.shard)
-                    yield result
+            yield from self._pass(pending, left)
             if left and dead_nodes() - gone_before:
                 log.warning("a node left the cluster: running the %d shards it dropped once more", len(left))
-                with closing(self._rows(sorted(left))) as results:
-                    for result in results:
-                        left.discard(result.shard)
-                        yield result
+                yield from self._pass(sorted(left), left)
         finally:
             if left:  # a shard whose tasks failed, or a run that stopped early
                 gc.collect()
                 RayDataExecutor.collect_before_next_run = True  # in case something held a handle meanwhile
         for shard in sorted(left):
             yield lost_shard(self.store, shard, self.spec.engine.retries + 1)
+
+    def _pass(self, shards: list[int], left: set[int]) -> Generator[ShardResult, None, None]:
+        """One pipeline over `shards`; each shard it returns is taken off `left`."""
+        for result in self._rows(shards):
+            left.discard(result.shard)
+            yield result
 
     def _rows(self, pending: list[int]) -> Generator[ShardResult, None, None]:
         engine = self.spec.engine
