@@ -15,6 +15,7 @@ worker, and a job on several Ray nodes that loses one.
            committed once (tars, stats and sample keys counted).
 
     .venv/bin/python bench/bench_cluster.py rows|cluster   # prints the part's JSON
+    .venv/bin/python bench/bench_cluster.py rows SHARDS SHARD_SIZE PX   # the job of `rows` at another size
 """
 
 from __future__ import annotations
@@ -114,9 +115,10 @@ def _hop(codec: str, path: str) -> dict:
     return {"peak_growth_mib": round((peak - (resident - shared)) / 2**20, 1)}
 
 
-def bench_rows() -> dict:
+def bench_rows(*job_size: str) -> dict:
     """Peak private memory of one hop, per way of carrying a row; the stage's own new images (3/4 of the
-    row here) are in both."""
+    row here) are in both. Then the job of bench_actors, at its default size or at `job_size` (shards,
+    shard size, px: a test's smaller run)."""
     found = {}
     folder = Path(tempfile.mkdtemp())
     for codec in ("bytes", "buffers"):
@@ -128,7 +130,7 @@ def bench_rows() -> dict:
         "row_mib": round(found["buffers"]["row_mib"], 1),
         **{f"peak_mib_per_shard_{codec}": r["peak_growth_mib"] for codec, r in found.items()},
         **{f"rows_held_{codec}": round(r["peak_growth_mib"] / r["row_mib"], 2) for codec, r in found.items()},
-        "in_a_job": bench_actors(),
+        "in_a_job": bench_actors(*(int(v) for v in job_size)),
     }
 
 
@@ -261,4 +263,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "hop":
         print(json.dumps(_hop(sys.argv[2], sys.argv[3])))
     else:
-        print(json.dumps(globals()[f"bench_{sys.argv[1]}"]()))
+        print(json.dumps(globals()[f"bench_{sys.argv[1]}"](*sys.argv[2:])))
