@@ -8,6 +8,7 @@ SegGen checkpoints and `factory eval` results are all `Folder`s.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -109,6 +110,20 @@ class Folder:
             return self.path(*parts)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return f"{protocol}://{self.path(*parts)}" if "/".join(parts) else f"{protocol}://{self.root}"
+
+    def check_writable(self) -> None:
+        """Raise what writing here would raise, before anything is started or written: a local root whose
+        nearest existing folder is no folder or cannot be written (a read-only mount included). Object
+        stores answer only when written to; their errors come from the first write."""
+        if not self.is_local():
+            return
+        path = Path(self.root)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "the output's folder is not writable", str(path))
 
     def ensure_root(self) -> None:
         """Create the folder (locally) or the bucket (object stores), if missing."""

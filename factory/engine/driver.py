@@ -104,6 +104,7 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     """Run (or resume) a job; return its index (committed shards and totals), or raise JobIncomplete."""
     require_stage_extras(spec)
     store = OutputStore.at(spec.output)
+    store.check_writable()  # before Ray starts: a path no rerun can use is told in a moment
     source = open_source(spec.source)
     check_stages(spec, source.classes)
     pins = _pin_weights(spec, store, source.classes, None if overwrite else _check_resume(store, spec))

@@ -9,9 +9,10 @@ import pytest
 import yaml
 from helpers import REPO, SUPPORT, folder_spec, write_folder_source
 
-from factory.engine.driver import _failure_message
+from factory.engine.driver import _failure_message, run_job
 from factory.engine.errors import RERUN, StageSetupFailed, advice, one_line, root_cause
 from factory.engine.records import Failure, ShardResult
+from factory.engine.spec import parse_spec
 
 
 class Wrapper(Exception):
@@ -50,6 +51,20 @@ def test_a_path_that_cannot_be_used_is_not_told_to_rerun():
     ):
         told = advice(error)
         assert "fix it, or pass --output elsewhere" in told and RERUN not in told, told
+
+
+@pytest.mark.unit
+def test_an_output_that_cannot_be_written_is_refused_before_ray_starts(tmp_path):
+    """A unit test: had the job started a Ray (it names ray_data), the tier check would fail it. The
+    read-only mount, which needs `mount`, is in test_faults.py."""
+    src = tmp_path / "src"
+    write_folder_source(src, 2, size=8)
+    (tmp_path / "a-file").write_text("not a folder")
+    data = folder_spec(src, tmp_path / "a-file" / "out" / "job", [], shard_size=2)
+    data["engine"] = {"executor": "ray_data"}
+    with pytest.raises(NotADirectoryError) as raised:
+        run_job(parse_spec(data))
+    assert RERUN not in advice(raised.value) and "--output elsewhere" in advice(raised.value)
 
 
 @pytest.mark.unit

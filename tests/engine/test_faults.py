@@ -307,8 +307,8 @@ def test_a_full_disk_ends_with_one_line_no_partial_tar_and_a_rerun_finishes_once
 
 
 def test_an_unwritable_output_ends_with_one_line(source, tmp_path):
-    """One executor: the driver refuses the output (its lease, its checks) before any executor starts, so
-    the run takes the same path whichever executor the spec names."""
+    """One executor: the driver refuses the output before Ray or any executor starts, so the run takes the
+    same path whichever executor the spec names."""
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)]).returncode != 0:
@@ -322,6 +322,7 @@ def test_an_unwritable_output_ends_with_one_line(source, tmp_path):
     assert result.returncode == 1
     assert last_line(result.stderr).startswith("factory: ") and "Traceback" not in result.stderr
     assert "not writable" in last_line(result.stderr) or "Not a directory" in last_line(result.stderr)
+    assert "Started a local Ray" not in result.stderr
 
 
 def s3_tars(fs, prefix: str) -> dict[str, bytes]:
