@@ -42,15 +42,30 @@ def source(tmp_path_factory):
     return src
 
 
-def on_cluster(tmp_path: Path, data: dict, scenario: str) -> tuple[dict, dict[str, set[int]]]:
-    """Run the scenario; returns its report and, per node id, the shards its stage work touched. Every
-    worker saw its node's own model cache, not the driver's."""
+def on_cluster(
+    tmp_path: Path, data: dict, scenario: str, next_job: dict | None = None
+) -> tuple[dict, dict[str, set[int]]]:
+    """Run the scenario (and `next_job` on the same cluster after it, its report in tmp_path/next-report);
+    returns its report and, per node id, the shards the jobs' stage work touched. Every worker saw its
+    node's own model cache, not the driver's."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(data))
     nodes = tmp_path / "nodes"
     nodes.mkdir()
+    after = []
+    if next_job is not None:
+        (tmp_path / "next.yaml").write_text(yaml.safe_dump(next_job))
+        after = [str(tmp_path / "next.yaml"), str(tmp_path / "next-report")]
     proc = subprocess.run(
-        [sys.executable, str(SUPPORT / "several_nodes.py"), str(spec), str(nodes), scenario, str(tmp_path / "report")],
+        [
+            sys.executable,
+            str(SUPPORT / "several_nodes.py"),
+            str(spec),
+            str(nodes),
+            scenario,
+            str(tmp_path / "report"),
+            *after,
+        ],
         capture_output=True,
         text=True,
         timeout=540,
@@ -75,13 +90,6 @@ def on_cluster(tmp_path: Path, data: dict, scenario: str) -> tuple[dict, dict[st
     return report, work
 
 
-def test_a_gpu_stage_on_a_cluster_without_gpu_nodes_is_refused_before_it_starts(source, tmp_path):
-    out = tmp_path / "out"
-    report, work = on_cluster(tmp_path, job(source, out, "ray_data"), "no_gpu_node")
-    assert "stages[0].resources.num_gpus" in report["error"] and "GPU" in report["error"], report
-    assert not work and not (out / "shards").exists()
-
-
 def pixels(out: Path) -> dict[str, dict[str, bytes]]:
     """Each committed tar's members but the json (it holds the spec hash, and the specs differ in resources)."""
     found = {}
@@ -103,9 +111,21 @@ def one_node(source, tmp_path_factory):
     return pixels(out)
 
 
-def test_a_lost_node_and_a_joining_one_leave_every_shard_committed_once_as_on_one_node(source, one_node, tmp_path):
+@pytest.fixture(scope="module")
+def lost_node_then_poison(source, tmp_path_factory):
+    """One cluster (a head and two stand-in GPU nodes) for two jobs: the first loses a worker node mid-job
+    and gains a new one; then, on the cluster as that left it, a job with a poison and a hung shard."""
+    tmp_path = tmp_path_factory.mktemp("lost-node")
+    poisoned = job(source, tmp_path / "poisoned", "ray_data")
+    poisoned["stages"][0]["params"].update(segfault_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
+    poisoned["engine"]["shard_timeout_s"] = 5
+    report, work = on_cluster(tmp_path, job(source, tmp_path / "out", "ray_data"), "lose_and_gain", poisoned)
+    return tmp_path, report, json.loads((tmp_path / "next-report").read_text()), work
+
+
+def test_a_lost_node_and_a_joining_one_leave_every_shard_committed_once_as_on_one_node(lost_node_then_poison, one_node):
+    tmp_path, report, _, work = lost_node_then_poison
     out = tmp_path / "out"
-    report, work = on_cluster(tmp_path, job(source, out, "ray_data"), "lose_and_gain")
     assert report.get("index", {}).get("complete"), report
     assert report["index"]["committed"] == SHARDS and report["index"]["samples"] == 4 * SHARDS
     assert report["lost_shards"], "the lost node held no work when it was killed"
@@ -140,17 +160,14 @@ def test_a_cluster_that_scales_from_zero_gpu_nodes_runs_the_job_on_the_nodes_it_
     assert pixels(out) == one_node
 
 
-def test_a_poison_and_a_hung_shard_fail_alone_naming_their_ray_node(source, one_node, tmp_path):
-    out = tmp_path / "out"
-    data = job(source, out, "ray_data")
-    data["stages"][0]["params"].update(segfault_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
-    data["engine"]["shard_timeout_s"] = 5
-    report, work = on_cluster(tmp_path, data, "two_nodes")
-    told = report.get("error", "")
-    assert told.startswith(f"JobIncomplete: 2 of {SHARDS} shards failed and stay uncommitted"), report
+def test_a_poison_and_a_hung_shard_fail_alone_naming_their_ray_node(lost_node_then_poison, one_node):
+    tmp_path, report, poisoned, work = lost_node_then_poison
+    told = poisoned.get("error", "")
+    assert told.startswith(f"JobIncomplete: 2 of {SHARDS} shards failed and stay uncommitted"), poisoned
     assert "shard 1 at stage invert: the worker running step invert on node " in told and "Ray node " in told
     # The worker ran on another node than the driver's: its log is read through Ray's state API.
     assert "tries: Segmentation fault in ctypes/__init__.py:" in told and "stages_for_tests.py:" in told
     assert "timeout: step invert ran past 5s" in told
-    assert report["head"] not in work
-    assert pixels(out) == {k: v for k, v in one_node.items() if k not in ("shard-000001.tar", "shard-000002.tar")}
+    assert report["head"] not in work  # neither job's stage work ran on the head
+    expected = {k: v for k, v in one_node.items() if k not in ("shard-000001.tar", "shard-000002.tar")}
+    assert pixels(tmp_path / "poisoned") == expected

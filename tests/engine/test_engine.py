@@ -9,6 +9,7 @@ from PIL import Image
 
 from factory.engine.driver import ResumeError, run_job
 from factory.engine.errors import JobIncomplete
+from factory.engine.runner import GPU_STAND_IN_ENV
 from factory.engine.shard_plan import PlanError
 from factory.engine.spec import parse_spec
 from factory.schema import SpecError
@@ -263,6 +264,17 @@ def test_resources_the_cluster_cannot_give_are_refused_before_planning(ray_local
     write_folder_source(tmp_path / "src", 2)
     stage = {"kind": "controlnet", "model": {"profile": "tiny"}, "resources": resources}
     with pytest.raises(SpecError, match=field):
+        run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gpu_stand_in_that_no_node_holds_is_refused_never_run_on_cpus(ray_local, tmp_path, monkeypatch):
+    """Tests of several nodes name a custom resource that stands in for GPUs (runner.GPU_STAND_IN_ENV);
+    where no node holds it, a GPU stage is refused as on a cluster without GPUs, before anything runs."""
+    monkeypatch.setenv(GPU_STAND_IN_ENV, "test_gpu")
+    write_folder_source(tmp_path / "src", 2)
+    stage = {"kind": INVERT, "resources": {"num_gpus": 1, "num_cpus": 0.5}}
+    with pytest.raises(SpecError, match=r"stages\[0\]\.resources\.num_gpus: .* 1 GPU per worker, but .* has 0"):
         run_job(parse_spec(folder_spec(tmp_path / "src", tmp_path / "out", [stage])))
     assert not (tmp_path / "out").exists()
 

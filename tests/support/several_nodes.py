@@ -1,12 +1,11 @@
 """A job on a Ray cluster of several raylets on this machine, for tests/cluster/test_several_nodes.py.
 
-    python several_nodes.py SPEC.yaml NODES_DIR SCENARIO REPORT.json
+    python several_nodes.py SPEC.yaml NODES_DIR SCENARIO REPORT.json [NEXT_SPEC.yaml NEXT_REPORT.json]
 
 Ray's own multi-node harness (`ray.cluster_utils.Cluster`): a head with CPUs only and worker nodes that
 each hold one unit of a custom resource standing in for a GPU (FACTORY_TEST_GPU_RESOURCE names it, so the
 engine asks for it in place of GPUs). The stages record where they ran in NODES_DIR (stages_for_tests).
 Scenarios:
-    no_gpu_node    the stand-in resource is named but no node holds it: the job must be refused
     lose_and_gain  two stand-in nodes; once both hold work (held at a gate), one is killed (its raylet and
                    every worker on it, as a spot instance is taken back) and a fresh one joins; the gate opens
     late_node      a head alone; once it holds work, a CPU node joins; the gate opens (a node-local output
@@ -14,7 +13,9 @@ Scenarios:
     two_nodes      two stand-in nodes, nothing happens to them
     from_zero      a head alone with an autoscaler (autoscaling.py) that may add two stand-in nodes
 REPORT.json gets the job's index (or its error), the head's node id and the nodes lost and added. The nodes
-start with FACTORY_MODEL_CACHE=NODE_CACHE, the driver then runs with DRIVER_CACHE.
+start with FACTORY_MODEL_CACHE=NODE_CACHE, the driver then runs with DRIVER_CACHE. NEXT_SPEC, where given,
+runs on the same cluster once the first job has ended (a cluster costs seconds of CPU to start here); its
+index or error goes to NEXT_REPORT, its stage work to the same NODES_DIR.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ NODE_CACHE, DRIVER_CACHE = "/models/of-the-nodes", "/models/of-the-driver"
 STAND_IN_NODE = {"num_cpus": 1, "resources": {STAND_IN: 1}}
 
 
-def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
+def main(spec_path: str, nodes_dir: str, scenario: str, report: str, *next_job: str) -> None:
     os.environ[GPU_STAND_IN_ENV] = STAND_IN
     os.environ["FACTORY_TEST_NODES"] = nodes_dir
     # Set before any raylet starts: the workers inherit the environment of the process that started them.
@@ -54,11 +55,11 @@ def main(spec_path: str, nodes_dir: str, scenario: str, report: str) -> None:
     if scenario == "from_zero":
         from_zero(spec, found := {})
     else:
-        found = on_cluster(spec, scenario, Path(nodes_dir), gate)
+        found = on_cluster(spec, scenario, Path(nodes_dir), gate, *next_job)
     Path(report).write_text(json.dumps(found))
 
 
-def on_cluster(spec, scenario: str, marks: Path, gate: Path) -> dict:
+def on_cluster(spec, scenario: str, marks: Path, gate: Path, next_spec: str = "", next_report: str = "") -> dict:
     # A lost node is declared dead after 3 missed health checks a second apart (Ray's default: 5 of 3 s).
     health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
     cluster = Cluster(
@@ -80,6 +81,9 @@ def on_cluster(spec, scenario: str, marks: Path, gate: Path) -> dict:
     else:
         gate.unlink()
     job.join()
+    if next_spec:
+        run(parse_spec(yaml.safe_load(Path(next_spec).read_text())), cluster.address, after := {})
+        Path(next_report).write_text(json.dumps(after))
     ray.shutdown()  # the driver first: the cluster will not remove the head this process is connected to
     cluster.shutdown()
     return found
