@@ -215,14 +215,31 @@ def test_the_process_running_a_stage_killed_mid_shard_is_replaced_and_its_shard_
     assert_exactly_once(out, reference)
 
 
+def stageless_spec(src: Path, out: Path) -> dict:
+    """A job without stages: `auto` runs it on plain Ray tasks, one per shard, read to commit."""
+    data = folder_spec(src, out, [], shard_size=2)
+    data["engine"] = FAST
+    return data
+
+
+@pytest.fixture(scope="module")
+def stageless_reference(source, tmp_path_factory, ray_local):
+    return uninterrupted(stageless_spec(source, tmp_path_factory.mktemp("fault-ref-stageless") / "out"))
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
-def test_a_process_killed_mid_write_and_a_transient_storage_error_are_retried(executor, source, reference, tmp_path):
+def test_a_process_killed_mid_write_and_a_transient_storage_error_are_retried(executor, source, request, tmp_path):
     """Two faults of one run: the first process writing a tar is killed while it writes (every write is
-    slowed to catch it; under ray_data a write task, under ray_tasks the shard's task, redone from its read),
-    and the first write that gets past that fails once with EIO. Both are retried, nothing is recorded as
-    failed."""
+    slowed to catch it), and the first write that gets past that fails once with EIO. Both are retried,
+    nothing is recorded as failed. Under ray_data a write task dies (the job has a stage); under ray_tasks
+    the shard's task, redone from its read, in a job without stages (the plain-task path `auto` takes; a
+    ray_tasks worker dying with a stage is the test above)."""
     out = tmp_path / "out"
-    spec = write_spec(tmp_path / "job.yaml", job_spec(source, out, executor))
+    if executor == "ray_data":
+        data, reference = job_spec(source, out, executor), request.getfixturevalue("reference")
+    else:
+        data, reference = stageless_spec(source, out), request.getfixturevalue("stageless_reference")
+    spec = write_spec(tmp_path / "job.yaml", data)
     pids, markers = tmp_path / "pids", tmp_path / "markers"
     pids.mkdir()
     markers.mkdir()
@@ -235,30 +252,6 @@ def test_a_process_killed_mid_write_and_a_transient_storage_error_are_retried(ex
     assert "injected I/O error" in stderr and "retry 1 of 2" in stderr
     assert ", 0 failed" in stdout and not (out / "failures").exists()
     assert_exactly_once(out, reference)
-
-
-def test_a_task_of_a_job_without_stages_killed_mid_write_is_retried(source, tmp_path, ray_local):
-    """ray_tasks only: the executor `auto` picks for a job without stages (a write task killed under
-    ray_data is the test above)."""
-
-    def spec(out: Path) -> dict:
-        data = folder_spec(source, out, [], shard_size=2)
-        data["engine"] = FAST
-        return data
-
-    reference = uninterrupted(spec(tmp_path / "reference"))
-    out = tmp_path / "out"
-    pids = tmp_path / "pids"
-    pids.mkdir()
-    proc = start_cli("run", str(write_spec(tmp_path / "job.yaml", spec(out))), fault="slow:0.5", pids=pids)
-    wait_for(lambda: recorded_process(pids, "writer"), "a read-and-commit task writing its tar", proc).send_signal(
-        signal.SIGKILL
-    )
-    code, err = finish(proc)
-    assert code == 0, err[-3000:]
-    assert local_tars(out) == reference
-    assert len(reference) == SHARDS and committed(out) == SHARDS
-    assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
 
 
 @pytest.fixture
