@@ -115,7 +115,7 @@ def check_resources(spec: JobSpec) -> None:
         if time.time() >= deadline:
             request_resources(bundles=[])  # withdraw the request: this job will not use it
             raise SpecError(f"after waiting {spec.engine.resource_wait_s:.0f}s: " + "; ".join(problems))
-        time.sleep(min(5.0, max(deadline - time.time(), 0.1)))
+        time.sleep(min(1.0, max(deadline - time.time(), 0.1)))  # a look at the GCS: cheap
     log.info("the cluster now offers what the job needs")
 
 

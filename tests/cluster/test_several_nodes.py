@@ -56,30 +56,26 @@ def on_cluster(
     if next_job is not None:
         (tmp_path / "next.yaml").write_text(yaml.safe_dump(next_job))
         after = [str(tmp_path / "next.yaml"), str(tmp_path / "next-report")]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SUPPORT / "several_nodes.py"),
-            str(spec),
-            str(nodes),
-            scenario,
-            str(tmp_path / "report"),
-            *after,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        # Its own Ray temp folder (short: socket paths have a length limit): the cluster's address file
-        # must not outlive it where a later `ray.init()` would find it and connect to the dead cluster.
-        # Token auth off, as the autoscaling head runs: the session's own `ray.init()` put RAY_AUTH_MODE=token
-        # in this process's environment, and Ray reads the mode once, when a process first uses it.
-        env={
-            **os.environ,
-            "PYTHONPATH": f"{SUPPORT}:{REPO}",
-            "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray"),
-            "RAY_AUTH_MODE": "disabled",
-        },
-    )
+    # Its own Ray temp folder (short: socket paths have a length limit), removed after: the cluster's address
+    # file must not outlive it where a later `ray.init()` would find it and connect to the dead cluster.
+    # Token auth off, as the autoscaling head runs: the session's own `ray.init()` put RAY_AUTH_MODE=token
+    # in this process's environment, and Ray reads the mode once, when a process first uses it.
+    with tempfile.TemporaryDirectory(prefix="ray", ignore_cleanup_errors=True) as ray_tmp:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(SUPPORT / "several_nodes.py"),
+                str(spec),
+                str(nodes),
+                scenario,
+                str(tmp_path / "report"),
+                *after,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=540,
+            env={**os.environ, "PYTHONPATH": f"{SUPPORT}:{REPO}", "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"},
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "report").read_text())
     work: dict[str, set[int]] = {}
@@ -118,7 +114,7 @@ def lost_node_then_poison(source, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("lost-node")
     poisoned = job(source, tmp_path / "poisoned", "ray_data")
     poisoned["stages"][0]["params"].update(segfault_ids=["s-002"], hang_ids=["s-005"])  # shards 1 and 2
-    poisoned["engine"]["shard_timeout_s"] = 5
+    poisoned["engine"].update(shard_timeout_s=5, retries=1)  # two tries each: the cause is told as with three
     report, work = on_cluster(tmp_path, job(source, tmp_path / "out", "ray_data"), "lose_and_gain", poisoned)
     return tmp_path, report, json.loads((tmp_path / "next-report").read_text()), work
 

@@ -29,6 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie has ended: it waits only for its parent to read its status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 class AutoscalingHead:
     """`with AutoscalingHead(tmp, head_cpus, node_resources, max_nodes) as address:` a cluster whose
     head has `head_cpus` CPUs and whose autoscaler may add up to `max_nodes` nodes of `node_resources`."""
@@ -83,7 +91,9 @@ class AutoscalingHead:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            time.sleep(2)
+            deadline = time.monotonic() + 2
+            while (pids := {pid for pid in pids if _alive(pid)}) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     def _processes(self) -> set[int]:
         environments: dict[int, list[bytes]] = {}
