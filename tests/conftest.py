@@ -1,6 +1,8 @@
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -53,12 +55,31 @@ def model_cache(tmp_path_factory):
     return path
 
 
+@contextmanager
+def dashboard_agent_on_a_free_port():
+    """`ray.init` gives a local Ray's dashboard agent the fixed port 52365 (it has no argument for it).
+    While the shared Ray holds that port, every other local Ray the tests start (each `factory run`
+    subprocess, the clusters' heads) has its agent retry the bind six times with backoff and give up:
+    3.4 s of waiting at every start, measured. Ray's own parameters take None as "any free port" (what
+    `ray.cluster_utils.Cluster` gives its worker nodes); the shared Ray is started with that."""
+    from ray._private import parameter
+
+    init = parameter.RayParams.__init__
+
+    def free_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", None)
+        init(self, *args, **kwargs)
+
+    with mock.patch.object(parameter.RayParams, "__init__", free_agent_port):
+        yield
+
+
 @pytest.fixture(scope="session")
 def ray_local(model_cache):
     """A local Ray with 2 CPUs, shared by every test that runs pipelines in-process."""
     import ray
 
-    with tiers.infrastructure("the shared local Ray"):
+    with tiers.infrastructure("the shared local Ray"), dashboard_agent_on_a_free_port():
         ray.init(
             num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}}
         )
