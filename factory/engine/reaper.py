@@ -54,7 +54,8 @@ def _same_process(pid: int, started: float) -> psutil.Process | None:
         return None
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie has ended, it only waits for its parent to read its status."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -64,7 +65,7 @@ def _running(pid: int) -> bool:
 def main(argv: list[str]) -> None:
     driver = int(argv[0])
     targets = [(int(pid), float(started)) for pid, _, started in (t.partition(":") for t in argv[1:])]
-    while _running(driver):
+    while running(driver):
         time.sleep(1.0)
     time.sleep(2.0)  # a clean shutdown stops the agents itself; give it the time to
     left = [proc for pid, started in targets if (proc := _same_process(pid, started)) is not None]

@@ -22,19 +22,13 @@ from pathlib import Path
 
 import ray
 
+from factory.engine.reaper import running
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has ended: it waits only for its parent to read its status)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class AutoscalingHead:
@@ -92,7 +86,7 @@ class AutoscalingHead:
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + 2
-            while (pids := {pid for pid in pids if _alive(pid)}) and time.monotonic() < deadline:
+            while (pids := {pid for pid in pids if running(pid)}) and time.monotonic() < deadline:
                 time.sleep(0.1)
 
     def _processes(self) -> set[int]:
