@@ -202,28 +202,6 @@ def test_submit_once_follow_logs_and_resume(ray_cluster, tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_failed_job_is_retried_under_the_next_id(ray_cluster, tmp_path):
-    address, env, _ = ray_cluster
-    # The source folder does not exist yet: the driver fails before any worker starts.
-    spec_data = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}])
-    spec_data["name"] = "cluster-retry"
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
-    sid = submission_id(parse_spec(spec_data))
-
-    failed = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=300)
-    assert failed.returncode == 1 and f"job {sid}: FAILED" in failed.stdout
-    logs = factory(env, "logs", sid, "--address", address, cwd=tmp_path)
-    assert str(tmp_path / "src") in logs.stdout and logs.stdout.rstrip().endswith("[FAILED]")
-
-    # Fix the cause and submit the same spec: the failed attempt is kept, the new one gets `-retry1`.
-    write_folder_source(tmp_path / "src", 2)
-    retried = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=400)
-    assert retried.returncode == 0, retried.stdout + retried.stderr
-    assert f"job {sid}-retry1: SUCCEEDED" in retried.stdout
-    assert jobs_named(address, env, "cluster-retry") == {sid: "FAILED", f"{sid}-retry1": "SUCCEEDED"}
-
-
-@pytest.mark.e2e
 def test_unknown_job_logs_fail_clearly(ray_cluster, tmp_path):
     address, env, _ = ray_cluster
     out = factory(env, "logs", "no-such-job", "--address", address, cwd=tmp_path)
@@ -265,21 +243,36 @@ def test_a_spec_with_inline_credentials_is_refused_before_the_cluster_is_contact
 
 
 @pytest.mark.e2e
-def test_credentials_named_as_env_run_on_the_cluster_and_no_file_of_it_holds_them(ray_cluster, s3_server, tmp_path):
+def test_a_failed_job_is_retried_under_the_next_id_and_no_file_holds_its_credentials(ray_cluster, s3_server, tmp_path):
+    """The job's output credentials are named as env: (the nodes' own): neither its failed attempt nor the
+    retry leaves them in a file of the cluster (logs, the job's unpacked package, spilled objects), in its
+    job records or in the output."""
     import s3fs
 
     address, env, temp_dir = ray_cluster
     endpoint, options = s3_server
-    write_folder_source(tmp_path / "src", 4)
-    spec_data = folder_spec(Path("src"), "s3://test/env-secrets", [{"kind": INVERT}], shard_size=2)
-    spec_data["name"] = "env-secrets"
+    # The source folder does not exist yet: the driver fails before any worker starts.
+    spec_data = folder_spec(tmp_path / "src", "s3://test/env-secrets", [{"kind": INVERT}], shard_size=2)
+    spec_data["name"] = "cluster-retry"
     spec_data["output"]["endpoint_url"] = endpoint
     spec_data["output"]["storage_options"] = {"key": "env:FACTORY_TEST_S3_KEY", "secret": "env:FACTORY_TEST_S3_SECRET"}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec_data))
-    done = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=400)
-    assert done.returncode == 0, done.stdout + done.stderr
+    sid = submission_id(parse_spec(spec_data))
+
+    failed = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=300)
+    assert failed.returncode == 1 and f"job {sid}: FAILED" in failed.stdout
+    logs = factory(env, "logs", sid, "--address", address, cwd=tmp_path)
+    assert str(tmp_path / "src") in logs.stdout and logs.stdout.rstrip().endswith("[FAILED]")
+
+    # Fix the cause and submit the same spec: the failed attempt is kept, the new one gets `-retry1`.
+    write_folder_source(tmp_path / "src", 4)
+    retried = factory(env, "submit", "job.yaml", "--address", address, "--wait", cwd=tmp_path, timeout=400)
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    assert f"job {sid}-retry1: SUCCEEDED" in retried.stdout
+    assert jobs_named(address, env, "cluster-retry") == {sid: "FAILED", f"{sid}-retry1": "SUCCEEDED"}
     fs = s3fs.S3FileSystem(**options)
     assert len(fs.find("test/env-secrets/shards")) == 2
+
     # Nothing the cluster wrote (logs, the job's unpacked package, spilled objects) nor its job record holds it.
     for path in temp_dir.rglob("*"):
         if path.is_file() and not path.is_symlink():
@@ -299,6 +292,6 @@ def test_credentials_named_as_env_run_on_the_cluster_and_no_file_of_it_holds_the
         timeout=60,
         check=True,
     ).stdout
-    assert '"env-secrets-' in records and NODE_SECRET not in records
+    assert f'"{sid}-retry1"' in records and NODE_SECRET not in records
     for path in fs.find("test/env-secrets"):
         assert NODE_SECRET.encode() not in fs.cat(path), path

@@ -65,12 +65,17 @@ def sense_run(ray_local, scenes):
 
 
 @pytest.fixture(scope="module")
-def labeled_run(ray_local, scenes):
+def labeled_run(scenes):
+    """In this process: the variant is about what the stages write, and the bytes are the same under every
+    executor (tests/engine/test_executors.py); the unlabeled run takes these stages through Ray actors, and
+    the Mask Generator stage runs in one in test_diffusion_synthesis_e2e.py."""
+
     def add_maskgen(data):
         score = stage(data, "score")
         auto = score["params"].pop("auto_label")
         maskgen = {"kind": "maskgen", "model": auto["model"], "params": auto["params"], "resources": score["resources"]}
         data["stages"].insert(data["stages"].index(stage(data, "t2i")) + 1, maskgen)
+        data["engine"] = {**data.get("engine", {}), "executor": "in_process"}
 
     return run(scenes, "labeled", add_maskgen)
 
