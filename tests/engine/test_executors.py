@@ -29,7 +29,7 @@ from factory.output.layout import OutputStore
 from factory.schema import SpecError
 from factory.sources.classes import ClassSet
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 EXECUTORS = ["ray_data", "ray_tasks", "in_process"]
 SHARDS = 4
@@ -75,6 +75,7 @@ def reference(source, tmp_path_factory, ray_local):
     return tars(out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_every_executor_writes_the_same_bytes(executor, source, reference, tmp_path, ray_local):
     if executor == "ray_data":
@@ -91,6 +92,8 @@ SEGFAULT = (
 )
 
 
+# Faults that kill and replace workers, as the fault matrix's: the e2e tier, out of the edit loop.
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "executor, poison, told, hang",
     [
@@ -139,6 +142,7 @@ def test_a_poison_and_a_hung_shard_fail_alone_with_their_stage_node_and_cause(
         time.sleep(0.2)
 
 
+@pytest.mark.integration
 def test_a_hung_shard_times_out_alone_in_process(source, reference, tmp_path):
     """The in-process executor has no worker to replace: the deadline raises in the main thread (the Ray
     executors' case is in the poison job above)."""
@@ -153,6 +157,7 @@ def test_a_hung_shard_times_out_alone_in_process(source, reference, tmp_path):
     assert pixels(tars(out)) == pixels({k: v for k, v in reference.items() if k != "shard-000002.tar"})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_a_stage_that_cannot_start_is_told_with_its_stage_node_and_cause(executor, source, tmp_path, ray_local):
     """Not Ray's `SystemException` of a dead actor: the stage, where it ran and what its set-up raised."""
@@ -208,6 +213,7 @@ def marking_executor(tmp_path: Path, dies_on: int | None = None) -> RayTasksExec
     return RayTasksExecutor(job_spec, job, OutputStore(str(tmp_path / "out")))
 
 
+@pytest.mark.integration
 def test_the_task_queue_is_bounded_and_every_shard_runs_once(ray_local, tmp_path):
     limit = _in_flight_limit(0.5)  # a task asks for engine.read_cpus (0.5), its most demanding step
     assert limit < 50
@@ -221,6 +227,7 @@ def test_the_task_queue_is_bounded_and_every_shard_runs_once(ray_local, tmp_path
     assert all(r.committed for r in rest) and len(list((tmp_path / "marks").iterdir())) == 50
 
 
+@pytest.mark.integration
 def test_workers_declare_the_memory_of_their_shard_rows_and_their_stage(source, tmp_path):
     data = spec(source, tmp_path / "out", "ray_data")
     data["output"]["shared_filesystem"] = True
@@ -236,6 +243,7 @@ def test_workers_declare_the_memory_of_their_shard_rows_and_their_stage(source, 
     assert "memory" not in unmeasured.remote_options(1.0, 0.0, memory_gb=2.0)
 
 
+@pytest.mark.integration
 def test_a_stage_whose_worker_fits_no_nodes_memory_is_refused_before_it_starts(source, tmp_path, ray_local):
     data = spec(source, tmp_path / "out", "ray_data")
     data["stages"][0]["resources"]["memory_gb"] = 10**5
