@@ -7,6 +7,7 @@ the `ray start --block` process the fixture started, never by `ray stop`, which 
 on the machine. The CLI runs as a subprocess, the way a user runs it.
 """
 
+import json
 import os
 import secrets
 import shutil
@@ -128,12 +129,13 @@ def factory(env: dict, *args: str, cwd: Path, timeout: float = 300) -> subproces
 
 
 def _list_jobs(address: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    """The cluster's job records (entrypoint, runtime_env, metadata, status) as JSON, read as the CLI reads them."""
     return subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys\nfrom ray.job_submission import JobSubmissionClient\n"
-            "for j in JobSubmissionClient(sys.argv[1]).list_jobs(): print(j.submission_id, j.status.value)",
+            "import json, sys\nfrom ray.job_submission import JobSubmissionClient\n"
+            "print(json.dumps([j.dict() for j in JobSubmissionClient(sys.argv[1]).list_jobs()], default=str))",
             address,
         ],
         env=env,
@@ -146,8 +148,8 @@ def _list_jobs(address: str, env: dict, check: bool = True) -> subprocess.Comple
 
 def jobs_named(address: str, env: dict, prefix: str) -> dict[str, str]:
     """submission id -> status of the cluster's jobs whose id starts with `prefix`."""
-    rows = dict(line.split() for line in _list_jobs(address, env).stdout.splitlines() if line.strip())
-    return {sid: status for sid, status in rows.items() if sid.startswith(prefix)}
+    records = json.loads(_list_jobs(address, env).stdout)
+    return {j["submission_id"]: j["status"] for j in records if (j["submission_id"] or "").startswith(prefix)}
 
 
 @pytest.mark.e2e
@@ -277,21 +279,8 @@ def test_a_failed_job_is_retried_under_the_next_id_and_no_file_holds_its_credent
     for path in temp_dir.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert NODE_SECRET.encode() not in path.read_bytes(), path
-    # The job's record in the cluster's GCS (entrypoint, runtime_env, metadata), read as the CLI reads it.
-    records = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import json, sys\nfrom ray.job_submission import JobSubmissionClient\n"
-            "print(json.dumps([j.dict() for j in JobSubmissionClient(sys.argv[1]).list_jobs()], default=str))",
-            address,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    # The job's records in the cluster's GCS.
+    records = _list_jobs(address, env).stdout
     assert f'"{sid}-retry1"' in records and NODE_SECRET not in records
     for path in fs.find("test/env-secrets"):
         assert NODE_SECRET.encode() not in fs.cat(path), path
