@@ -105,9 +105,10 @@ def test_a_1x1_source_is_too_small(tmp_path):
 
 def test_a_6000x6000_source_is_read_at_2048_with_its_mask(tmp_path):
     n = 6000
-    ramp = np.arange(n, dtype=np.int32)
-    image = np.stack(np.broadcast_arrays((ramp[:, None] * 255 // n), (ramp[None, :] * 255 // n), 128), -1)
-    write_image(tmp_path / "big_image.jpg", image.astype(np.uint8))
+    ramp = (np.arange(n) * 255 // n).astype(np.uint8)
+    image = np.empty((n, n, 3), np.uint8)  # filled in place: a stacked int64 array would be 864 MB
+    image[..., 0], image[..., 1], image[..., 2] = ramp[:, None], ramp[None, :], 128
+    write_image(tmp_path / "big_image.jpg", image)
     del image
     grid = np.arange(64, dtype=np.uint8).reshape(8, 8) % 5  # 8x8 blocks of 750 px, classes 0..4
     write_mask(tmp_path / "big_target.png", np.repeat(np.repeat(grid, 750, 0), 750, 1))
