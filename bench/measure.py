@@ -111,10 +111,13 @@ def out_of_memory(exc: BaseException) -> bool:
 
 def _torch_modules(stage, depth: int = 3) -> list:
     """The torch modules a stage holds: in its attributes, their attributes and pipelines' components,
-    `depth` levels down (an embedder object holding a model, a pipeline holding a UNet)."""
+    `depth` levels down (an embedder object holding a model, a pipeline holding a UNet), and in the dicts,
+    lists and tuples among them (the t2i stage keeps one pipeline per generator in a dict). A module held
+    twice (a pipeline also named as the current one) is counted once."""
     import torch
 
     found: dict[int, Any] = {}
+    opened: set[int] = set()  # containers already looked into (one may hold another, or itself)
     level = [stage]
     for _ in range(depth):
         below = []
@@ -122,9 +125,14 @@ def _torch_modules(stage, depth: int = 3) -> list:
             values = list(vars(holder).values()) if hasattr(holder, "__dict__") else []
             if isinstance(getattr(holder, "components", None), dict):
                 values += list(holder.components.values())
-            for value in values:
+            while values:
+                value = values.pop()
                 if isinstance(value, torch.nn.Module):
                     found[id(value)] = value
+                elif isinstance(value, dict | list | tuple):
+                    if id(value) not in opened:
+                        opened.add(id(value))
+                        values += list(value.values()) if isinstance(value, dict) else list(value)
                 elif hasattr(value, "__dict__") and not isinstance(value, type):
                     below.append(value)
         level = below
