@@ -85,3 +85,11 @@ def test_a_stage_without_its_extra_stops_the_job_before_it_starts(command, monke
     want += "pip install 'factory[models]'"
     assert capsys.readouterr().err == f"factory: {want}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_engine_s_ray_stops_below_the_release_that_removes_what_it_calls():
+    """Ray 2.60 deprecates `read_datasource(ray_remote_args=...)` for removal in 2.64; while the engine passes
+    it, the engine extra's range must end before that release."""
+    (ray,) = [req for req in map(Requirement, PYPROJECT["optional-dependencies"]["engine"]) if req.name == "ray"]
+    if "ray_remote_args=" in (REPO / "factory" / "engine" / "executors" / "ray_data.py").read_text():
+        assert not ray.specifier.contains("2.64.0") and ray.specifier.contains(locked()["ray"])
