@@ -130,9 +130,11 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
         )
         failed: list[ShardResult] = []
         if pending:
-            store.clear_tmp()
+            with lease.renewals_held():
+                store.clear_tmp()
             failed = _run_pipeline(spec, store, source.classes, plan, pending, lease, executor, row_bytes, pins)
-            store.clear_tmp()
+            with lease.renewals_held():
+                store.clear_tmp()
         index = write_index(store, plan)
     finally:
         lease.release()

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 from factory.engine.errors import FactoryError
 from factory.output.layout import OutputStore
@@ -51,6 +52,7 @@ class Lease:
         self.lost = False  # set when another run took the lease over (our heartbeat stalled past ttl)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._writing = threading.Lock()  # a renewal, or a clearing of `_tmp/` it writes through: never both
 
     def _record(self) -> dict:
         return {
@@ -112,9 +114,17 @@ class Lease:
                     log.error("the output's lease was taken over by %s", self._holder(current))
                     self.lost = True
                     return
-                self.store.write_json(self._record(), LEASE_FILE)
+                with self._writing:
+                    self.store.write_json(self._record(), LEASE_FILE)
             except Exception as e:  # storage hiccup: the next beat tries again, well within the ttl
                 log.warning("could not renew the lease: %s", e)
+
+    @contextmanager
+    def renewals_held(self):
+        """No renewal while inside: the lease's record is written through `_tmp/` (renamed into place), which
+        the run clears before and after its pipeline."""
+        with self._writing:
+            yield
 
     def check(self) -> None:
         if self.lost:

@@ -19,7 +19,9 @@ Under the output root:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from collections.abc import Iterator, Set
 from typing import Any
 
@@ -100,9 +102,14 @@ class OutputStore(Folder):
                 yield shard, json.loads(bodies[path])
 
     def clear_tmp(self) -> None:
+        """Removes what earlier attempts left in `_tmp/`. This run's lease heartbeat writes its record through
+        `_tmp/` meanwhile (factory/engine/lease.py): a file it renames away while the folder is cleared is
+        gone already, and one it starts keeps the folder; neither is an error."""
         tmp = self.path(TMP_DIR)
         self.fs.invalidate_cache()
-        if self.fs.exists(tmp):
+        if self.is_local():
+            _remove_tree_as_it_is(tmp)
+        elif self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
         self.fs.invalidate_cache()
         if not self.is_local() and self.fs.exists(tmp):
@@ -117,3 +124,22 @@ class OutputStore(Folder):
         for path in self.fs.ls(self.root, detail=False):
             if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
                 self.fs.rm(path, recursive=True)
+
+
+def _remove_tree_as_it_is(path: str) -> None:
+    """A local folder and what it holds, bottom up, while another thread may add or rename files in it: a file
+    or folder already gone, or a folder that holds a file written since, is left as it is."""
+
+    def remove(remover, target: str) -> None:
+        try:
+            remover(target)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
+
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            remove(os.unlink, os.path.join(root, name))
+        for name in dirs:
+            remove(os.rmdir, os.path.join(root, name))
+    remove(os.rmdir, path)

@@ -63,3 +63,20 @@ def test_a_lease_of_this_host_whose_process_is_gone_is_taken_over_at_once(tmp_pa
     lease.acquire()
     lease.release()
     assert store.read_json(LEASE_FILE) is None
+
+
+def test_no_renewal_fails_while_the_run_clears_tmp(tmp_path, caplog):
+    """The record is written through `_tmp/`, which the run clears before and after its pipeline: renewals
+    wait while it does, so none is cut off mid-write (a renewal that fails is only retried a beat later, but
+    the job's end once failed on the clear itself: tests/output/test_layout.py)."""
+    store = OutputStore(str(tmp_path / "out"))
+    lease = Lease(store, ttl=0.006)  # a renewal every millisecond
+    lease.acquire()
+    try:
+        for _ in range(200):
+            with lease.renewals_held():
+                store.clear_tmp()
+    finally:
+        lease.release()
+    assert "could not renew" not in caplog.text
+    assert store.read_json(LEASE_FILE) is None  # released
