@@ -114,7 +114,8 @@ def run_job(spec: JobSpec, address: str | None = None, overwrite: bool = False) 
     lease.acquire()
     try:
         if overwrite:
-            store.remove_all(keep={LEASE_FILE})
+            with lease.renewals_held():  # `_tmp/`, which the renewals write through, goes too
+                store.remove_all(keep={LEASE_FILE})
         manifest = _check_resume(store, spec) or _plan(spec, store, source, pins)
         plan = Plan(num_samples=manifest["plan"]["num_samples"], shard_size=manifest["plan"]["shard_size"])
         done = set(store.committed_shards())
