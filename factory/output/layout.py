@@ -102,9 +102,10 @@ class OutputStore(Folder):
                 yield shard, json.loads(bodies[path])
 
     def clear_tmp(self) -> None:
-        """Removes what earlier attempts left in `_tmp/`. This run's lease heartbeat writes its record through
-        `_tmp/` meanwhile (factory/engine/lease.py): a file it renames away while the folder is cleared is
-        gone already, and one it starts keeps the folder; neither is an error."""
+        """Removes what earlier attempts left in `_tmp/`. Locally, another writer may still go through it
+        meanwhile (a worker the run gave up on, finishing its watch record; the driver holds the lease's own
+        renewals while it clears: `Lease.renewals_held`): a file renamed away mid-clear is gone already, and
+        one written since keeps the folder; neither is an error."""
         tmp = self.path(TMP_DIR)
         self.fs.invalidate_cache()
         if self.is_local():
