@@ -38,9 +38,14 @@ $(REHEARSAL)/.installed: bench/device/machine-packages.txt $(BIN)/.installed
 	$(BIN)/pip install --quiet --no-deps --target $(REHEARSAL) -r bench/device/machine-packages.txt
 	touch $@
 
+# The unit tier runs on every core (pytest-xdist: no test of it shares anything); the tiers with Ray run
+# in one process, module by module, on the session's one shared Ray and S3 server.
+UNIT_TIER := $(BIN)/python -m pytest -q -m unit -n auto tests
+
 # Every tier (unit, integration, e2e), after the lint and type checks: what CI runs.
 test: lint $(BIN)/.installed $(REHEARSAL)/.installed /usr/bin/chromium
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(UNIT_TIER)
+	$(BIN)/python -m pytest -q --durations=25 -m "integration or e2e" tests
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(PY_DIRS)
@@ -60,7 +65,8 @@ lock: $(BIN)/.installed
 
 # The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "unit or integration" tests
+	$(UNIT_TIER)
+	$(BIN)/python -m pytest -q -m integration tests
 
 # The cluster image, tagged with the version (the manifests in cluster/ name that tag; a test checks).
 image:

@@ -45,11 +45,11 @@ def test_a_job_s_progress_moves_before_its_first_shard_commits(source_for_progre
     stage = {
         "kind": "stages_for_tests:InvertStage",
         "name": "invert",
-        "params": {"sleep": 0.4},
+        "params": {"sleep": 0.2},
         "resources": {"batch_size": 1},
     }
     data = folder_spec(source_for_progress, tmp_path / "out", [stage], shard_size=4)
-    data["engine"] = {"progress_s": 0.2}
+    data["engine"] = {"progress_s": 0.1}
     with caplog.at_level(logging.INFO, logger="factory"):
         assert run_job(parse_spec(data))["complete"]
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]

@@ -5,9 +5,10 @@
                  worker processes; no Ray or program of its own
     e2e          anything: `factory` CLI subprocesses, `ray start` clusters, the fault matrix, full-size models
 
-`make test-fast` runs unit + integration, `make test` every tier. Unit tests run first, so no unit test
-ever finds a Ray that an earlier test started: a unit test that needs Ray has to start one,
-and that is what the check catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
+`make test-fast` runs unit + integration, `make test` every tier. Unit tests run first (under `make`, in
+their own pytest-xdist workers; under plain `pytest`, first in the one process), so no unit test ever finds
+a Ray that an earlier test started: a unit test that needs Ray has to start one, and that is what the check
+catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
 `Process.start` for the whole session and fails the running test when its tier does not allow the call.
 The shared fixtures start their processes inside `infrastructure()`, which only an integration or e2e test
 may enter.
