@@ -31,7 +31,7 @@ def test_clearing_tmp_is_no_error_while_another_thread_writes_through_it(tmp_pat
     tests/engine/test_lease.py.)"""
     store = OutputStore(str(tmp_path / "out"))
     store.ensure_root()
-    stop = threading.Event()
+    stop, wrote = threading.Event(), threading.Event()
     written = []
 
     def writer():
@@ -39,6 +39,7 @@ def test_clearing_tmp_is_no_error_while_another_thread_writes_through_it(tmp_pat
             try:
                 store.write_json({"beat": len(written)}, LEASE_FILE)
                 written.append(True)
+                wrote.set()
             except OSError:  # its own file or `_tmp/` removed under it: the writer's concern, not the clear's
                 pass
 
@@ -50,6 +51,11 @@ def test_clearing_tmp_is_no_error_while_another_thread_writes_through_it(tmp_pat
             (tmp_path / "out" / "_tmp" / "attempts" / "shard-000001.json").write_text("{}")
             (tmp_path / "out" / "_tmp" / f"{attempt}.shard-000002.tar").write_bytes(b"partial")
             store.clear_tmp()
+            if attempt % 10 == 9:
+                # Between bursts of clears the writer finishes a write, however the threads are scheduled: a
+                # writer that never got through while the clears ran back to back proved nothing.
+                wrote.clear()
+                assert wrote.wait(timeout=60), "the writer thread wrote nothing"
     finally:
         stop.set()
         writing.join()
