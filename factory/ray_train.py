@@ -14,7 +14,7 @@ def fit_on_ray(loop, config: dict, spec, name: str, address: str | None, workers
 
     from factory.engine.ray_session import init_ray
 
-    init_ray(address)
+    init_ray(address, dashboard=True)
     with tempfile.TemporaryDirectory() as ray_storage:
         # Ray Train keeps only its run bookkeeping here: models and results go to the output, from rank 0.
         result = TorchTrainer(
