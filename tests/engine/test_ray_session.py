@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 FIT_THAT_ASKS_THE_STATE_API = """
 import types
 
+import ray
 import ray.train.torch
 from ray.util.state import list_actors
 
@@ -22,7 +23,8 @@ class StateAskingTrainer:
         pass
 
     def fit(self):
-        list_actors(raise_on_missing_output=False)
+        # By this Ray's address: other local Rays (the session's) may run beside it.
+        list_actors(address=ray.get_runtime_context().gcs_address, raise_on_missing_output=False)
         return types.SimpleNamespace(error=None)
 
 
