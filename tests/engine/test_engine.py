@@ -22,7 +22,7 @@ FAST_RETRIES = {"retries": 2, "retry_backoff_s": 0.01}
 # shards in this process: every executor writes the same bytes (test_executors.py), and a Ray Data actor
 # pool's start is most of a small job's time. The reruns after each fault in test_faults.py resume under
 # Ray Data.
-DRIVER_ONLY = {"executor": "in_process"}
+DRIVER = {"engine": {"executor": "in_process"}}
 
 
 def stats_of(out, shard):
@@ -96,8 +96,7 @@ def test_bad_inputs_are_recorded_and_the_job_goes_on(ray_local, tmp_path):
 def test_resume_skips_committed_and_regenerates_the_rest_identically(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 12)
     out = tmp_path / "out"
-    data = folder_spec(tmp_path / "src", out, [{"kind": INVERT, "params": {"variants": 2}}])
-    spec = parse_spec({**data, "engine": DRIVER_ONLY})
+    spec = parse_spec({**folder_spec(tmp_path / "src", out, [{"kind": INVERT, "params": {"variants": 2}}]), **DRIVER})
     run_job(spec)
     shards = out / "shards"
     original = {p.name: p.read_bytes() for p in shards.glob("*.tar")}
@@ -117,10 +116,11 @@ def test_resume_skips_committed_and_regenerates_the_rest_identically(ray_local, 
 
 def test_changed_spec_is_refused_and_can_go_elsewhere(ray_local, tmp_path):
     write_folder_source(tmp_path / "src", 4)
-    first = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}])
-    run_job(parse_spec({**first, "engine": DRIVER_ONLY}))
-    changed = folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT, "params": {"variants": 3}}])
-    changed["engine"] = DRIVER_ONLY
+    run_job(parse_spec({**folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT}]), **DRIVER}))
+    changed = {
+        **folder_spec(tmp_path / "src", tmp_path / "out", [{"kind": INVERT, "params": {"variants": 3}}]),
+        **DRIVER,
+    }
     with pytest.raises(ResumeError, match="--output"):
         run_job(parse_spec(changed))
     assert run_job(parse_spec(changed), overwrite=True)["samples"] == 12
