@@ -38,14 +38,17 @@ $(REHEARSAL)/.installed: bench/device/machine-packages.txt $(BIN)/.installed
 	$(BIN)/pip install --quiet --no-deps --target $(REHEARSAL) -r bench/device/machine-packages.txt
 	touch $@
 
-# The unit tier runs on every core (pytest-xdist: no test of it shares anything); the tiers with Ray run
-# in one process, module by module, on the session's one shared Ray and S3 server.
+# The unit tier runs on every core (pytest-xdist: no test of it shares anything). The tiers with Ray run in
+# two worker processes, each with its own shared Ray and S3 server, a whole module at a time (its fixtures
+# serve all its tests), longest modules first (tests/support/tiers.py): one process left a core idle
+# a third of the time, while a test waited on a process start, a retry's backoff or a gate.
 UNIT_TIER := $(BIN)/python -m pytest -q -m unit -n auto tests
+RAY_TIERS := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Every tier (unit, integration, e2e), after the lint and type checks: what CI runs.
 test: lint $(BIN)/.installed $(REHEARSAL)/.installed /usr/bin/chromium
 	$(UNIT_TIER)
-	$(BIN)/python -m pytest -q --durations=25 -m "integration or e2e" tests
+	$(RAY_TIERS) --durations=25 -m "integration or e2e" tests
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(PY_DIRS)
@@ -66,7 +69,7 @@ lock: $(BIN)/.installed
 # The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
 test-fast: $(BIN)/.installed
 	$(UNIT_TIER)
-	$(BIN)/python -m pytest -q -m integration tests
+	$(RAY_TIERS) -m integration tests
 
 # The cluster image, tagged with the version (the manifests in cluster/ name that tag; a test checks).
 image:

@@ -23,10 +23,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     )
 )
 
-# Under pytest-xdist (`make test` and `make test-fast` run the unit tier on every core), each worker takes
-# its share of the cores: with torch's default of a thread per core in every worker, the tier ran slower on
-# 2 cores with 2 workers (108 s) than in one process (69 s); with a thread each, 44 s. Set before anything
-# imports torch, which reads it once.
+# Under pytest-xdist (`make test` and `make test-fast` run the unit tier on every core and the tiers with
+# Ray in two processes), each worker takes its share of the cores: with torch's default of a thread per
+# core in every worker, the unit tier ran slower on 2 cores with 2 workers (108 s) than in one process
+# (69 s); with a thread each, 44 s. Set before anything imports torch, which reads it once.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
@@ -84,12 +84,18 @@ def dashboard_agent_on_a_free_port():
 
 @pytest.fixture(scope="session")
 def ray_local(model_cache):
-    """A local Ray with 2 CPUs, shared by every test that runs pipelines in-process."""
+    """A local Ray with 2 CPUs, shared by every test that runs pipelines in-process. Its workers' output
+    stays in its session's log files (/tmp/ray/session_*/logs): streamed to this process, Ray prints it
+    seconds late, into whichever test runs then (a test of an error's one line got a line of the module
+    before)."""
     import ray
 
     with tiers.infrastructure("the shared local Ray"), dashboard_agent_on_a_free_port():
         ray.init(
-            num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}}
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"FACTORY_MODEL_CACHE": str(model_cache)}},
         )
     yield ray
     ray.shutdown()

@@ -6,7 +6,8 @@
     e2e          anything: `factory` CLI subprocesses, `ray start` clusters, the fault matrix, full-size models
 
 `make test-fast` runs unit + integration, `make test` every tier. Unit tests run first (under `make`, in
-their own pytest-xdist workers; under plain `pytest`, first in the one process), so no unit test ever finds
+their own pytest-xdist workers, before the tiers with Ray get two workers of their own; under plain
+`pytest`, first in the one process), so no unit test ever finds
 a Ray that an earlier test started: a unit test that needs Ray has to start one, and that is what the check
 catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
 `Process.start` for the whole session and fails the running test when its tier does not allow the call.
@@ -99,12 +100,29 @@ def install() -> None:
     ray.init = checked_ray_init
 
 
+# The modules whose tests with Ray take longest (one process, 2026-12-07: the fault matrix 178 s, the
+# several-raylet clusters 93 s, `factory eval`'s controls 85 s, SegGen training 78 s, submit 61 s, the
+# executors 59 s), longest first. Under `make`, pytest-xdist hands whole modules to two workers in this
+# order (`--dist loadfile --no-loadscope-reorder`): started first, they do not leave one worker running a
+# long module alone at the end while the other has nothing left.
+LONGEST_FIRST = (
+    "engine/test_faults.py",
+    "downstream/test_eval.py",
+    "cluster/test_several_nodes.py",
+    "seggen/test_train.py",
+    "engine/test_submit.py",
+    "engine/test_executors.py",
+)
+
+
 def order(items: list[pytest.Item]) -> None:
-    """Unit tests first; then module by module (in collection order) its integration tests before its e2e
-    tests, so a module's fixtures, built once, serve both tiers."""
+    """Unit tests first; then module by module (`LONGEST_FIRST`, then the others in collection order) its
+    integration tests before its e2e tests, so a module's fixtures, built once, serve both tiers."""
     modules: dict[str, int] = {}
     for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], len(modules))
+        path = item.nodeid.split("::")[0]
+        long = [i for i, suffix in enumerate(LONGEST_FIRST) if path.endswith(suffix)]
+        modules.setdefault(path, long[0] if long else len(LONGEST_FIRST) + len(modules))
 
     def key(item: pytest.Item) -> tuple[int, int, int]:
         tier = TIERS.index(tier_of(item))
