@@ -5,14 +5,13 @@
                  worker processes; no Ray or program of its own
     e2e          anything: `factory` CLI subprocesses, `ray start` clusters, the fault matrix, full-size models
 
-`make test-fast` runs unit + integration, `make test` every tier. Unit tests run first (under `make`, in
-their own pytest-xdist workers, before the tiers with Ray get two workers of their own; under plain
-`pytest`, first in the one process), so no unit test ever finds
-a Ray that an earlier test started: a unit test that needs Ray has to start one, and that is what the check
-catches. It wraps `ray.init`, `subprocess.Popen` and multiprocessing's
-`Process.start` for the whole session and fails the running test when its tier does not allow the call.
-The shared fixtures start their processes inside `infrastructure()`, which only an integration or e2e test
-may enter.
+`make test-fast` runs unit + integration, `make test` every tier. Unit tests run first (under `make`, in their
+own pytest-xdist workers, before the tiers with Ray get two workers of their own; under plain `pytest`, first
+in the one process), so no unit test ever finds a Ray that an earlier test started: a unit test that needs Ray
+has to start one, and that is what the check catches. It wraps `ray.init`, `subprocess.Popen` and
+multiprocessing's `Process.start` for the whole session and fails the running test when its tier does not
+allow the call. The shared fixtures start their processes inside `infrastructure()`, which only an integration
+or e2e test may enter.
 """
 
 from __future__ import annotations
@@ -121,8 +120,8 @@ def order(items: list[pytest.Item]) -> None:
     modules: dict[str, int] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
-        long = [i for i, suffix in enumerate(LONGEST_FIRST) if path.endswith(suffix)]
-        modules.setdefault(path, long[0] if long else len(LONGEST_FIRST) + len(modules))
+        longest = next((i for i, suffix in enumerate(LONGEST_FIRST) if path.endswith(suffix)), None)
+        modules.setdefault(path, len(LONGEST_FIRST) + len(modules) if longest is None else longest)
 
     def key(item: pytest.Item) -> tuple[int, int, int]:
         tier = TIERS.index(tier_of(item))
