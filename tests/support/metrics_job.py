@@ -19,6 +19,7 @@ from pathlib import Path
 
 import ray
 import yaml
+from ray.util.metrics import Gauge
 
 from factory.engine.driver import run_job
 from factory.engine.spec import parse_spec
@@ -54,6 +55,9 @@ def main(spec_path: str, report: str) -> None:
     )
     spec = parse_spec(yaml.safe_load(Path(spec_path).read_text()))
     index = run_job(spec)
+    # The driver sets its gauges (rows waiting) last, as the job ends; Ray exports a process's metrics
+    # together, so a scrape that shows this one, set after the job returned, holds the driver's final values.
+    Gauge("factory_test_job_returned", "set once run_job returned").set(1)
     found: dict[str, float] = {}
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -63,7 +67,7 @@ def main(spec_path: str, report: str) -> None:
             time.sleep(0.5)
             continue
         written = found.get(f"ray_factory_samples_total{{job={spec.name},outcome=written,stage=write}}", 0)
-        if written == index["samples"] and any(k.startswith("ray_factory_rows_waiting") for k in found):
+        if written == index["samples"] and "ray_factory_test_job_returned{}" in found:
             break
         time.sleep(0.5)
     Path(report).write_text(json.dumps({"index": index, "series": found}))
