@@ -43,10 +43,16 @@ $(REHEARSAL)/.installed: bench/device/machine-packages.txt $(BIN)/.installed
 # serve all its tests), longest modules first (tests/support/tiers.py): one process left a core idle
 # a third of the time, while a test waited on a process start, a retry's backoff or a gate.
 UNIT_TIER := $(BIN)/python -m pytest -q -m unit -n auto tests
+# pip byte-compiles what it installs, but not the project's own sources (an editable install) or the tests'
+# support modules; where PYTHONDONTWRITEBYTECODE is set (as on this machine) no process writes their .pyc, and
+# every process the tests start (Ray workers, CLI subprocesses) compiled them again: compiled once first, the
+# tiers with Ray used 10-13 % less CPU time (two subsets of four modules, 2026-12-08).
+COMPILE := $(BIN)/python -m compileall -q factory tests bench
 RAY_TIERS := $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Every tier (unit, integration, e2e), after the lint and type checks: what CI runs.
 test: lint $(BIN)/.installed $(REHEARSAL)/.installed /usr/bin/chromium
+	$(COMPILE)
 	$(UNIT_TIER)
 	$(RAY_TIERS) --durations=25 -m "integration or e2e" tests
 
@@ -68,6 +74,7 @@ lock: $(BIN)/.installed
 
 # The edit loop: unit and integration tests (no CLI subprocess, no cluster, no full-size model).
 test-fast: $(BIN)/.installed
+	$(COMPILE)
 	$(UNIT_TIER)
 	$(RAY_TIERS) -m integration tests
 
