@@ -20,9 +20,9 @@ import time
 from collections import Counter
 
 import numpy as np
-import ray
 
 from factory.engine.executors.base import ROW_COPIES_IN_A_WORKER, WORKER_BASE_MEMORY, worker_memory
+from factory.engine.ray_session import node_table
 from factory.engine.runner import gpu_stand_in
 from factory.engine.spec import JobSpec
 from factory.output.layout import OutputStore
@@ -41,7 +41,7 @@ _PROBE_LIMIT = 16  # listing entries tried for them, past bad samples
 
 def _alive_nodes() -> list[dict]:
     stand_in = gpu_stand_in()
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    nodes = [n["Resources"] for n in node_table() if n["Alive"]]
     return [{**n, "GPU": n.get(stand_in, 0)} for n in nodes] if stand_in else nodes
 
 

@@ -145,7 +145,9 @@ def dead_nodes(key: str = "NodeID") -> set[str]:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return set()
-    return {n[key] for n in ray.nodes() if not n["Alive"]}
+    from factory.engine.ray_session import node_table
+
+    return {n[key] for n in node_table() if not n["Alive"]}
 
 
 # A worker's heap holds a shard's pixels about twice: the samples it makes and the row it writes them into
